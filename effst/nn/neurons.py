@@ -1,0 +1,183 @@
+"""Spiking neuron modules: sLIF (learned tau and threshold), PLIF (learned tau), LIF (fixed).
+
+They drop in where SpikingJelly's ``LIFNode(step_mode='m')`` / ``ParametricLIFNode`` stand:
+input ``[T, ...]``, spikes of the same shape out, a membrane state ``v`` that persists across
+calls until ``reset()`` (which ``spikingjelly.activation_based.functional.reset_net`` calls).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from effst.ops.layout import normalize_channel_dim
+from effst.ops.parametrization import check_tau, tau_to_w, w_to_tau
+from effst.ops.slif import BACKENDS, slif
+from effst.ops.surrogates import resolve_surrogate
+
+
+class SLIF(nn.Module):
+    """Leaky integrate-and-fire neuron with learnable time constant and threshold (sLIF).
+
+    Args:
+        tau: initial membrane time constant (> 1); stored as the decay logit ``w``.
+        v_threshold: initial firing threshold.
+        v_reset: hard-reset potential, or None for soft reset.
+        surrogate, alpha: surrogate gradient name and width (None = the surrogate's default).
+        detach_reset, decay_input: as in SpikingJelly's LIFNode.
+        learn_tau, learn_threshold: make ``w`` / ``v_threshold`` trainable Parameters
+            (otherwise they are buffers, saved in the state_dict but not trained).
+        channels: None for per-layer scalars, or C for one tau/threshold per channel.
+        channel_dim: dim of the per-step input shape that indexes the channels.
+        backend: 'auto', 'reference', 'triton' or 'native' (see :func:`effst.slif`).
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        v_reset: Optional[float] = 0.0,
+        surrogate: str = "atan",
+        alpha: Optional[float] = None,
+        detach_reset: bool = False,
+        decay_input: bool = True,
+        learn_tau: bool = True,
+        learn_threshold: bool = True,
+        channels: Optional[int] = None,
+        channel_dim: int = -1,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        tau = check_tau(tau)
+        if isinstance(v_threshold, bool) or not isinstance(v_threshold, (int, float)):
+            raise TypeError(f"v_threshold: expected a float, got {type(v_threshold).__name__}")
+        if v_reset is not None and (isinstance(v_reset, bool) or not isinstance(v_reset, (int, float))):
+            raise TypeError(f"v_reset: expected a float or None (soft reset), got {type(v_reset).__name__}")
+        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+            raise ValueError(f"channels: expected None (per layer) or a positive int, got {channels!r}")
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise TypeError(f"channel_dim: expected an int, got {type(channel_dim).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        for flag, name in ((detach_reset, "detach_reset"), (decay_input, "decay_input"),
+                           (learn_tau, "learn_tau"), (learn_threshold, "learn_threshold")):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+        _, self.alpha = resolve_surrogate(surrogate, alpha)
+        self.surrogate = surrogate
+        self.v_reset = None if v_reset is None else float(v_reset)
+        self.detach_reset = detach_reset
+        self.decay_input = decay_input
+        self.channels = channels
+        self.channel_dim = channel_dim
+        self.backend = backend
+        self.step_mode = "m"
+        shape = () if channels is None else (channels,)
+        w = torch.full(shape, tau_to_w(tau), dtype=torch.float32)
+        theta = torch.full(shape, float(v_threshold), dtype=torch.float32)
+        if learn_tau:
+            self.w = nn.Parameter(w)
+        else:
+            self.register_buffer("w", w)
+        if learn_threshold:
+            self.v_threshold = nn.Parameter(theta)
+        else:
+            self.register_buffer("v_threshold", theta)
+        self.v: Union[float, torch.Tensor] = self._rest_potential()
+
+    # -- state ---------------------------------------------------------------------------
+    def _rest_potential(self) -> float:
+        return 0.0 if self.v_reset is None else self.v_reset
+
+    def reset(self) -> None:
+        """Forget the membrane state (SpikingJelly's ``reset_net`` calls this)."""
+        self.v = self._rest_potential()
+
+    @property
+    def tau(self) -> torch.Tensor:
+        """Membrane time constant ``1 / sigmoid(w)`` (a tensor, differentiable)."""
+        return w_to_tau(self.w)
+
+    @property
+    def learn_tau(self) -> bool:
+        return isinstance(self.w, nn.Parameter)
+
+    @property
+    def learn_threshold(self) -> bool:
+        return isinstance(self.v_threshold, nn.Parameter)
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Spikes for ``x = [T, ...]`` (step_mode 'm') or ``x = [...]`` (step_mode 's')."""
+        if self.step_mode == "s":
+            return self._multi_step(x.unsqueeze(0)).squeeze(0)
+        if self.step_mode != "m":
+            raise ValueError(f"step_mode: expected 'm' or 's', got {self.step_mode!r}")
+        return self._multi_step(x)
+
+    def _multi_step(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels is not None and x.dim() >= 2:
+            dim = normalize_channel_dim(self.channel_dim, x.dim() - 1)
+            if x.shape[1 + dim] != self.channels:
+                raise ValueError(
+                    f"x: expected {self.channels} channels along per-step dim {self.channel_dim}, "
+                    f"got shape {tuple(x.shape)} (T first)")
+        v_init = None
+        if isinstance(self.v, torch.Tensor):
+            if self.v.shape != x.shape[1:]:
+                raise ValueError(
+                    f"x: per-step shape {tuple(x.shape[1:])} differs from the stored membrane "
+                    f"state {tuple(self.v.shape)}; call reset() (or functional.reset_net) between batches")
+            v_init = self.v
+        elif self.v != self._rest_potential():
+            v_init = float(self.v)
+        spikes, self.v = slif(
+            x, self.w, self.v_threshold, v_reset=self.v_reset, v_init=v_init,
+            surrogate=self.surrogate, alpha=self.alpha, detach_reset=self.detach_reset,
+            decay_input=self.decay_input, channel_dim=self.channel_dim, backend=self.backend,
+            return_state=True)
+        return spikes
+
+    def extra_repr(self) -> str:
+        form = "per layer" if self.channels is None else f"per channel (C={self.channels}, dim={self.channel_dim})"
+        tau = self.tau.detach()
+        theta = self.v_threshold.detach()
+        describe = (lambda t: f"{t.item():.4g}" if t.numel() == 1 else
+                    f"[{t.min().item():.4g}..{t.max().item():.4g}]")
+        reset = "soft" if self.v_reset is None else f"hard to {self.v_reset:g}"
+        return (f"tau={describe(tau)}{' (learned)' if self.learn_tau else ''}, "
+                f"v_threshold={describe(theta)}{' (learned)' if self.learn_threshold else ''}, "
+                f"{form}, reset={reset}, surrogate={self.surrogate}(alpha={self.alpha:g}), "
+                f"detach_reset={self.detach_reset}, decay_input={self.decay_input}, backend={self.backend}")
+
+
+class PLIF(SLIF):
+    """Parametric LIF: learned time constant, fixed threshold (SpikingJelly's PLIF, fused)."""
+
+    def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
+                 surrogate: str = "atan", alpha: Optional[float] = None, detach_reset: bool = False,
+                 decay_input: bool = True, channels: Optional[int] = None, channel_dim: int = -1,
+                 backend: str = "auto"):
+        super().__init__(tau, v_threshold, v_reset, surrogate, alpha, detach_reset, decay_input,
+                         learn_tau=True, learn_threshold=False, channels=channels,
+                         channel_dim=channel_dim, backend=backend)
+
+
+class LIF(SLIF):
+    """Leaky integrate-and-fire with fixed time constant and threshold (per layer)."""
+
+    def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
+                 surrogate: str = "atan", alpha: Optional[float] = None, detach_reset: bool = False,
+                 decay_input: bool = True, backend: str = "auto"):
+        super().__init__(tau, v_threshold, v_reset, surrogate, alpha, detach_reset, decay_input,
+                         learn_tau=False, learn_threshold=False, channels=None, backend=backend)
+
+
+def reset(model: nn.Module) -> None:
+    """Reset the membrane state of every spiking neuron in ``model``."""
+    for module in model.modules():
+        if isinstance(module, SLIF):
+            module.reset()
+        elif module is not model and hasattr(module, "reset") and hasattr(module, "v"):
+            module.reset()  # SpikingJelly nodes and other memory modules

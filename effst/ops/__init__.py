@@ -1,0 +1,1 @@
+"""Fused operators: one file per op (kernels, launcher, autograd Function side by side)."""

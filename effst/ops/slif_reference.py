@@ -1,0 +1,76 @@
+"""Pure-torch sLIF: a per-step loop whose gradients come from autograd.
+
+This is the oracle for the fused kernels: it shares no backward code with them (the
+kernels' backward is derived by hand, this one by autograd through the loop), works in any
+float dtype including float64, and keeps the original tensor shapes (no flattening), so a
+layout bug in the kernels cannot hide here too.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from effst.ops.layout import normalize_channel_dim, resolve_parameter_layout
+from effst.ops.surrogates import SpikeFunction, resolve_surrogate
+
+Scalar = Union[float, torch.Tensor]
+
+
+def broadcastable_parameter(param: torch.Tensor, step_shape: torch.Size, channel_dim: int, name: str) -> torch.Tensor:
+    """View a parameter so it broadcasts against one time step of the input."""
+    layout = resolve_parameter_layout(param.shape, step_shape, channel_dim, name)
+    if layout.form == "channel":
+        dim = normalize_channel_dim(channel_dim, len(step_shape))
+        shape = [1] * len(step_shape)
+        shape[dim] = param.shape[0]
+        return param.reshape(shape)
+    return param
+
+
+def slif_reference(
+    x: torch.Tensor,
+    w: Scalar,
+    v_threshold: Scalar,
+    *,
+    v_reset: Optional[float] = 0.0,
+    v_init: Optional[torch.Tensor] = None,
+    surrogate: str = "atan",
+    alpha: Optional[float] = None,
+    detach_reset: bool = False,
+    decay_input: bool = True,
+    channel_dim: int = -1,
+    return_state: bool = False,
+):
+    """sLIF over ``x = [T, *]`` by a Python loop over T (SPEC section 2); autograd backward.
+
+    Arguments mean what they mean in :func:`effst.slif`. Computes in ``x.dtype``.
+    """
+    _, alpha = resolve_surrogate(surrogate, alpha)
+    w = torch.as_tensor(w, dtype=x.dtype, device=x.device)
+    theta = torch.as_tensor(v_threshold, dtype=x.dtype, device=x.device)
+    step_shape = x.shape[1:]
+    k = torch.sigmoid(broadcastable_parameter(w, step_shape, channel_dim, "w"))
+    theta = broadcastable_parameter(theta, step_shape, channel_dim, "v_threshold")
+    rest = 0.0 if v_reset is None else float(v_reset)
+    if v_init is None:
+        v = torch.full(step_shape, rest, dtype=x.dtype, device=x.device)
+    else:
+        v = v_init.to(x.dtype).expand(step_shape)
+    spikes = []
+    for t in range(x.shape[0]):
+        if decay_input:
+            h = v + k * (x[t] - (v - rest))
+        else:
+            h = v - k * (v - rest) + x[t]
+        s = SpikeFunction.apply(h - theta, surrogate, alpha)
+        s_reset = s.detach() if detach_reset else s
+        if v_reset is None:
+            v = h - s_reset * theta
+        else:
+            v = (1.0 - s_reset) * h + s_reset * rest
+        spikes.append(s)
+    out = torch.stack(spikes)
+    if return_state:
+        return out, v
+    return out
