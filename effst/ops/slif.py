@@ -13,6 +13,7 @@ gradients, reduced afterwards by a deterministic torch sum.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Optional, Union
@@ -203,8 +204,14 @@ def chunk_size(T: int) -> int:
     return T if T <= MAX_CHUNK else MAX_CHUNK
 
 
+@functools.lru_cache(maxsize=64)
 def _scalars(v_reset: Optional[float], alpha: float, dtype: torch.dtype, device) -> torch.Tensor:
-    # Passed through memory so float64 runs see float64 values, not fp32-rounded kernel args.
+    """[v_rest, alpha] in the compute dtype, on the device.
+
+    Passed through memory so float64 runs see float64 values, not fp32-rounded kernel
+    arguments; cached so the host-to-device copy happens once per configuration, not per call
+    (a pageable copy would otherwise stall the host on every launch).
+    """
     rest = 0.0 if v_reset is None else v_reset
     return torch.tensor([rest, alpha], dtype=dtype, device=device)
 
