@@ -1,0 +1,231 @@
+"""L1P (SPEC section 3): element and block magnitude pruning, and the random-pruning control.
+
+Per target matrix ``W`` with ``n`` entries (tiles, for block L1P) and sparsity ``p`` in [0, 1):
+``k = ceil(p*n)``; the threshold is the k-th smallest score (1-indexed; score = ``|w|``, or the
+tile's L1 norm); every entry with score <= threshold is pruned (ties included, so more than k
+may go); ``k = 0`` prunes nothing. Each matrix is pruned independently. A 1x1 ``Conv1d`` weight
+``[out, in, 1]`` is the matrix ``[out, in]``.
+
+Targets (``targets=`` of every function here): ``None`` = every ``nn.Linear`` and 1x1
+``nn.Conv1d`` in the model, the classifier included (pass names to prune only some, e.g.
+Spikformer's ``q/k/v/proj/fc1/fc2``). Otherwise a name, a module class, or a list of them; a
+name matches a module whose qualified name equals it or ends with ``"." + name``, or, if it
+contains ``* ? [``, matches it as a glob. A named target that is not a linear layer, or that
+matches nothing, is an error.
+
+Pruning an already-pruned layer prunes further: scores are taken on the masked weight (pruned
+entries score 0) and the new mask is combined with the old one.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from effst.ops.block_sparse_linear import BlockSize, check_block_size
+from effst.prune.masks import apply_mask, get_mask, is_prunable, why_not_prunable
+
+Target = Union[str, type]
+Targets = Optional[Union[Target, Sequence[Target]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and target resolution
+# ---------------------------------------------------------------------------------------------
+def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
+    """A sparsity in [0, 1) as float, or a clear error."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"{name}: expected a number in [0, 1), got {type(sparsity).__name__}")
+    value = float(sparsity)
+    if not (0.0 <= value < 1.0):  # also rejects NaN
+        raise ValueError(f"{name}: expected a number in [0, 1) (the fraction removed), got {sparsity!r}")
+    return value
+
+
+def _name_matches(name: str, target: str) -> bool:
+    if any(ch in target for ch in "*?["):
+        return fnmatch.fnmatchcase(name, target)
+    return name == target or name.endswith("." + target)
+
+
+def resolve_targets(model: nn.Module, targets: Targets = None) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` layers selected by ``targets`` (see the module doc), in model order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_or_module: expected an nn.Module, got {type(model).__name__}")
+    named = list(model.named_modules())
+    if targets is None:
+        return [(n, m) for n, m in named if is_prunable(m)]
+    if isinstance(targets, (str, type)):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)):
+        raise TypeError(f"targets: expected None, names (str), module classes or a list of them, got {type(targets).__name__}")
+    targets = list(targets)
+    if not targets:
+        raise ValueError("targets: expected None, a name, a module class or a non-empty list of them, got an empty list")
+    selected: dict[str, nn.Module] = {}
+    for target in targets:
+        if isinstance(target, type):
+            if not issubclass(target, nn.Module):
+                raise TypeError(f"targets: {target.__name__} is not an nn.Module class")
+            if not issubclass(target, (nn.Linear, nn.Conv1d)):
+                raise ValueError(f"targets: {target.__name__} is not a linear layer class (nn.Linear or 1x1 nn.Conv1d)")
+            hits = [(n, m) for n, m in named if isinstance(m, target)]
+        elif isinstance(target, str):
+            hits = [(n, m) for n, m in named if _name_matches(n, target)]
+        else:
+            raise TypeError(f"targets: expected names (str) or module classes, got {type(target).__name__}")
+        if not hits:
+            available = ", ".join(n or "<root>" for n, m in named if is_prunable(m)) or "none"
+            raise ValueError(f"targets: {target!r} matches no module of the model (linear layers: {available})")
+        for n, m in hits:
+            if not is_prunable(m):
+                raise ValueError(f"targets: {target!r} selects {n or '<root>'!r}, which is not a linear layer: {why_not_prunable(m)}")
+            selected[n] = m
+    return [(n, m) for n, m in named if n in selected]
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    """The 2-D ``[out, in]`` view of a Linear / 1x1 Conv1d weight."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _scores_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def _keep_above_kth(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask of ``scores``: prune the ``k = ceil(p*n)`` smallest and every tie of the k-th."""
+    n = scores.numel()
+    k = math.ceil(sparsity * n)
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    flat = scores.reshape(-1)
+    if bool(torch.isnan(flat).any()):
+        raise ValueError("weight: contains NaN; magnitude pruning needs finite weights")
+    threshold = torch.kthvalue(flat, k).values
+    return scores > threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks of one matrix
+# ---------------------------------------------------------------------------------------------
+def l1p_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Element L1P keep-mask (bool, weight's shape) of one weight matrix."""
+    sparsity = check_sparsity(sparsity)
+    scores = weight.detach().abs().to(_scores_dtype(weight))
+    return _keep_above_kth(scores, sparsity)
+
+
+def tile_l1_norms(weight: torch.Tensor, block_size: BlockSize) -> torch.Tensor:
+    """L1 norm of every ``bm x bk`` tile of the ``[out, in]`` matrix (edge tiles: their real entries)."""
+    bm, bk = check_block_size(block_size)
+    w = _matrix(weight.detach()).abs().to(_scores_dtype(weight))
+    n, k = w.shape
+    nbr, nbc = -(-n // bm), -(-k // bk)
+    w = torch.nn.functional.pad(w, (0, nbc * bk - k, 0, nbr * bm - n))
+    return w.reshape(nbr, bm, nbc, bk).sum(dim=(1, 3))
+
+
+def block_l1p_mask(weight: torch.Tensor, sparsity: float, block_size: BlockSize = (32, 32)) -> torch.Tensor:
+    """Block L1P keep-mask over tiles, bool ``[ceil(out/bm), ceil(in/bk)]``."""
+    sparsity = check_sparsity(sparsity)
+    return _keep_above_kth(tile_l1_norms(weight, block_size), sparsity)
+
+
+def expand_block_mask(block_mask: torch.Tensor, block_size: BlockSize, shape: Sequence[int]) -> torch.Tensor:
+    """Element mask of ``shape`` (``[out, in]`` or ``[out, in, 1]``) from a tile mask."""
+    bm, bk = check_block_size(block_size)
+    full = block_mask.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+    return full[: shape[0], : math.prod(shape[1:])].reshape(tuple(shape))
+
+
+def _random_keep(num: int, sparsity: float, already_pruned: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Keep-mask over ``num`` items pruning ``max(ceil(p*num), already)`` of them uniformly at random
+    among the not yet pruned (flat bool, CPU)."""
+    target = math.ceil(sparsity * num)
+    keep = ~already_pruned.reshape(-1).cpu()
+    extra = target - int((~keep).sum())
+    if extra > 0:
+        candidates = keep.nonzero().flatten()
+        order = torch.randperm(candidates.numel(), generator=generator)
+        keep[candidates[order[:extra]]] = False
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level pruning
+# ---------------------------------------------------------------------------------------------
+def _combine(module: nn.Module, keep: torch.Tensor) -> torch.Tensor:
+    old = get_mask(module)
+    return keep if old is None else keep & old
+
+
+def l1p(model_or_module: nn.Module, sparsity: float, targets: Targets = None) -> nn.Module:
+    """Element L1P at ``sparsity`` on every target matrix; masks become module state. Returns the model."""
+    sparsity = check_sparsity(sparsity)
+    for _, module in resolve_targets(model_or_module, targets):
+        keep = l1p_mask(module.weight, sparsity)
+        apply_mask(module, _combine(module, keep), structure="element")
+    return model_or_module
+
+
+def block_l1p(
+    model_or_module: nn.Module, sparsity: float, targets: Targets = None, block_size: BlockSize = (32, 32)
+) -> nn.Module:
+    """Block L1P: prune the lowest-L1 ``sparsity`` fraction of ``block_size`` tiles per matrix.
+
+    The result converts to ``BlockSparseLinear`` with :func:`effst.prune.to_block_sparse`.
+    """
+    sparsity = check_sparsity(sparsity)
+    block = check_block_size(block_size)
+    for _, module in resolve_targets(model_or_module, targets):
+        weight = module.weight
+        keep = expand_block_mask(block_l1p_mask(weight, sparsity, block), block, weight.shape)
+        apply_mask(module, _combine(module, keep), structure="block", block_size=block)
+    return model_or_module
+
+
+def random(
+    model_or_module: nn.Module,
+    sparsity: float,
+    structure: str = "element",
+    seed: Optional[int] = None,
+    targets: Targets = None,
+    block_size: BlockSize = (32, 32),
+) -> nn.Module:
+    """Random pruning control: exactly ``ceil(p*n)`` random entries (or tiles) per matrix.
+
+    ``structure``: ``'element'`` or ``'block'``; ``seed`` makes it reproducible (any device).
+    """
+    sparsity = check_sparsity(sparsity)
+    if structure not in ("element", "block"):
+        raise ValueError(f"structure: expected 'element' or 'block', got {structure!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    block = check_block_size(block_size) if structure == "block" else None
+    for _, module in resolve_targets(model_or_module, targets):
+        weight = module.weight
+        old = get_mask(module)
+        if structure == "element":
+            pruned = torch.zeros(weight.shape, dtype=torch.bool) if old is None else ~old.cpu()
+            keep = _random_keep(weight.numel(), sparsity, pruned, generator).reshape(weight.shape)
+        else:
+            n, k = _matrix(weight).shape
+            grid = (-(-n // block[0]), -(-k // block[1]))
+            if old is None:
+                pruned_tiles = torch.zeros(grid, dtype=torch.bool)
+            else:  # a tile counts as pruned when none of its entries is kept
+                kept = torch.nn.functional.pad(_matrix(old).cpu(), (0, grid[1] * block[1] - k, 0, grid[0] * block[0] - n))
+                pruned_tiles = ~kept.reshape(grid[0], block[0], grid[1], block[1]).any(dim=3).any(dim=1)
+            tiles = _random_keep(pruned_tiles.numel(), sparsity, pruned_tiles, generator).reshape(grid)
+            keep = expand_block_mask(tiles, block, weight.shape)
+        keep = keep.to(weight.device)
+        apply_mask(module, _combine(module, keep), structure=structure, block_size=block)
+    return model_or_module

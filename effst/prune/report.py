@@ -1,0 +1,114 @@
+"""Per-layer and total sparsity and parameter counts of a (pruned) model."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from effst.nn.block_sparse import BlockSparseLinear
+from effst.prune.masks import _mask_parametrization, is_prunable
+
+
+@dataclass
+class LayerReport:
+    """One linear layer: dense weight entries, entries kept, and the resulting sparsity."""
+
+    name: str
+    kind: str  # "Linear" | "Conv1d" | "BlockSparseLinear"
+    shape: tuple[int, ...]
+    structure: str  # "dense" | "element" | "block" (mask of block L1P / random block) | "block-compressed"
+    params: int
+    kept: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.kept / self.params if self.params else 0.0
+
+
+@dataclass
+class PruneReport:
+    """Sparsity of the linear layers and parameter counts of the whole model.
+
+    ``params``/``kept``/``sparsity``: over the linear layers listed in ``layers``.
+    ``model_params``: every parameter of the model counted dense (a BlockSparseLinear as its
+    dense ``out x in`` weight); ``model_kept``: the same minus every pruned entry.
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+    model_params: int = 0
+    model_kept: int = 0
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def kept(self) -> int:
+        return sum(layer.kept for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.kept / self.params if self.params else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense parameters / kept parameters of the whole model."""
+        return self.model_params / self.model_kept if self.model_kept else float("inf")
+
+    def to_dict(self) -> dict:
+        """Plain-data form (JSON-serialisable)."""
+        return {
+            "layers": [dict(asdict(layer), shape=list(layer.shape), sparsity=layer.sparsity) for layer in self.layers],
+            "params": self.params,
+            "kept": self.kept,
+            "sparsity": self.sparsity,
+            "model_params": self.model_params,
+            "model_kept": self.model_kept,
+            "compression_ratio": self.compression_ratio,
+        }
+
+    def __str__(self) -> str:
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [f"{'layer':<{width}}  {'kind':<17} {'structure':<16} {'params':>10} {'kept':>10} {'sparsity':>8}"]
+        for layer in self.layers:
+            lines.append(
+                f"{layer.name:<{width}}  {layer.kind:<17} {layer.structure:<16} {layer.params:>10} {layer.kept:>10} {layer.sparsity:>8.2%}"
+            )
+        lines.append(f"{'linear total':<{width}}  {'':<17} {'':<16} {self.params:>10} {self.kept:>10} {self.sparsity:>8.2%}")
+        lines.append(
+            f"model: {self.model_params} parameters, {self.model_kept} kept, compression {self.compression_ratio:.2f}x"
+        )
+        return "\n".join(lines)
+
+
+def report(model: nn.Module) -> PruneReport:
+    """Sparsity of every nn.Linear / 1x1 Conv1d / BlockSparseLinear in ``model`` and totals."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    result = PruneReport()
+    seen: set[int] = set()
+    pruned_total = 0
+    dense_extra = 0  # BlockSparseLinear: dense size minus stored values size
+    for name, module in model.named_modules():
+        if isinstance(module, BlockSparseLinear):
+            params = module.out_features * module.in_features
+            kept = int(module.element_mask().sum())
+            result.layers.append(LayerReport(name, "BlockSparseLinear", (module.out_features, module.in_features),
+                                             "block-compressed", params, kept))
+            pruned_total += params - kept
+            dense_extra += params - module.values.numel()
+        elif is_prunable(module):
+            weight = module.weight
+            mask_p = _mask_parametrization(module)
+            kept = weight.numel() if mask_p is None else int(mask_p.mask.sum())
+            structure = "dense" if mask_p is None else mask_p.structure
+            result.layers.append(LayerReport(name, type(module).__name__ if not isinstance(module, nn.Linear) else "Linear",
+                                             tuple(weight.shape), structure, weight.numel(), kept))
+            pruned_total += weight.numel() - kept
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            result.model_params += p.numel()
+    result.model_params += dense_extra
+    result.model_kept = result.model_params - pruned_total
+    return result

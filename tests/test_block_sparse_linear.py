@@ -1,0 +1,340 @@
+"""BlockSparseLinear and its kernels against a float64 dense masked reference.
+
+On the CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest), so sizes are
+small; with EFFST_TEST_DEVICE=cuda the same tests run the compiled kernels. The reference is
+built here from the dense weight and the block mask (repeat_interleave), independently of the
+layout code under test.
+"""
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from effst.nn.block_sparse import BlockSparseLinear
+from effst.ops.block_sparse_linear import block_sparse_linear, build_block_layout, check_block_size
+
+TOL = {  # (rtol, atol relative to the reference's max magnitude)
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 4e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+
+
+def element_mask(block_mask, block, out_features, in_features):
+    bm, bk = block
+    full = block_mask.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+    return full[:out_features, :in_features]
+
+
+def random_block_mask(out_features, in_features, block, density, generator, empty_rows=()):
+    grid = (math.ceil(out_features / block[0]), math.ceil(in_features / block[1]))
+    mask = torch.rand(grid, generator=generator) < density
+    for r in empty_rows:
+        mask[r] = False
+    return mask
+
+
+def make_layer(in_features, out_features, block, block_mask, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(out_features, in_features, generator=g, dtype=torch.float64)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(torch.float64)
+    with torch.no_grad():
+        linear.weight.copy_(dense)
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=g, dtype=torch.float64))
+    layer = BlockSparseLinear.from_dense(linear, block_size=block, mask=block_mask).to(device=device, dtype=dtype)
+    keep = element_mask(block_mask, block, out_features, in_features)
+    return layer, dense * keep, (linear.bias.detach().clone() if bias else None), keep
+
+
+def reference(x, weight, bias, grad_y):
+    """float64 dense masked reference: output and gradients w.r.t. x, dense W and b."""
+    x64 = x.detach().to(torch.float64).requires_grad_(x.is_floating_point())
+    w64 = weight.detach().clone().requires_grad_()
+    b64 = bias.detach().clone().requires_grad_() if bias is not None else None
+    y = x64 @ w64.t()
+    if b64 is not None:
+        y = y + b64
+    y.backward(grad_y.to(torch.float64))
+    return y.detach(), (x64.grad if x.is_floating_point() else None), w64.grad, (b64.grad if b64 is not None else None)
+
+
+def tiles_of(dense_grad, block_mask, block):
+    """Reference gradient of the kept tiles, row-ordered, from the dense weight gradient."""
+    bm, bk = block
+    nbr, nbc = block_mask.shape
+    padded = torch.zeros(nbr * bm, nbc * bk, dtype=dense_grad.dtype)
+    padded[: dense_grad.shape[0], : dense_grad.shape[1]] = dense_grad
+    out = [padded[r * bm:(r + 1) * bm, c * bk:(c + 1) * bk] for r in range(nbr) for c in range(nbc) if block_mask[r, c]]
+    return torch.stack(out) if out else torch.zeros(0, bm, bk, dtype=dense_grad.dtype)
+
+
+def assert_close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.detach().cpu().to(torch.float64), expected.to(torch.float64),
+                               rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+
+
+CASES = [
+    # id, x shape (last = in), out, block, density, empty block rows, dtype
+    ("TBNC-16-odd", (2, 2, 3, 40), 70, (16, 16), 0.6, (1,), torch.float32),
+    ("2d-32-odd", (37, 50), 45, (32, 32), 0.7, (), torch.float32),
+    ("rect-16x64", (3, 5, 70), 33, (16, 64), 0.8, (0,), torch.float32),
+    ("64-fp16", (2, 9, 72), 100, (64, 64), 0.5, (), torch.float16),
+    ("32-fp64", (4, 3, 64), 64, (32, 32), 0.5, (), torch.float64),
+    ("dense", (2, 7, 48), 40, (16, 16), 1.0, (), torch.float32),
+    ("all-pruned", (2, 6, 48), 40, (16, 16), 0.0, (), torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_forward_and_gradients_match_dense_masked_reference(case, backend, device):
+    _, x_shape, out_features, block, density, empty_rows, dtype = case
+    in_features = x_shape[-1]
+    g = torch.Generator().manual_seed(1)
+    block_mask = random_block_mask(out_features, in_features, block, density, g, empty_rows)
+    layer, weight, bias, keep = make_layer(in_features, out_features, block, block_mask, dtype, device)
+    layer.backend = backend
+    x = torch.randn(x_shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
+    y = layer(x)
+    assert y.shape == (*x_shape[:-1], out_features) and y.dtype == dtype
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad_y.to(device=device, dtype=dtype))
+    y_ref, gx_ref, gw_ref, gb_ref = reference(x.cpu(), weight, bias, grad_y)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(x.grad, gx_ref, dtype, "grad x")
+    assert_close(layer.values.grad, tiles_of(gw_ref, block_mask, block), dtype, "grad values")
+    assert_close(layer.bias.grad, gb_ref, dtype, "grad bias")
+    # The dense view of the gradient is zero off the kept tiles (gradient on kept blocks only).
+    assert layer.values.grad.shape == (int(block_mask.sum()), *block)
+
+
+@pytest.mark.parametrize("spike_dtype", [torch.bool, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_spike_inputs_read_as_bytes(spike_dtype, dtype, device):
+    g = torch.Generator().manual_seed(2)
+    block = (16, 32)
+    block_mask = random_block_mask(50, 70, block, 0.6, g)
+    layer, weight, bias, _ = make_layer(70, 50, block, block_mask, dtype, device)
+    spikes = torch.rand(3, 4, 70, generator=g) < 0.3
+    x = spikes.to(spike_dtype).to(device)
+    y = layer(x)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad_y.to(device=device, dtype=dtype))
+    y_ref, _, gw_ref, gb_ref = reference(spikes.to(torch.float64), weight, bias, grad_y)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(layer.values.grad, tiles_of(gw_ref, block_mask, block), dtype, "grad values")
+    # Same result as the widened float input, bit for bit.
+    torch.testing.assert_close(y, layer(spikes.to(device=device, dtype=dtype)), rtol=0, atol=0)
+
+
+def test_non_contiguous_input_and_no_bias(device):
+    g = torch.Generator().manual_seed(3)
+    block = (16, 16)
+    block_mask = random_block_mask(24, 40, block, 0.5, g)
+    layer, weight, _, _ = make_layer(40, 24, block, block_mask, torch.float32, device, bias=False)
+    base = torch.randn(40, 6, 5, generator=g, dtype=torch.float64)
+    x = base.to(device=device, dtype=torch.float32).permute(2, 1, 0).requires_grad_()  # [5, 6, 40], stride(-1) != 1
+    assert not x.is_contiguous()
+    y = layer(x)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad_y.to(device=device, dtype=torch.float32))
+    y_ref, gx_ref, gw_ref, _ = reference(base.permute(2, 1, 0), weight, None, grad_y)
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(x.grad, gx_ref, torch.float32, "grad x")
+    assert_close(layer.values.grad, tiles_of(gw_ref, block_mask, block), torch.float32, "grad values")
+
+
+def test_deterministic_gradients(device):
+    g = torch.Generator().manual_seed(4)
+    block = (16, 16)
+    layer, _, _, _ = make_layer(48, 32, block, random_block_mask(32, 48, block, 0.7, g), torch.float32, device)
+    x = torch.randn(3, 20, 48, generator=g).to(device)
+    grads = []
+    for _ in range(2):
+        layer.zero_grad()
+        layer(x).square().sum().backward()
+        grads.append(layer.values.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_grad_weight_split_reduction_and_fused_bias(split, device):
+    """The GPU cuts each tile's M reduction into slices (summed after); the bias gradient is
+    summed from the same dY tiles, block-rows without kept tiles separately."""
+    from effst.ops import block_sparse_linear as bsl
+
+    g = torch.Generator().manual_seed(8)
+    block_mask = random_block_mask(40, 48, (16, 16), 0.6, g, empty_rows=(1,))
+    layout = build_block_layout(block_mask)
+    grad_y = torch.randn(140, 40, generator=g).to(device)
+    x = (torch.rand(140, 48, generator=g) < 0.5).to(torch.uint8).to(device)
+    got, got_bias = bsl._triton_grad_weight(grad_y, x, layout.row_ptr.to(device), layout.row_idx.to(device),
+                                            layout.col_idx.to(device), 16, 16, True, split=split)
+    dense = grad_y.double().cpu().t() @ x.double().cpu()
+    assert_close(got, tiles_of(dense, block_mask, (16, 16)), torch.float32, "grad values")
+    assert_close(got_bias, grad_y.double().cpu().sum(0), torch.float32, "grad bias")
+
+
+def test_layout_row_and_column_order():
+    mask = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    layout = build_block_layout(mask)
+    assert layout.row_ptr.tolist() == [0, 2, 2, 4]
+    assert layout.col_idx.tolist() == [0, 2, 0, 1]
+    assert layout.row_idx.tolist() == [0, 0, 2, 2]
+    assert layout.col_ptr.tolist() == [0, 2, 3, 4]
+    assert layout.csc_row_idx.tolist() == [0, 2, 2, 0]
+    # value index (row order) of each tile in column order: (0,0)->0, (2,0)->2, (2,1)->3, (0,2)->1
+    assert layout.csc_perm.tolist() == [0, 2, 3, 1]
+    assert all(t.dtype == torch.int32 for t in layout)
+
+
+def test_from_dense_sparsity_element_mask_and_to_dense():
+    torch.manual_seed(5)
+    linear = nn.Linear(64, 48)
+    layer = BlockSparseLinear.from_dense(linear, sparsity=0.5, block_size=16)
+    assert layer.block_mask.shape == (3, 4) and layer.nnz_blocks == 6  # ceil(0.5 * 12) pruned, no ties
+    # The kept tiles are the 6 with the largest L1 norms.
+    norms = linear.weight.detach().abs().reshape(3, 16, 4, 16).sum(dim=(1, 3))
+    assert torch.equal(layer.block_mask, norms > norms.flatten().sort().values[5])
+    keep = element_mask(layer.block_mask, (16, 16), 48, 64)
+    assert torch.equal(layer.to_dense(), linear.weight.detach() * keep)
+    # An element mask keeps every tile touched by a kept entry and zeroes the other entries.
+    elem = torch.zeros(48, 64, dtype=torch.bool)
+    elem[3, 5] = elem[40, 63] = True
+    from_elem = BlockSparseLinear.from_dense(linear, block_size=(16, 16), mask=elem)
+    assert from_elem.nnz_blocks == 2
+    assert torch.equal(from_elem.to_dense(), linear.weight.detach() * elem)
+    assert torch.equal(from_elem.to_linear().weight, from_elem.to_dense())
+
+
+def test_state_dict_round_trip_adopts_block_structure(tmp_path):
+    torch.manual_seed(6)
+    src = BlockSparseLinear.from_dense(nn.Linear(40, 70), sparsity=0.6, block_size=(16, 32), backend="torch")
+    path = tmp_path / "bsl.pt"
+    torch.save(src.state_dict(), path)
+    # A fresh, fully dense module with another block size receives the checkpoint's structure.
+    dst = BlockSparseLinear(40, 70, block_size=64, backend="torch")
+    dst.load_state_dict(torch.load(path))
+    assert dst.block_size == (16, 32) and torch.equal(dst.block_mask, src.block_mask)
+    assert torch.equal(dst.to_dense(), src.to_dense())
+    x = torch.randn(4, 40)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    # Inconsistent checkpoints are refused with the reason.
+    bad = dict(src.state_dict())
+    bad["values"] = bad["values"][:-1]
+    with pytest.raises(RuntimeError, match="holds"):
+        BlockSparseLinear(40, 70).load_state_dict(bad)
+
+
+def test_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    layer = BlockSparseLinear(40, 24, block_size=16, block_mask=torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool))
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    expected = x.detach() @ layer.to_dense().detach().t() + layer.bias.detach()
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-5, atol=1e-5)
+    assert layer.values.grad is not None and x.grad is not None
+
+
+def test_autocast_uses_autocast_dtype():
+    layer = BlockSparseLinear(32, 16, block_size=16, backend="torch")
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), x @ layer.to_dense().detach().t() + layer.bias.detach(), rtol=3e-2, atol=3e-2)
+
+
+def test_bad_input_errors():
+    linear = nn.Linear(40, 30)
+    for bad in (24, 8, (16, 48), (32, 0), 16.0):
+        with pytest.raises((ValueError, TypeError), match="block_size"):
+            BlockSparseLinear.from_dense(linear, block_size=bad)
+    for bad in (1.0, -0.1, float("nan"), 1.5):
+        with pytest.raises(ValueError, match="sparsity"):
+            BlockSparseLinear.from_dense(linear, sparsity=bad, block_size=16)
+    with pytest.raises(ValueError, match=r"mask: expected a block mask of shape \(2, 3\)"):
+        BlockSparseLinear.from_dense(linear, block_size=16, mask=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask"):
+        BlockSparseLinear(40, 30, block_size=16, block_mask=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not both"):
+        BlockSparseLinear.from_dense(linear, sparsity=0.5, mask=torch.ones(30, 40, dtype=torch.bool))
+    with pytest.raises(TypeError, match="linear"):
+        BlockSparseLinear.from_dense(nn.Conv1d(40, 30, 1))
+    layer = BlockSparseLinear(40, 30, block_size=16, backend="torch")
+    with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 40\]"):
+        layer(torch.randn(2, 41))
+    with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
+        layer(torch.randn(2, 40, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        layer(torch.ones(2, 40, dtype=torch.int32))
+    with pytest.raises(ValueError, match="backend"):
+        BlockSparseLinear(40, 30, backend="cuda")
+    assert check_block_size(64) == (64, 64)
+    with pytest.raises(ValueError, match="backend"):
+        block_sparse_linear(torch.randn(2, 40), layer.values, layer.layout, 30, backend="fast")
+
+
+GPU_CASES = [  # (dtype, block, input): every block size once in bf16, spikes once, the other dtypes
+    (torch.bfloat16, (16, 16), "dense"),
+    (torch.bfloat16, (32, 32), "spike"),
+    (torch.bfloat16, (64, 64), "dense"),
+    (torch.float16, (32, 32), "dense"),
+    (torch.float32, (32, 64), "dense"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,block,kind", GPU_CASES, ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}" for c in GPU_CASES])
+def test_gpu_spikformer_shape_matches_reference(dtype, block, kind, device):
+    g = torch.Generator().manual_seed(7)
+    in_features, out_features = 384, 1536
+    block_mask = random_block_mask(out_features, in_features, block, 0.25, g, empty_rows=(3,))
+    layer, weight, bias, _ = make_layer(in_features, out_features, block, block_mask, dtype, device)
+    if kind == "spike":
+        x_ref = (torch.rand(4, 8, 64, in_features, generator=g) < 0.2).to(torch.float64)
+        x = x_ref.to(device=device, dtype=torch.uint8)
+    else:
+        x_ref = torch.randn(4, 8, 64, in_features, generator=g, dtype=torch.float64)
+        x = x_ref.to(device=device, dtype=dtype).requires_grad_()
+    y = layer(x)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad_y.to(device=device, dtype=dtype))
+    y_ref, gx_ref, gw_ref, gb_ref = reference(x_ref.to(dtype) if kind == "dense" else x_ref, weight, bias, grad_y)
+    checks = [(y, y_ref, "y"), (layer.values.grad, tiles_of(gw_ref, block_mask, block), "grad values"),
+              (layer.bias.grad, gb_ref, "grad bias")]
+    if kind == "dense":
+        checks.append((x.grad, gx_ref, "grad x"))
+    for got, want, what in checks:
+        assert_close(got, want, dtype, what)
+
+
+def test_sparse_bench_rows_on_cpu():
+    """bench/bench_sparse.py yields honest rows on the CPU: measured ones carry every column,
+    the ones past the time budget say so (no timing is asserted here)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_sparse.py"
+    spec = importlib.util.spec_from_file_location("bench_sparse_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.run("cpu", True, budget_s=1e-3, tokens=64)  # the first configuration runs, the rest are skipped
+    assert len(rows) == 8
+    first, rest = rows[0], rows[1:]
+    assert first["status"] == "ok", first.get("error")
+    for key in ("effst_fwd_ms", "effst_fwd_bwd_ms", "dense_fwd_ms", "dense_fwd_bwd_ms", "speedup_fwd_bwd",
+                "tflops_ratio", "block_sparsity", "date", "machine", "command"):
+        assert key in first and first[key] is not None, key
+    assert "bsr_fwd_ms" in first or "bsr_error" in first
+    assert all(r["status"] == "skipped" and "budget" in r["reason"] for r in rest)
+    with pytest.raises(ValueError, match="device"):
+        bench.run("tpu", True)

@@ -1,0 +1,265 @@
+"""effst.convert: LIF-type neurons -> sLIF with everything carried over; outputs identical before
+any training step, inside a Spikformer and inside foreign SpikingJelly networks."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+from effst.convert import convert, is_convertible
+from effst.models import build_model, build_model_from_spec, record_firing_rates
+from effst.nn import LIF, PLIF, SLIF
+
+
+def small(**kwargs):
+    kwargs.setdefault("backend", "reference")
+    return build_model("spikformer-tiny", **kwargs)
+
+
+def spiking_input(batch=4, dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.randn(batch, 1, 8, 8, dtype=dtype) * 3
+
+
+def lively(model, x):
+    """Make every neuron layer fire on ``x``, attention included: a fresh network is nearly
+    silent (tests on it would compare zeros), so shift the q/k/v BatchNorms up and take the
+    running statistics from ``x``. Returns the model in eval mode."""
+    with torch.no_grad():
+        for block in model.blocks:
+            for n in "qkv":
+                getattr(block.attn, f"{n}_bn").bias.fill_(1.5)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # running stats = the statistics of x
+        model.train()
+        model(x)
+    return model.eval()
+
+
+def attention_rate(model, x):
+    """Firing rate of the first attention neuron on ``x``."""
+    with torch.no_grad(), record_firing_rates(model) as recorder:
+        model(x)
+    return recorder.firing_rates()["blocks.0.attn.attn_lif"]
+
+
+@pytest.mark.parametrize("source", ["lif", "spikingjelly"])
+@pytest.mark.parametrize("train", [False, True])
+def test_spikformer_outputs_unchanged(source, train):
+    torch.manual_seed(0)
+    model = small(neuron=source).double()
+    x = spiking_input(dtype=torch.float64)
+    lively(model, x).train(train)
+    assert attention_rate(model, x) > 0.05
+    before = model(x)
+    convert(model, "slif", channels=True, backend="reference")
+    nodes = dict(model.neurons())
+    assert len(nodes) == 12 and all(type(n) is SLIF for n in nodes.values())
+    assert torch.equal(model(x), before)
+    # Carried over: tau 2, V_th 1 (0.5 in attention), hard reset 0, detach_reset, sigmoid(4).
+    attn = model.blocks[0].attn.attn_lif
+    assert attn.channels == model.config.width and attn.channel_dim == -1
+    assert torch.all(attn.v_threshold == 0.5) and torch.allclose(attn.tau, torch.tensor(2.0, dtype=torch.float64))
+    assert attn.surrogate == "sigmoid" and attn.alpha == 4.0 and attn.detach_reset and attn.v_reset == 0.0
+    assert model.patch_embed.proj_lif.channels == model.config.dim // 8
+    assert model.patch_embed.proj_lif.channel_dim == -3
+    assert isinstance(attn.w, nn.Parameter) and isinstance(attn.v_threshold, nn.Parameter)
+    assert attn.w.dtype == torch.float64 and attn.training == train
+    # The converted model records what it is now, so its spec rebuilds it.
+    assert model.neuron == "slif" and model.channels
+    rebuilt = build_model_from_spec(model.spec()).double().train(train)
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(rebuilt(x), before)
+
+
+def test_gradients_match_the_spikingjelly_model():
+    torch.manual_seed(0)
+    peer = small(neuron="spikingjelly").double()
+    x = spiking_input(dtype=torch.float64)
+    lively(peer, x).train()
+    ours = convert(copy.deepcopy(peer), "slif", backend="reference")
+    peer(x).square().sum().backward()
+    ours(x).square().sum().backward()
+    peer_grads = {n: p.grad for n, p in peer.named_parameters()}
+    for name, p in ours.named_parameters():
+        if name in peer_grads:
+            torch.testing.assert_close(p.grad, peer_grads[name], rtol=1e-9, atol=1e-12)
+        else:  # the new intrinsic parameters learn
+            assert name.endswith((".w", ".v_threshold")) and p.grad is not None
+
+
+@pytest.mark.parametrize("target", ["slif", "stl", "plif", "lif"])
+def test_every_target_kind(target):
+    model = small(neuron="lif")
+    x = spiking_input()
+    lively(model, x)
+    before = model(x)
+    convert(model, target, backend="reference")
+    q = model.blocks[0].attn.q_lif
+    learn_tau, learn_threshold = {"slif": (True, True), "stl": (False, True), "plif": (True, False),
+                                  "lif": (False, False)}[target]
+    assert q.learn_tau == learn_tau and q.learn_threshold == learn_threshold
+    assert q.w.dim() == (1 if target in ("slif", "stl") else 0)
+    assert torch.equal(model(x), before)
+
+
+def sj_network(step_mode="m"):
+    """A foreign SpikingJelly CNN: conv -> BN -> LIF, conv -> PLIF, flatten -> linear -> LIF."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Conv2d(1, 4, 3, padding=1, bias=False), layer.BatchNorm2d(4),
+        neuron.LIFNode(tau=3.0, v_threshold=0.8, surrogate_function=surrogate.ATan(alpha=3.0), detach_reset=True),
+        layer.Conv2d(4, 6, 3, padding=1),
+        neuron.ParametricLIFNode(init_tau=2.5, v_reset=None, decay_input=False,
+                                 surrogate_function=surrogate.Rect(alpha=0.8)),
+        layer.Flatten(), layer.Linear(6 * 8 * 8, 10),
+        neuron.LIFNode(tau=2.0, surrogate_function=surrogate.Sigmoid(alpha=4.0)),
+    )
+    with torch.no_grad():
+        net[4].w.fill_(0.37)  # a learned-looking w, copied exactly (not through tau)
+        net[3].weight.mul_(8)  # so that every layer fires
+        net[6].weight.mul_(10)
+    functional.set_step_mode(net, step_mode)
+    return net
+
+
+def run(net, x, step_mode):
+    functional.reset_net(net)
+    if step_mode == "m":
+        return net(x)
+    return torch.stack([net(x_t) for x_t in x])
+
+
+@pytest.mark.parametrize("step_mode", ["m", "s"])
+def test_foreign_spikingjelly_network_outputs_unchanged(step_mode):
+    net = sj_network(step_mode).double()
+    x = torch.randn(4, 3, 1, 8, 8, dtype=torch.float64) * 3
+    before = run(net, x, step_mode)
+    assert 0.02 < before.mean() < 0.98
+    plif_w = net[4].w.detach().clone()
+    functional.reset_net(net)  # caches the resettable modules: convert must invalidate that cache
+    convert(net, "slif", channels=True, backend="reference")
+    assert [type(m) for m in net if is_convertible(m)] == [SLIF, SLIF, SLIF]
+    after = run(net, x, step_mode)
+    assert torch.equal(after, before)
+    lif, plif, out = net[2], net[4], net[7]
+    # Channel counts come from the preceding layer: BatchNorm2d(4) -> 4 and Conv2d(4, 6) -> 6
+    # at dim 1 of the per-step shape; Linear(., 10) -> 10 at the last dim.
+    assert (lif.channels, lif.channel_dim) == (4, 1)
+    assert (plif.channels, plif.channel_dim) == (6, 1)
+    assert (out.channels, out.channel_dim) == (10, -1)
+    assert lif.surrogate == "atan" and lif.alpha == 3.0 and lif.v_reset == 0.0 and lif.detach_reset
+    assert torch.allclose(lif.tau, torch.tensor(3.0, dtype=torch.float64))
+    assert torch.all(lif.v_threshold == 0.8)
+    assert plif.v_reset is None and not plif.decay_input and plif.surrogate == "rect" and plif.alpha == 1.25
+    assert torch.all(plif.w == plif_w)  # copied exactly, not re-derived through tau
+    assert all(m.step_mode == step_mode for m in (lif, plif, out))
+
+
+def test_foreign_gradients_match():
+    net = sj_network().double()
+    ours = convert(copy.deepcopy(net), "slif", backend="reference")
+    x = torch.randn(4, 3, 1, 8, 8, dtype=torch.float64) * 3
+    for model in (net, ours):
+        functional.reset_net(model)
+        model(x).sum().backward()
+    theirs = dict(net.named_parameters())
+    for name, p in ours.named_parameters():
+        if name == "4.w":  # per channel now: the channels' gradients add up to the scalar's
+            torch.testing.assert_close(p.grad.sum(), theirs[name].grad, rtol=1e-9, atol=1e-12)
+        elif name in theirs:
+            torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-9, atol=1e-12)
+
+
+def test_per_layer_when_channels_false_or_unknown():
+    net = sj_network()
+    convert(net, "slif", channels=False)
+    assert all(m.channels is None for m in net if isinstance(m, SLIF))
+    # A neuron directly inside a non-Sequential parent has no known channel count.
+    holder = nn.Module()
+    holder.node = neuron.LIFNode(step_mode="m")
+    convert(holder, "slif")
+    assert isinstance(holder.node, SLIF) and holder.node.channels is None
+    # A neuron as the root module is returned converted.
+    node = convert(neuron.LIFNode(tau=4.0, step_mode="m"), "slif")
+    assert isinstance(node, SLIF) and torch.allclose(node.tau, torch.tensor(4.0))
+
+
+def test_annotated_foreign_neuron_gets_channels():
+    node = neuron.LIFNode(step_mode="m")
+    node.effst_channels, node.effst_channel_dim = 5, -2
+    holder = nn.ModuleDict({"node": node})
+    convert(holder, "stl")
+    assert (holder["node"].channels, holder["node"].channel_dim) == (5, -2)
+    assert not holder["node"].learn_tau
+
+
+def test_effst_per_channel_sources():
+    model = small(neuron="slif")
+    x = spiking_input()
+    lively(model, x)
+    with torch.no_grad():
+        model.blocks[0].attn.q_lif.v_threshold[0] = 0.7
+    before = model(x)
+    convert(model, "slif", channels=True)
+    assert torch.equal(model(x), before)
+    assert model.blocks[0].attn.q_lif.v_threshold[0] == 0.7
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_lif.*v_threshold differs across channels"):
+        convert(model, "lif")
+    uniform = small(neuron="slif")
+    convert(uniform, "plif")  # uniform per-channel values fit one per-layer value
+    assert type(uniform.blocks[0].attn.q_lif) is PLIF and uniform.blocks[0].attn.q_lif.w.dim() == 0
+    convert(uniform, "lif")
+    assert type(uniform.blocks[0].attn.q_lif) is LIF
+
+
+def test_shared_neuron_is_replaced_once():
+    node = neuron.LIFNode(step_mode="m")
+    net = nn.Sequential(layer.Linear(3, 3), node, layer.Linear(3, 3), node)
+    convert(net, "slif")
+    assert net[1] is net[3] and isinstance(net[1], SLIF)
+
+
+def test_errors_and_warnings():
+    with pytest.raises(ValueError, match="neuron"):
+        convert(nn.Sequential(), "izhikevich")
+    with pytest.raises(TypeError, match="channels"):
+        convert(nn.Sequential(), "slif", channels=1)
+    with pytest.raises(ValueError, match="backend"):
+        convert(nn.Sequential(), "slif", backend="gpu")
+    with pytest.raises(TypeError, match="model"):
+        convert("not a module")
+    bad = nn.Sequential(neuron.LIFNode(surrogate_function=surrogate.PiecewiseLeakyReLU(), step_mode="m"))
+    with pytest.raises(ValueError, match=r"^0: surrogate PiecewiseLeakyReLU has no effst equivalent"):
+        convert(bad)
+
+    class MyLIF(neuron.LIFNode):
+        pass
+
+    net = nn.Sequential(MyLIF(step_mode="m"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(net)
+    assert isinstance(net[0], MyLIF) and any("MyLIF" in str(w.message) for w in caught)
+
+
+def test_spikingjelly_0_0_0_0_x_multistep_node_is_recognised():
+    """0.0.0.0.x is not installable beside 2.0.0; a stand-in with its class name, module path and
+    attributes checks that the converter reads it (multi-step, tau as a float, backend ignored)."""
+    class MultiStepLIFNode(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tau, self.decay_input, self.v_threshold, self.v_reset = 2.0, True, 0.5, 0.0
+            self.surrogate_function = surrogate.Sigmoid(alpha=4.0)
+            self.detach_reset, self.backend = True, "cupy"
+
+    MultiStepLIFNode.__module__ = "spikingjelly.clock_driven.neuron"
+    net = nn.Sequential(nn.Linear(4, 6), MultiStepLIFNode())
+    convert(net, "slif")
+    node = net[1]
+    assert isinstance(node, SLIF) and node.step_mode == "m" and node.channels == 6
+    assert torch.all(node.v_threshold == 0.5) and node.surrogate == "sigmoid" and node.detach_reset

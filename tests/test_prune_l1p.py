@@ -1,0 +1,279 @@
+"""L1P / block L1P / random pruning (SPEC section 3), masks as module state, reports, conversion.
+
+The oracles here are written independently of effst.prune: sort |w| (or tile L1 norms), take
+the k-th smallest with k = ceil(p*n), prune everything <= it.
+"""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import effst.prune as prune
+from effst.nn.block_sparse import BlockSparseLinear
+
+
+def oracle_keep(scores: torch.Tensor, p: float) -> torch.Tensor:
+    k = math.ceil(p * scores.numel())
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = scores.flatten().sort().values[k - 1]
+    return scores > threshold
+
+
+def oracle_tile_norms(w: torch.Tensor, bm: int, bk: int) -> torch.Tensor:
+    rows, cols = math.ceil(w.shape[0] / bm), math.ceil(w.shape[1] / bk)
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    for r in range(rows):
+        for c in range(cols):
+            out[r, c] = w[r * bm:(r + 1) * bm, c * bk:(c + 1) * bk].abs().double().sum()
+    return out
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(48, 96)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(96, 40)
+        self.conv = nn.Conv1d(40, 24, kernel_size=1, bias=False)
+        self.conv3 = nn.Conv1d(24, 24, kernel_size=3, padding=1)  # not a target: never pruned
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):  # x [B, L, 48]
+        h = self.fc2(self.act(self.fc1(x)))
+        h = self.conv(h.transpose(1, 2))
+        return self.head(h.mean(dim=2))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 0.5, 0.77, 0.9, 0.95])
+@pytest.mark.parametrize("shape", [(37, 53), (64, 48), (1, 7)])
+def test_l1p_mask_matches_spec(p, shape):
+    g = torch.Generator().manual_seed(int(p * 100) + shape[0])
+    w = torch.randn(shape, generator=g)
+    keep = prune.l1p_mask(w, p)
+    assert torch.equal(keep, oracle_keep(w.abs(), p))
+    assert int((~keep).sum()) == math.ceil(p * w.numel())  # no ties in a random matrix
+    if (~keep).any() and keep.any():
+        assert w.abs()[~keep].max() < w.abs()[keep].min()
+
+
+def test_ties_at_the_threshold_are_pruned_too():
+    w = torch.tensor([[0.5, -0.5, 0.5, 2.0], [0.1, 3.0, -0.5, 4.0]])
+    keep = prune.l1p_mask(w, 0.25)  # k = 2: threshold = 0.5, every |w| <= 0.5 goes
+    assert torch.equal(keep, w.abs() > 0.5)
+    assert int((~keep).sum()) == 5
+
+
+def test_l1p_per_matrix_targets_and_conv1x1():
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.fc2.weight.mul_(100.0)  # each matrix is pruned on its own, whatever the scales
+    dense = {n: m.weight.detach().clone() for n, m in net.named_modules() if hasattr(m, "weight")}
+    out = prune.l1p(net, 0.6, targets=["fc1", "fc2", "conv"])
+    assert out is net
+    for name in ("fc1", "fc2", "conv"):
+        layer = getattr(net, name)
+        assert prune.is_pruned(layer)
+        expected = oracle_keep(dense[name].abs(), 0.6)
+        assert torch.equal(prune.get_mask(layer), expected)
+        assert torch.equal(layer.weight, dense[name] * expected)
+        assert int((layer.weight == 0).sum()) == math.ceil(0.6 * dense[name].numel())
+    assert not prune.is_pruned(net.head) and not prune.is_pruned(net.conv3)
+    net(torch.randn(2, 5, 48))  # still runs
+
+
+def test_default_targets_are_every_linear_and_1x1_conv():
+    net = Net()
+    prune.l1p(net, 0.5)
+    assert [n for n, _ in prune.pruned_modules(net)] == ["fc1", "fc2", "conv", "head"]
+    single = nn.Linear(10, 10)
+    prune.l1p(single, 0.3)
+    assert int((single.weight == 0).sum()) == 30
+
+
+def test_target_forms_and_errors():
+    net = Net()
+    assert [n for n, _ in prune.resolve_targets(net, nn.Linear)] == ["fc1", "fc2", "head"]
+    assert [n for n, _ in prune.resolve_targets(net, "fc*")] == ["fc1", "fc2"]
+    for bad, match in (("act", "not a linear layer"), ("conv3", "kernel_size"), ("nope", "matches no module"),
+                       (nn.ReLU, "not a linear layer class"), ([], "empty"), (3, "expected None"), ([3], "expected names")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            prune.l1p(net, 0.5, targets=bad)
+    assert not any(True for _ in prune.pruned_modules(net))  # nothing half-done
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.2, -0.1, float("nan"), True, "0.5", None])
+def test_sparsity_outside_range_is_an_error(bad):
+    with pytest.raises((ValueError, TypeError), match="sparsity"):
+        prune.l1p(nn.Linear(4, 4), bad)
+    with pytest.raises((ValueError, TypeError), match="sparsity"):
+        prune.block_l1p(nn.Linear(32, 32), bad, block_size=16)
+    with pytest.raises((ValueError, TypeError), match="sparsity"):
+        prune.random(nn.Linear(4, 4), bad)
+
+
+@pytest.mark.parametrize("bad", [8, 24, 48, (16, 20), (0, 16), 2.0])
+def test_block_size_must_be_power_of_two_at_least_16(bad):
+    with pytest.raises((ValueError, TypeError), match="block_size"):
+        prune.block_l1p(nn.Linear(64, 64), 0.5, block_size=bad)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.9])
+@pytest.mark.parametrize("block", [(16, 16), (32, 16), (16, 64)])
+def test_block_l1p_prunes_lowest_l1_tiles(p, block):
+    torch.manual_seed(1)
+    layer = nn.Linear(100, 70)  # not multiples of the block: edge tiles hold fewer entries
+    w = layer.weight.detach().clone()
+    prune.block_l1p(layer, p, block_size=block)
+    norms = oracle_tile_norms(w, *block)
+    tiles = oracle_keep(norms, p)
+    assert int((~tiles).sum()) == math.ceil(p * norms.numel())
+    full = tiles.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:70, :100]
+    assert torch.equal(prune.get_mask(layer), full)
+    assert torch.equal(layer.weight, w * full)
+
+
+def test_random_pruning_counts_seed_and_structure():
+    a, b, c = nn.Linear(50, 30), nn.Linear(50, 30), nn.Linear(50, 30)
+    prune.random(a, 0.7, seed=3)
+    prune.random(b, 0.7, seed=3)
+    prune.random(c, 0.7, seed=4)
+    assert int((~prune.get_mask(a)).sum()) == math.ceil(0.7 * 1500)
+    assert torch.equal(prune.get_mask(a), prune.get_mask(b))
+    assert not torch.equal(prune.get_mask(a), prune.get_mask(c))
+    blk = nn.Linear(64, 48)
+    prune.random(blk, 0.5, structure="block", seed=0, block_size=16)
+    tiles = prune.get_mask(blk).reshape(3, 16, 4, 16)
+    per_tile = tiles.any(dim=3).any(dim=1)
+    assert torch.equal(tiles.all(dim=3).all(dim=1), per_tile)  # whole tiles only
+    assert int((~per_tile).sum()) == 6
+    with pytest.raises(ValueError, match="structure"):
+        prune.random(nn.Linear(4, 4), 0.5, structure="row")
+
+
+def test_repruning_only_removes_more():
+    torch.manual_seed(2)
+    layer = nn.Linear(40, 40)
+    prune.l1p(layer, 0.5)
+    first = prune.get_mask(layer).clone()
+    prune.l1p(layer, 0.8)
+    second = prune.get_mask(layer)
+    assert not (second & ~first).any()
+    assert int((~second).sum()) == math.ceil(0.8 * 1600)
+    prune.random(layer, 0.9, seed=0)
+    assert int((~prune.get_mask(layer)).sum()) == math.ceil(0.9 * 1600)
+
+
+@pytest.mark.parametrize("method", ["l1p", "block_l1p"])
+def test_masks_survive_adamw_with_weight_decay(method):
+    torch.manual_seed(3)
+    net = Net()
+    if method == "l1p":
+        prune.l1p(net, 0.7, targets=["fc1", "fc2", "conv"])
+    else:
+        prune.block_l1p(net, 0.7, targets=["fc1", "fc2"], block_size=16)
+    masks = {n: prune.get_mask(m).clone() for n, m in prune.pruned_modules(net)}
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(4, 6, 48)
+    for _ in range(20):
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+    for name, mask in masks.items():
+        layer = net.get_submodule(name)
+        assert torch.equal(prune.get_mask(layer), mask)
+        assert bool((layer.weight[~mask] == 0).all())
+        assert bool((layer.parametrizations.weight.original[~mask] == 0).all())
+        assert bool((layer.weight[mask] != 0).any())  # the kept weights did train
+    # The forward uses exactly the masked weight.
+    h = torch.randn(3, 48)
+    assert torch.equal(net.fc1(h), F.linear(h, net.fc1.parametrizations.weight.original * masks["fc1"], net.fc1.bias))
+
+
+def test_checkpoint_round_trips(tmp_path):
+    torch.manual_seed(4)
+    net = Net()
+    prune.l1p(net, 0.5, targets=["fc1", "conv"])
+    path = tmp_path / "pruned.pt"
+    torch.save(net.state_dict(), path)
+    state = torch.load(path)
+    x = torch.randn(2, 5, 48)
+    expected = net(x)
+    # 1) into a model pruned the same way (any sparsity): plain load_state_dict, strict.
+    same = Net()
+    prune.l1p(same, 0.1, targets=["fc1", "conv"])
+    same.load_state_dict(state)
+    assert torch.equal(same(x), expected)
+    assert torch.equal(prune.get_mask(same.fc1), prune.get_mask(net.fc1))
+    # 2) into a plain model, keeping the masks.
+    plain = Net()
+    prune.load_pruned_state_dict(plain, state)
+    assert prune.is_pruned(plain.fc1) and prune.is_pruned(plain.conv) and not prune.is_pruned(plain.fc2)
+    assert torch.equal(plain(x), expected)
+    # 3) into a plain model as plain weights.
+    stripped = Net()
+    stripped.load_state_dict(prune.strip_masks(state))
+    assert torch.equal(stripped(x), expected)
+    # 4) remove() bakes the masks in.
+    baked = copy.deepcopy(net)
+    prune.remove(baked)
+    assert not any(True for _ in prune.pruned_modules(baked))
+    assert "fc1.weight" in baked.state_dict() and torch.equal(baked(x), expected)
+    # 5) a plain checkpoint into a pruned model keeps the model's masks.
+    pruned = Net()
+    prune.l1p(pruned, 0.5, targets="fc1")
+    mask = prune.get_mask(pruned.fc1).clone()
+    prune.load_pruned_state_dict(pruned, Net().state_dict())
+    assert torch.equal(prune.get_mask(pruned.fc1), mask) and bool((pruned.fc1.weight[~mask] == 0).all())
+
+
+def test_report_counts():
+    net = Net()
+    prune.l1p(net, 0.5, targets=["fc1"])
+    prune.block_l1p(net, 0.5, targets=["fc2"], block_size=16)
+    rep = prune.report(net)
+    rows = {layer.name: layer for layer in rep.layers}
+    assert set(rows) == {"fc1", "fc2", "conv", "head"}
+    assert rows["fc1"].params == 48 * 96 and rows["fc1"].kept == 48 * 96 - math.ceil(0.5 * 48 * 96)
+    assert rows["fc2"].structure == "block" and rows["conv"].structure == "dense" and rows["conv"].sparsity == 0
+    total = sum(p.numel() for p in net.parameters())
+    pruned = (48 * 96 - rows["fc1"].kept) + (96 * 40 - rows["fc2"].kept)
+    assert rep.model_params == total and rep.model_kept == total - pruned
+    assert rep.sparsity == pytest.approx(pruned / sum(r.params for r in rep.layers))
+    assert "fc1" in str(rep) and rep.to_dict()["model_kept"] == total - pruned
+
+
+def test_block_l1p_converts_to_block_sparse_linear():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(48, 80), nn.ReLU(), nn.Linear(80, 40))
+    prune.block_l1p(net, 0.75, block_size=(16, 16))
+    x = torch.randn(3, 7, 48)
+    expected = net(x)
+    before = prune.report(net)
+    converted = prune.to_block_sparse(copy.deepcopy(net), backend="torch")
+    assert isinstance(converted[0], BlockSparseLinear) and isinstance(converted[2], BlockSparseLinear)
+    assert converted[0].nnz_blocks == 15 - math.ceil(0.75 * 15)  # 5 x 3 tiles of 16 x 16
+    torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
+    after = prune.report(converted)
+    assert after.kept == before.kept and after.model_kept == before.model_kept
+    # Element-pruned layers are refused: their zeros inside kept tiles would train again.
+    elem = nn.Linear(48, 80)
+    prune.l1p(elem, 0.5)
+    with pytest.raises(ValueError, match="not made of whole"):
+        prune.to_block_sparse(elem, block_size=16)
+    with pytest.raises(ValueError, match="only nn.Linear"):
+        prune.to_block_sparse(Net(), targets="conv")
+
+
+def test_apply_mask_errors():
+    layer = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match=r"mask: expected shape \(4, 8\)"):
+        prune.apply_mask(layer, torch.ones(8, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask"):
+        prune.apply_mask(layer, torch.full((4, 8), 0.5))
+    with pytest.raises(TypeError, match="not nn.Linear"):
+        prune.apply_mask(nn.ReLU(), torch.ones(1, dtype=torch.bool))
