@@ -265,6 +265,8 @@ def test_bad_input_errors():
         BlockSparseLinear.from_dense(linear, block_size=16, mask=torch.ones(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask"):
         BlockSparseLinear(40, 30, block_size=16, block_mask=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask: expected a bool"):  # an element mask is not silently thresholded
+        BlockSparseLinear.from_dense(linear, block_size=16, mask=torch.full((30, 40), 0.5))
     with pytest.raises(ValueError, match="not both"):
         BlockSparseLinear.from_dense(linear, sparsity=0.5, mask=torch.ones(30, 40, dtype=torch.bool))
     with pytest.raises(TypeError, match="linear"):

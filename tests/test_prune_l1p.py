@@ -60,6 +60,19 @@ def test_l1p_mask_matches_spec(p, shape):
         assert w.abs()[~keep].max() < w.abs()[keep].min()
 
 
+@pytest.mark.parametrize("percent", [7, 14, 28, 55, 56, 30])
+def test_count_is_exact_where_p_times_n_has_float_error(percent):
+    # In floats 0.07 * 100 == 7.000000000000001: a naive ceil would prune 8 of 100.
+    p = percent / 100
+    w = torch.randn(10, 10, generator=torch.Generator().manual_seed(percent))
+    assert int((~prune.l1p_mask(w, p)).sum()) == percent
+    layer = nn.Linear(10, 10)
+    prune.random(layer, p, seed=0)
+    assert int((~prune.get_mask(layer)).sum()) == percent
+    tiles = prune.block_l1p_mask(torch.randn(160, 160), p, block_size=16)  # 100 tiles
+    assert int((~tiles).sum()) == percent
+
+
 def test_ties_at_the_threshold_are_pruned_too():
     w = torch.tensor([[0.5, -0.5, 0.5, 2.0], [0.1, 3.0, -0.5, 4.0]])
     keep = prune.l1p_mask(w, 0.25)  # k = 2: threshold = 0.5, every |w| <= 0.5 goes
@@ -83,6 +96,8 @@ def test_l1p_per_matrix_targets_and_conv1x1():
         assert torch.equal(layer.weight, dense[name] * expected)
         assert int((layer.weight == 0).sum()) == math.ceil(0.6 * dense[name].numel())
     assert not prune.is_pruned(net.head) and not prune.is_pruned(net.conv3)
+    kinds = {layer.name: layer.kind for layer in prune.report(net).layers}
+    assert kinds["conv"] == "Conv1d" and kinds["fc1"] == "Linear"  # not torch's "Parametrized*" class names
     net(torch.randn(2, 5, 48))  # still runs
 
 

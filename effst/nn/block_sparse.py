@@ -28,6 +28,8 @@ from effst.ops.block_sparse_linear import (
     build_block_layout,
     check_block_size,
     dense_to_blocks,
+    expand_block_mask,
+    tiles_with_any,
     BlockLayout,
 )
 
@@ -109,9 +111,7 @@ class BlockSparseLinear(nn.Module):
 
     def element_mask(self) -> torch.Tensor:
         """Bool ``[out, in]`` mask of the weight entries that lie in kept tiles."""
-        bm, bk = self.block_size
-        full = self.block_mask.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
-        return full[: self.out_features, : self.in_features]
+        return expand_block_mask(self.block_mask, self.block_size, (self.out_features, self.in_features))
 
     # -- parameters ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -171,9 +171,9 @@ class BlockSparseLinear(nn.Module):
         if mask is not None:
             mask = torch.as_tensor(mask, device=weight.device)
             if tuple(mask.shape) == tuple(weight.shape):
-                element = mask.to(torch.bool)
+                element = _as_bool_mask(mask)
                 weight = torch.where(element, weight, torch.zeros_like(weight))
-                block_mask = _tiles_with_any(element, (bm, bk))
+                block_mask = tiles_with_any(element, (bm, bk))
             else:
                 block_mask = _check_block_mask(mask, grid, (bm, bk), out_features, in_features, element_ok=True)
         elif sparsity is not None:
@@ -186,7 +186,7 @@ class BlockSparseLinear(nn.Module):
             element = get_mask(linear)
             if element is None:
                 element = weight != 0
-            block_mask = _tiles_with_any(element.to(torch.bool), (bm, bk))
+            block_mask = tiles_with_any(element.to(torch.bool), (bm, bk))
         module = cls(
             in_features, out_features, bias=linear.bias is not None, block_size=(bm, bk),
             block_mask=block_mask, backend=backend, device=weight.device, dtype=weight.dtype,
@@ -259,17 +259,13 @@ def _check_block_mask(mask, grid, block_size, out_features, in_features, element
             f"mask: expected a block mask of shape {tuple(grid)} (tiles of {tuple(block_size)} over a "
             f"[{out_features}, {in_features}] weight){also}, got shape {tuple(mask.shape)}"
         )
+    return _as_bool_mask(mask)
+
+
+def _as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as bool; a float mask or integers other than 0/1 are an error, not truncated."""
     if mask.dtype != torch.bool:
         if mask.is_floating_point() or mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(f"mask: expected a bool (or 0/1 integer) tensor, got dtype {mask.dtype}")
         mask = mask.to(torch.bool)
     return mask
-
-
-def _tiles_with_any(element_mask: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
-    """Block mask keeping every tile that contains at least one True entry."""
-    bm, bk = block_size
-    n, k = element_mask.shape
-    nbr, nbc = -(-n // bm), -(-k // bk)
-    padded = torch.nn.functional.pad(element_mask, (0, nbc * bk - k, 0, nbr * bm - n))
-    return padded.reshape(nbr, bm, nbc, bk).any(dim=3).any(dim=1)

@@ -35,6 +35,7 @@ ops) with fake implementations, so ``torch.compile`` traces through without grap
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -109,6 +110,23 @@ def build_block_layout(block_mask: torch.Tensor) -> BlockLayout:
     csc_perm = position[csc_rows, csc_cols]
     i32 = torch.int32
     return BlockLayout(row_ptr.to(i32), cols.to(i32), rows.to(i32), col_ptr.to(i32), csc_rows.to(i32), csc_perm.to(i32))
+
+
+def expand_block_mask(block_mask: torch.Tensor, block_size: BlockSize, shape: Sequence[int]) -> torch.Tensor:
+    """Element mask of ``shape`` (``[out, in]``, or ``[out, in, 1]`` for a 1x1 Conv1d) from a tile mask."""
+    bm, bk = check_block_size(block_size)
+    full = block_mask.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+    return full[: shape[0], : math.prod(shape[1:])].reshape(tuple(shape))
+
+
+def tiles_with_any(element_mask: torch.Tensor, block_size: BlockSize) -> torch.Tensor:
+    """Block mask ``[ceil(N/bm), ceil(K/bk)]`` keeping every tile of an ``[N, K]`` element mask
+    that holds at least one True entry."""
+    bm, bk = check_block_size(block_size)
+    n, k = element_mask.shape
+    nbr, nbc = -(-n // bm), -(-k // bk)
+    padded = torch.nn.functional.pad(element_mask.to(torch.bool), (0, nbc * bk - k, 0, nbr * bm - n))
+    return padded.reshape(nbr, bm, nbc, bk).any(dim=3).any(dim=1)
 
 
 def dense_to_blocks(weight: torch.Tensor, block_mask: torch.Tensor, block_size: BlockSize) -> torch.Tensor:

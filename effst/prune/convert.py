@@ -6,9 +6,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from effst.nn.block_sparse import BlockSparseLinear, _tiles_with_any
-from effst.ops.block_sparse_linear import BlockSize, check_block_size
-from effst.prune.l1p import Targets, expand_block_mask, resolve_targets
+from effst.nn.block_sparse import BlockSparseLinear
+from effst.ops.block_sparse_linear import BlockSize, check_block_size, expand_block_mask, tiles_with_any
+from effst.prune.l1p import Targets, resolve_targets
 from effst.prune.masks import _mask_parametrization
 
 
@@ -40,7 +40,7 @@ def to_block_sparse(
         p = _mask_parametrization(module)
         block = check_block_size(block_size if block_size is not None else (p.block_size if p is not None and p.block_size else (32, 32)))
         if p is not None:
-            tiles = _tiles_with_any(p.mask, block)
+            tiles = tiles_with_any(p.mask, block)
             if not torch.equal(expand_block_mask(tiles, block, p.mask.shape), p.mask):
                 raise ValueError(
                     f"{name or '<root>'}: its pruning mask is not made of whole {block} tiles "

@@ -21,7 +21,6 @@ per-channel parameters keep the parameters of the kept channels.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import replace
 from typing import Callable, Optional
 
@@ -30,18 +29,12 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from effst.models.spikformer import Spikformer, unwrap
-from effst.prune.l1p import check_sparsity
+from effst.prune.l1p import ceil_count, check_sparsity, floor_count
 
 ATTN_ROUNDINGS = ("up", "down")
 
 # Decides which of ``width`` dims to keep: (scores or None, width, keep, heads) -> sorted indices.
 Chooser = Callable[[Optional[torch.Tensor], int, int, int], torch.Tensor]
-
-
-def _kept(fraction_times_width: float) -> float:
-    # (1 - 0.9) * 1000 is 99.99999999999997 in floats; round away the representation error
-    # before taking floor/ceil so exact products stay exact.
-    return round(fraction_times_width, 9)
 
 
 def dsp_widths(attn_width: int, hidden: int, heads: int, sparsity: float,
@@ -52,10 +45,11 @@ def dsp_widths(attn_width: int, hidden: int, heads: int, sparsity: float,
         raise ValueError(f"attn_rounding: expected one of {list(ATTN_ROUNDINGS)}, got {attn_rounding!r}")
     if attn_width % heads != 0:
         raise ValueError(f"attention width {attn_width} is not a multiple of heads={heads}")
-    per_head = _kept((1.0 - sparsity) * attn_width / heads)
-    per_head = math.ceil(per_head) if attn_rounding == "up" else math.floor(per_head)
+    # (1 - 0.9) * 1000 is 99.99999999999997 in floats: the counts snap exact products first.
+    per_head = (1.0 - sparsity) * attn_width / heads
+    per_head = ceil_count(per_head) if attn_rounding == "up" else floor_count(per_head)
     per_head = min(max(per_head, 1), attn_width // heads)
-    kept_hidden = min(max(math.floor(_kept((1.0 - sparsity) * hidden)), 1), hidden)
+    kept_hidden = min(max(floor_count((1.0 - sparsity) * hidden), 1), hidden)
     return per_head * heads, kept_hidden
 
 

@@ -1,7 +1,8 @@
 """L1P (SPEC section 3): element and block magnitude pruning, and the random-pruning control.
 
 Per target matrix ``W`` with ``n`` entries (tiles, for block L1P) and sparsity ``p`` in [0, 1):
-``k = ceil(p*n)``; the threshold is the k-th smallest score (1-indexed; score = ``|w|``, or the
+``k = ceil(p*n)`` (exact products are not pushed up by float error: p = 0.07, n = 100
+gives k = 7); the threshold is the k-th smallest score (1-indexed; score = ``|w|``, or the
 tile's L1 norm); every entry with score <= threshold is pruned (ties included, so more than k
 may go); ``k = 0`` prunes nothing. Each matrix is pruned independently. A 1x1 ``Conv1d`` weight
 ``[out, in, 1]`` is the matrix ``[out, in]``.
@@ -26,7 +27,13 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from effst.ops.block_sparse_linear import BlockSize, check_block_size
+from effst.ops.block_sparse_linear import (
+    BlockSize,
+    block_grid_shape,
+    check_block_size,
+    expand_block_mask,
+    tiles_with_any,
+)
 from effst.prune.masks import apply_mask, get_mask, is_prunable, why_not_prunable
 
 Target = Union[str, type]
@@ -44,6 +51,26 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     if not (0.0 <= value < 1.0):  # also rejects NaN
         raise ValueError(f"{name}: expected a number in [0, 1) (the fraction removed), got {sparsity!r}")
     return value
+
+
+def _snap(product: float) -> float:
+    """``product`` as the integer it is meant to be when it differs from one only by float
+    representation error (0.07 * 100 is 7.000000000000001, 0.1 * 10 after 1 - 0.9 is
+    0.9999999999999998), else unchanged. The tolerance (1e-12 relative) is far above that
+    error and far below any fraction a real sparsity produces; being relative, it never
+    turns a tiny positive product (p = 1e-13, n = 10) into 0."""
+    nearest = round(product)
+    return float(nearest) if abs(product - nearest) <= 1e-12 * abs(product) else product
+
+
+def ceil_count(product: float) -> int:
+    """``ceil(product)`` robust to float error, e.g. ``k = ceil(p*n)`` of SPEC section 3."""
+    return math.ceil(_snap(product))
+
+
+def floor_count(product: float) -> int:
+    """``floor(product)`` robust to float error, e.g. DSP's ``floor((1-p)*hidden)``."""
+    return math.floor(_snap(product))
 
 
 def _name_matches(name: str, target: str) -> bool:
@@ -100,7 +127,7 @@ def _scores_dtype(weight: torch.Tensor) -> torch.dtype:
 def _keep_above_kth(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask of ``scores``: prune the ``k = ceil(p*n)`` smallest and every tie of the k-th."""
     n = scores.numel()
-    k = math.ceil(sparsity * n)
+    k = ceil_count(sparsity * n)
     if k == 0:
         return torch.ones_like(scores, dtype=torch.bool)
     flat = scores.reshape(-1)
@@ -123,7 +150,8 @@ def l1p_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
 def tile_l1_norms(weight: torch.Tensor, block_size: BlockSize) -> torch.Tensor:
     """L1 norm of every ``bm x bk`` tile of the ``[out, in]`` matrix (edge tiles: their real entries)."""
     bm, bk = check_block_size(block_size)
-    w = _matrix(weight.detach()).abs().to(_scores_dtype(weight))
+    # Summed in float64: a float32 sum's rounding could reorder tiles of nearly equal norm.
+    w = _matrix(weight.detach()).abs().to(torch.float64)
     n, k = w.shape
     nbr, nbc = -(-n // bm), -(-k // bk)
     w = torch.nn.functional.pad(w, (0, nbc * bk - k, 0, nbr * bm - n))
@@ -136,17 +164,10 @@ def block_l1p_mask(weight: torch.Tensor, sparsity: float, block_size: BlockSize 
     return _keep_above_kth(tile_l1_norms(weight, block_size), sparsity)
 
 
-def expand_block_mask(block_mask: torch.Tensor, block_size: BlockSize, shape: Sequence[int]) -> torch.Tensor:
-    """Element mask of ``shape`` (``[out, in]`` or ``[out, in, 1]``) from a tile mask."""
-    bm, bk = check_block_size(block_size)
-    full = block_mask.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
-    return full[: shape[0], : math.prod(shape[1:])].reshape(tuple(shape))
-
-
 def _random_keep(num: int, sparsity: float, already_pruned: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     """Keep-mask over ``num`` items pruning ``max(ceil(p*num), already)`` of them uniformly at random
     among the not yet pruned (flat bool, CPU)."""
-    target = math.ceil(sparsity * num)
+    target = ceil_count(sparsity * num)
     keep = ~already_pruned.reshape(-1).cpu()
     extra = target - int((~keep).sum())
     if extra > 0:
@@ -217,13 +238,11 @@ def random(
             pruned = torch.zeros(weight.shape, dtype=torch.bool) if old is None else ~old.cpu()
             keep = _random_keep(weight.numel(), sparsity, pruned, generator).reshape(weight.shape)
         else:
-            n, k = _matrix(weight).shape
-            grid = (-(-n // block[0]), -(-k // block[1]))
+            grid = block_grid_shape(*_matrix(weight).shape, block)
             if old is None:
                 pruned_tiles = torch.zeros(grid, dtype=torch.bool)
             else:  # a tile counts as pruned when none of its entries is kept
-                kept = torch.nn.functional.pad(_matrix(old).cpu(), (0, grid[1] * block[1] - k, 0, grid[0] * block[0] - n))
-                pruned_tiles = ~kept.reshape(grid[0], block[0], grid[1], block[1]).any(dim=3).any(dim=1)
+                pruned_tiles = ~tiles_with_any(_matrix(old).cpu(), block)
             tiles = _random_keep(pruned_tiles.numel(), sparsity, pruned_tiles, generator).reshape(grid)
             keep = expand_block_mask(tiles, block, weight.shape)
         keep = keep.to(weight.device)

@@ -102,8 +102,9 @@ def report(model: nn.Module) -> PruneReport:
             mask_p = _mask_parametrization(module)
             kept = weight.numel() if mask_p is None else int(mask_p.mask.sum())
             structure = "dense" if mask_p is None else mask_p.structure
-            result.layers.append(LayerReport(name, type(module).__name__ if not isinstance(module, nn.Linear) else "Linear",
-                                             tuple(weight.shape), structure, weight.numel(), kept))
+            # isinstance, not type().__name__: a masked layer's class is torch's "ParametrizedLinear".
+            kind = "Linear" if isinstance(module, nn.Linear) else "Conv1d"
+            result.layers.append(LayerReport(name, kind, tuple(weight.shape), structure, weight.numel(), kept))
             pruned_total += weight.numel() - kept
     for p in model.parameters():
         if id(p) not in seen:
