@@ -283,10 +283,11 @@ def load_cifar10_dvs(root: str | os.PathLike, frames: int = 16) -> tuple[DataSpl
         )
     try:
         from spikingjelly.datasets.cifar10_dvs import CIFAR10DVS
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, or a torchvision built for another torch failing to load
         raise ImportError(
-            "CIFAR10-DVS is read through spikingjelly.datasets, which needs spikingjelly==2.0.0 and torchvision "
-            f"(pip install --no-deps torchvision matching your torch); import failed: {exc}"
+            "CIFAR10-DVS is read through spikingjelly.datasets, which needs spikingjelly==2.0.0 plus torchvision and "
+            "torchaudio built for your torch, and h5py; import failed: "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
     full = CIFAR10DVS(str(root), data_type="frame", frames_number=frames, split_by="number")
     labels = torch.as_tensor([int(t) for _, t in full.samples], dtype=torch.int64)

@@ -169,9 +169,13 @@ def apply_step(model: torch.nn.Module, step: dict) -> torch.nn.Module:
             return _returned(prune.random(model, sparsity, targets=targets, structure=step.get("structure", "element"),
                                           seed=step["seed"], **({"block_size": tuple(step["block_size"])} if step.get("block_size") else {})), model)
         if method == "dsp":
-            return prune.dsp(model, sparsity)
+            from effst.prune.dsp import dsp
+
+            return dsp(model, sparsity)
         if method == "dsp-random":
-            return prune.dsp_random(model, sparsity, step["seed"])
+            from effst.prune.dsp import dsp_random
+
+            return dsp_random(model, sparsity, step["seed"])
         raise CheckpointError(f"recipe: unknown pruning method {method!r}")
     if op == "convert":
         from effst.convert import convert
@@ -192,8 +196,7 @@ def build_from_recipe(recipe: list[dict]) -> torch.nn.Module:
     from effst.models import build_model
 
     first = recipe[0]
-    devnull_rng = torch.random.fork_rng(devices=[])  # replaying must not consume the caller's RNG
-    with devnull_rng:
+    with torch.random.fork_rng(devices=[]):  # replaying must not consume the caller's RNG
         torch.manual_seed(0)
         model = build_model(first["name"], neuron=first["neuron"], num_classes=first.get("num_classes"),
                             T=first.get("T"), backend=first.get("backend", "auto"), **first.get("overrides", {}))

@@ -96,8 +96,8 @@ SETTING_NAMES = tuple(f.name for f in fields(Settings))
 # Per dataset and stage: only what differs from the Settings defaults above.
 DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {
-        "train": dict(epochs=30, batch_size=64, lr=5e-3, weight_decay=0.01, warmup_epochs=1),
-        "finetune": dict(epochs=6, batch_size=64, lr=1e-3, weight_decay=0.01, warmup_epochs=0),
+        "train": dict(epochs=20, batch_size=128, lr=1e-2, weight_decay=0.01, warmup_epochs=1),
+        "finetune": dict(epochs=3, batch_size=128, lr=2e-3, weight_decay=0.01, warmup_epochs=0),
     },
     "synthetic": {
         "train": dict(epochs=3, batch_size=32, lr=5e-3, weight_decay=0.01),

@@ -1,0 +1,19 @@
+"""Training pipeline: settings, the training loop, checkpoints, DDP, reports and ``effst pipeline``.
+
+Stages (each also an ``effst`` subcommand): :func:`pretrain` (``train``), :func:`prune`,
+:func:`finetune` (converts LIF to sLIF first), :func:`evaluate_checkpoint` (``eval``), and
+:func:`run_pipeline` (``pipeline``: all of them over sparsities, methods and seeds).
+"""
+from effst.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_atomic
+from effst.train.config import DEFAULTS, Settings, load_config_file, resolve
+from effst.train.loop import Interrupted, fit, make_optimizer, warmup_cosine
+from effst.train.metrics import evaluate, measure_activity, parameter_counts
+from effst.train.pipeline import PipelineOptions, run_pipeline
+from effst.train.runs import evaluate_checkpoint, finetune, pretrain, prune
+
+__all__ = [
+    "CheckpointError", "DEFAULTS", "Interrupted", "PipelineOptions", "Settings", "evaluate", "evaluate_checkpoint",
+    "finetune", "fit", "load_checkpoint", "load_config_file", "make_optimizer", "measure_activity",
+    "model_from_checkpoint", "parameter_counts", "pretrain", "prune", "resolve", "run_pipeline", "save_atomic",
+    "warmup_cosine",
+]
