@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh — the one prepared call of a GPU device session (budget: <= 8 min on an H100).
+#
+#   bash bench/gpu_check.sh              # on the GPU machine (repo root, $OUT = output folder)
+#   bash bench/gpu_check.sh --dry-run    # anywhere, CPU only: the same steps at CI size (CI runs it)
+#
+# Steps, each under `timeout` so one hang cannot eat the session; every step runs even when an
+# earlier one failed, and the summary at the end says which did what:
+#   1. install the carried wheels from .whl/ into /tmp/site (PYTHONPATH; effst itself runs from
+#      the repo via PYTHONPATH, no pip install). spikingjelly 0.0.0.0.14 is NOT installed there:
+#      the harness installs it into its own --target dir .peers/sj014 (and 2.0.0 into .peers/sj2)
+#      from the same .whl/ folder, so the two versions never share a site.
+#   2. print versions (python, torch, CUDA, triton, cupy, spikingjelly, effst, nvidia-smi)
+#   3. the GPU tests: EFFST_TEST_DEVICE=cuda pytest -m gpu
+#   4. effst bench all --device cuda (neuron at issue 2's sizes, sparse, train-step), peers in
+#      subprocesses; then the tables and plots re-rendered from the JSON (survives a timeout)
+# Writes to $OUT (at most 8 files come back): gpu_check.log, bench.json, bench.md,
+# neuron_time_vs_T.png, sparse_vs_sparsity.png, train_step.png.
+#
+# Wheels to carry in .whl/ (bench/fetch_wheels.sh downloads exactly these; CPython 3.12,
+# manylinux x86_64; the dry run fails if this list and fetch_wheels.sh's disagree):
+# WHEEL spikingjelly==2.0.0
+# WHEEL spikingjelly==0.0.0.0.14
+# WHEEL loguru==0.7.3
+# WHEEL pytest==9.2.0
+# WHEEL pluggy==1.7.0
+# WHEEL iniconfig==2.3.1
+# WHEEL packaging==26.4
+# WHEEL pygments==2.21.0
+# WHEEL pytest-benchmark==5.3.1
+# WHEEL py-cpuinfo2==10.1.1
+# WHEEL ninja==1.13.2
+# WHEEL pyyaml==6.0.4
+# WHEEL scikit-learn==1.9.1
+# WHEEL joblib==1.6.0
+# WHEEL threadpoolctl==3.8.0
+# WHEEL narwhals==2.29.0
+# The image already has torch 2.11, triton 3.6, cupy-cuda13x, numpy, scipy, matplotlib, h5py,
+# tqdm, tensorboard, torchvision. Not needed: SciencePlots, torchaudio (spikingjelly 2.0.0 declares
+# them; its neuron code does not import them).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+DRY=0
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY=1 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument $arg (expected --dry-run)" >&2; exit 2 ;;
+    esac
+done
+
+if [ -z "${OUT:-}" ]; then
+    if [ "$DRY" = 1 ]; then OUT=$(mktemp -d /tmp/effst-gpu-check-dry.XXXXXX); else
+        echo "gpu_check.sh: \$OUT is not set (the device tool sets it; or pass OUT=dir)" >&2; exit 2; fi
+fi
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+PY=${PYTHON:-python3}
+SITE=${EFFST_SITE:-/tmp/site}
+
+# Per-step time limits (seconds): they sum to 475 s, so the script ends within 8 minutes even
+# when every step hangs. The bench's own per-suite limits fit inside its step limit.
+T_INSTALL=45; T_VERSIONS=30; T_TESTS=130; T_BENCH=250; T_RENDER=20
+SUITE_TIMEOUTS="neuron=130,sparse=45,train-step=65"
+if [ "$DRY" = 1 ]; then
+    # CPU at CI size: same steps and flags; the limits only guard against hangs (a 2-core CPU
+    # is much slower than an H100 at the same suites)
+    DEVICE=cpu; QUICK=--quick; TEST_DEVICE=cpu; SITE="$OUT/site"
+    T_TESTS=300; T_BENCH=1500; T_RENDER=60; SUITE_TIMEOUTS="neuron=400,sparse=400,train-step=600"
+else
+    DEVICE=cuda; QUICK=; TEST_DEVICE=cuda
+fi
+
+SCRIPT="$REPO/bench/gpu_check.sh"
+export DRY SITE PY TEST_DEVICE SCRIPT OUT
+
+declare -a SUMMARY=()
+FAILED=0
+step() {  # step NAME LIMIT OK_CODES COMMAND...  (OK_CODES: space-separated exit codes that count as done)
+    local name=$1 limit=$2 ok_codes=$3; shift 3
+    local start=$SECONDS rc
+    echo; echo "=== [$name] (limit ${limit}s) $*"
+    if declare -F "$1" >/dev/null; then  # a function of this script: timeout needs a process
+        timeout --kill-after=10 "$limit" bash -c "$1"; rc=$?
+    else
+        timeout --kill-after=10 "$limit" "$@"; rc=$?
+    fi
+    local took=$((SECONDS - start)) verdict=FAILED
+    for c in $ok_codes; do [ "$rc" = "$c" ] && verdict=ok; done
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && verdict="TIMED OUT"
+    [ "$verdict" = ok ] || FAILED=1
+    SUMMARY+=("$name: $verdict (exit $rc, ${took}s)")
+    echo "=== [$name] $verdict (exit $rc, ${took}s)"
+}
+
+install_wheels() {
+    # The header's list must match fetch_wheels.sh's (the only place that downloads them).
+    local header fetch
+    header=$(sed -n 's/^# WHEEL //p' "$SCRIPT")
+    fetch=$(bash bench/fetch_wheels.sh --print)
+    if [ "$header" != "$fetch" ]; then
+        echo "gpu_check.sh: the WHEEL list in this header differs from bench/fetch_wheels.sh --print:"
+        diff <(echo "$header") <(echo "$fetch")
+        return 1
+    fi
+    local wheels=() w missing=0 name version
+    for w in $header; do
+        name=${w%%==*}; version=${w##*==}
+        if ! ls .whl/ 2>/dev/null | tr 'A-Z' 'a-z' | grep -q "^$(echo "${name//-/_}-${version}-" | tr 'A-Z' 'a-z')"; then
+            echo "missing wheel for $w in .whl/"; missing=1
+        fi
+    done
+    if [ "$DRY" = 1 ]; then
+        # The dry run checks the list and the split; it does not install CPython-3.12 wheels into CI.
+        echo "dry run: would install into $SITE:"
+        ls .whl/*.whl 2>/dev/null | grep -v 'spikingjelly-0\.0\.0\.0\.14' || echo "  (no .whl/ here: fine for a dry run)"
+        return 0
+    fi
+    [ "$missing" = 0 ] || echo "gpu_check.sh: some wheels are missing; the steps that need them will report it"
+    for w in .whl/*.whl; do
+        case "$(basename "$w")" in spikingjelly-0.0.0.0.14-*) ;; *) wheels+=("$w") ;; esac
+    done
+    [ "${#wheels[@]}" -gt 0 ] || { echo "no wheels in .whl/"; return 1; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"
+}
+
+print_versions() {
+    "$PY" - <<'EOF'
+import importlib, json, os, platform, sys
+print("python", sys.version.split()[0], sys.executable)
+print("PYTHONPATH", os.environ.get("PYTHONPATH"))
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.1f} GiB", "count", torch.cuda.device_count())
+from importlib import metadata
+for name, dist in (("triton", "triton"), ("numpy", "numpy"), ("cupy", None), ("spikingjelly", "spikingjelly"),
+                   ("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark"), ("ninja", "ninja"),
+                   ("loguru", "loguru"), ("yaml", "pyyaml"), ("sklearn", "scikit-learn"), ("effst", None)):
+    try:
+        mod = importlib.import_module(name)
+        version = getattr(mod, "__version__", None) or (metadata.version(dist) if dist else "?")
+        print(name, version, getattr(mod, "__file__", ""))
+    except Exception as exc:
+        print(name, "NOT IMPORTABLE:", type(exc).__name__, exc)
+EOF
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || echo "nvidia-smi: not available"
+    command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc: not on PATH"
+    echo "cpu: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p') x $(nproc)"
+}
+
+run_tests() {
+    local rc
+    EFFST_TEST_DEVICE=$TEST_DEVICE "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --benchmark-disable; rc=$?
+    # 5 = no test selected (no gpu-marked tests yet): not a failure of this script
+    return $rc
+}
+
+render_results() {  # quiet: the tables are already in the log when the bench finished
+    "$PY" -m effst.benchmarks --render "$OUT/bench.json" > /dev/null
+}
+
+export -f install_wheels print_versions run_tests render_results
+
+main() {
+    echo "gpu_check.sh $([ "$DRY" = 1 ] && echo '--dry-run ')on $(hostname) at $(date -u +%FT%TZ); repo $REPO; OUT=$OUT"
+    step install "$T_INSTALL" "0" install_wheels
+    if [ "$DRY" = 0 ]; then
+        export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    export PYTHONDONTWRITEBYTECODE=1
+    step versions "$T_VERSIONS" "0" print_versions
+    step gpu-tests "$T_TESTS" "0 5" run_tests
+    step bench "$T_BENCH" "0 3" "$PY" -m effst.benchmarks all --device "$DEVICE" $QUICK --out "$OUT" \
+        --suite-timeout "$SUITE_TIMEOUTS"
+    if [ -f "$OUT/bench.json" ]; then  # tables and plots again from the JSON: a killed bench still reports
+        step render "$T_RENDER" "0 3" render_results
+    else
+        SUMMARY+=("render: FAILED (no bench.json)"); FAILED=1
+    fi
+    echo; echo "=== summary"
+    printf '  %s\n' "${SUMMARY[@]}"
+    echo "files in $OUT:"; ls -la "$OUT"
+    local count; count=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+    [ "$count" -le 8 ] || echo "WARNING: $count files in \$OUT; only 8 come back"
+    [ "$DRY" = 1 ] && rm -rf "$SITE"
+    return $FAILED
+}
+
+main 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,324 @@
+"""Timing primitives shared by the harness and by the peer runners in ``bench/peers/``.
+
+This module imports nothing but the standard library and torch, and no other effst module, so
+a peer runner can load it by file path inside an isolated SpikingJelly environment and time its
+kernels exactly the way effst's are timed (same warm-up, same L2 handling, same inputs).
+
+Method (issue 6, item 3):
+- CUDA: one CUDA-event pair per call, the L2 cache flushed (a buffer larger than L2 written)
+  before every timed call and outside the events, inputs rotated when one set fits in L2;
+  median over the calls after warm-up. Peak memory is ``max_memory_allocated`` above the
+  allocation before the call.
+- CPU: ``time.perf_counter`` around each call, median of the calls after warm-up, inputs
+  rotated when one set fits in the last-level cache; the torch thread count is recorded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from typing import Any, Callable, Optional
+
+import torch
+
+# ---------------------------------------------------------------------------- device helpers
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued work on ``device`` ('cpu' is a no-op)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cache_bytes(device: str) -> int:
+    """Size of the cache that repeated calls could hit: the GPU's L2, or the CPU's largest cache."""
+    if device.startswith("cuda"):
+        return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20))
+    largest = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            text = open(os.path.join(base, entry, "size")).read().strip()
+            match = re.fullmatch(r"(\d+)([KMG]?)", text)
+            if match:
+                scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match.group(2)]
+                largest = max(largest, int(match.group(1)) * scale)
+    except OSError:
+        pass
+    return largest or (32 << 20)  # unknown: assume a generous 32 MiB so small inputs rotate
+
+
+def rotation_count(set_bytes: int, device: str, max_sets: int = 8) -> int:
+    """How many distinct input sets to rotate through so a call cannot run from a warm cache.
+
+    One set when a set is larger than the cache; otherwise enough sets that their total
+    exceeds twice the cache, capped at ``max_sets`` (on CUDA the L2 flush covers the rest).
+    """
+    cache = cache_bytes(device)
+    if set_bytes <= 0 or set_bytes > cache:
+        return 1
+    return max(2, min(max_sets, -(-2 * cache // set_bytes)))
+
+
+class _L2Flush:
+    """Overwrites a buffer twice the L2 size so the next kernel starts from a cold L2."""
+
+    def __init__(self, device: str):
+        self.buffer = None
+        if device.startswith("cuda"):
+            self.buffer = torch.empty(2 * cache_bytes(device), dtype=torch.int8, device=device)
+
+    def __call__(self) -> None:
+        if self.buffer is not None:
+            self.buffer.zero_()
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def time_function(
+    fn: Callable[[int], Any],
+    *,
+    device: str,
+    warmup: int = 3,
+    reps: int = 20,
+    min_reps: int = 5,
+    max_seconds: Optional[float] = None,
+) -> dict:
+    """Median wall time of ``fn(i)`` (``i`` = call index, for rotating inputs) after warm-up.
+
+    ``max_seconds`` caps the timed phase: the repetition count is lowered (never below
+    ``min_reps``) from the warm-up's per-call estimate. Returns milliseconds.
+    """
+    if warmup < 1 or reps < 1:
+        raise ValueError(f"warmup and reps: expected >= 1, got {warmup} and {reps}")
+    flush = _L2Flush(device)
+    synchronize(device)
+    start = time.perf_counter()
+    fn(0)
+    synchronize(device)
+    first_call_ms = (time.perf_counter() - start) * 1e3  # includes JIT compilation
+    start = time.perf_counter()
+    for i in range(1, warmup):
+        fn(i)
+    synchronize(device)
+    per_call = (time.perf_counter() - start) / max(warmup - 1, 1) if warmup > 1 else first_call_ms / 1e3
+    if max_seconds is not None and per_call > 0:
+        reps = max(min(min_reps, reps), min(reps, int(max_seconds / per_call)))
+    times_ms: list[float] = []
+    if device.startswith("cuda"):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            flush()
+            starts[i].record()
+            fn(warmup + i)
+            ends[i].record()
+        torch.cuda.synchronize()
+        times_ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        method = "CUDA events per call, L2 flushed before each call, median"
+    else:
+        for i in range(reps):
+            start = time.perf_counter()
+            fn(warmup + i)
+            times_ms.append((time.perf_counter() - start) * 1e3)
+        method = "time.perf_counter per call, median"
+    times_ms.sort()
+    quartiles = statistics.quantiles(times_ms, n=4) if len(times_ms) >= 2 else [times_ms[0]] * 3
+    return {
+        "ms": statistics.median(times_ms),
+        "ms_min": times_ms[0],
+        "ms_q1": quartiles[0],
+        "ms_q3": quartiles[2],
+        "reps": reps,
+        "warmup": warmup,
+        "first_call_ms": first_call_ms,
+        "method": method,
+    }
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: str) -> Optional[int]:
+    """Peak CUDA memory allocated by one call of ``fn`` above what was allocated before it."""
+    if not device.startswith("cuda"):
+        return None  # torch keeps no allocator statistics for the CPU
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - before)
+
+
+def copy_bandwidth(device: str, nbytes: int, *, warmup: int = 3, reps: int = 10) -> dict:
+    """Measured device copy bandwidth: ``dst.copy_(src)`` of ``nbytes`` fp32, read + write counted."""
+    numel = max(1, nbytes // 4)
+    generator = torch.Generator(device=device).manual_seed(1234)
+    src = torch.randn(numel, generator=generator, device=device)
+    dst = torch.empty_like(src)
+    timing = time_function(lambda i: dst.copy_(src), device=device, warmup=warmup, reps=reps)
+    moved = 2 * numel * 4
+    return {
+        "bytes_per_s": moved / (timing["ms"] * 1e-3),
+        "buffer_bytes": numel * 4,
+        "ms": timing["ms"],
+        "reps": timing["reps"],
+        "method": "dst.copy_(src), fp32, bytes counted = read + write = 2 x buffer; " + timing["method"],
+    }
+
+
+# ---------------------------------------------------------------------------- neuron inputs
+
+
+def neuron_inputs(
+    T: int, step_shape: tuple, dtype: torch.dtype, device: str, *, seed: int, sets: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fresh random ``(x, grad_spikes)`` pairs, identical for every implementation given a seed.
+
+    ``x ~ N(0.5, 1.5^2)`` makes a membrane with tau = 2 and V_th = 1 fire on roughly a fifth
+    of the steps (so the reset and surrogate paths both run); ``grad_spikes ~ N(0, 1)``.
+    Generated in fp32 and then cast, so every dtype sees the same values up to rounding.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    pairs = []
+    for _ in range(sets):
+        x = (torch.randn((T, *step_shape), generator=generator, device=device) * 1.5 + 0.5).to(dtype)
+        grad = torch.randn((T, *step_shape), generator=generator, device=device).to(dtype)
+        pairs.append((x.requires_grad_(True), grad))
+    return pairs
+
+
+def time_neuron(
+    module: torch.nn.Module,
+    reset: Callable[[], None],
+    *,
+    T: int,
+    step_shape: tuple,
+    dtype: torch.dtype,
+    device: str,
+    seed: int,
+    warmup: int,
+    reps: int,
+    max_seconds: Optional[float],
+) -> dict:
+    """Forward + backward of a multi-step neuron module on fresh random inputs.
+
+    One call = ``reset()``, ``spikes = module(x)``, then ``torch.autograd.grad`` of the spikes
+    with respect to x and every trainable parameter (no gradient accumulation, nothing to zero).
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    set_bytes = 2 * T * math.prod(step_shape) * itemsize
+    sets = rotation_count(set_bytes, device)
+    inputs = neuron_inputs(T, step_shape, dtype, device, seed=seed, sets=sets)
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def call(i: int):
+        x, grad = inputs[i % sets]
+        reset()
+        spikes = module(x)
+        return torch.autograd.grad(spikes, [x, *params], grad)
+
+    result = time_function(call, device=device, warmup=warmup, reps=reps, max_seconds=max_seconds)
+    result["input_sets"] = sets
+    result["peak_memory_bytes"] = peak_memory_bytes(lambda: call(0), device)
+    spikes = None
+    with torch.no_grad():
+        reset()
+        spikes = module(inputs[0][0])
+    result["firing_rate"] = float(spikes.float().mean())
+    reset()
+    return result
+
+
+# ---------------------------------------------------------------------------- environment facts
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    """Versions of everything that decides a timing (without importing the optional ones)."""
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "numpy": _version("numpy"),
+        "spikingjelly": _version("spikingjelly"),
+    }
+    for dist in ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy"):
+        if _version(dist):
+            found["cupy"] = f"{dist} {_version(dist)}"
+            break
+    else:
+        found["cupy"] = None
+    return found
+
+
+def machine(device: str) -> dict:
+    """Machine facts for the JSON: CPU model and cores, threads, and the GPU when used."""
+    info = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        # other processes compete for the cores and memory bus: say how busy the machine was
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu_name=props.name,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_memory_bytes=int(props.total_memory),
+            gpu_l2_bytes=int(getattr(props, "L2_cache_size", 0)),
+            gpu_count=torch.cuda.device_count(),
+            cuda_driver=_nvidia_smi("driver_version"),
+        )
+    else:
+        info["cpu_cache_bytes"] = cache_bytes("cpu")
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _nvidia_smi(field: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+if __name__ == "__main__":  # quick look: python effst/benchmarks/timing.py [cpu|cuda]
+    dev = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    print(json.dumps({"machine": machine(dev), "versions": versions(),
+                      "copy": copy_bandwidth(dev, 256 << 20)}, indent=2))

@@ -1,0 +1,306 @@
+"""The benchmark harness end to end on the CPU at tiny sizes (issue 6).
+
+Runs ``python -m effst.benchmarks`` in subprocesses (without TRITON_INTERPRET, as a user would):
+the neuron suite with a SpikingJelly 2.0.0 peer created from the registry into a fresh
+directory, a deliberately broken peer and an uninstallable one (reported, not dropped),
+external suite modules that are missing / raise / return rows, and ``bench/gpu_check.sh
+--dry-run``. Nothing here is timed; the figures are only checked for consistency.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from effst.benchmarks import main as bench_main
+from effst.benchmarks.peers import PEERS, STAMP
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The documented top-level JSON fields (effst/benchmarks/__init__.py docstring, bench/RESULTS.md).
+TOP_FIELDS = {"schema", "created", "command", "argv", "cwd", "device", "quick", "suites", "threads",
+              "triton_interpret", "machine", "versions", "copy_bandwidth", "peers", "train_step_peers", "rows",
+              "comparisons", "neuron", "suite_seconds", "plots", "errors"}
+MACHINE_FIELDS = {"hostname", "platform", "cpu_model", "cpu_count", "torch_threads", "device", "cpu_cache_bytes",
+                  "load_average_1m"}
+VERSION_FIELDS = {"effst", "python", "torch", "torch_cuda", "triton", "numpy", "spikingjelly", "cupy"}
+NEURON_ROW_FIELDS = {"suite", "status", "library", "peer", "neuron", "parameters", "kernel", "dtype", "T",
+                     "step_shape", "neurons_per_step", "ms", "ms_min", "ms_q1", "ms_q3", "reps", "warmup",
+                     "first_call_ms", "input_sets", "peak_memory_bytes", "firing_rate", "neuron_steps",
+                     "gneuron_steps_per_s", "bytes_per_neuron_step", "achieved_bytes_per_s",
+                     "copy_bandwidth_fraction"}
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # a benchmark runs real kernels, never the interpreter
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _bench(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-X", "faulthandler", "-m", "effst.benchmarks", *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def neuron_run(tmp_path_factory):
+    """One tiny neuron-suite run with both SpikingJelly peers installed into a fresh dir."""
+    out = tmp_path_factory.mktemp("bench-out")
+    peers_dir = tmp_path_factory.mktemp("peers")
+    done = _bench(["neuron", "--device", "cpu", "--quick", "--peers", "sj2,sj014", "--T", "2,3",
+                   "--shape", "3x5x7", "--effst-backends", "auto,reference", "--out", str(out),
+                   "--peers-dir", str(peers_dir),
+                   "--wheels", str(peers_dir / "no-wheels-here")])
+    assert done.returncode == 0, f"harness failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return out, peers_dir, json.loads((out / "bench.json").read_text()), done.stdout
+
+
+def test_json_has_documented_fields(neuron_run):
+    out, _, result, _ = neuron_run
+    assert TOP_FIELDS <= result.keys(), TOP_FIELDS - result.keys()
+    assert result["schema"] == "effst-bench/1"
+    assert result["device"] == "cpu" and result["quick"] is True and result["suites"] == ["neuron"]
+    assert "effst.benchmarks" in result["command"] and "--quick" in result["argv"]
+    assert MACHINE_FIELDS <= result["machine"].keys()
+    assert result["machine"]["torch_threads"] == result["threads"] >= 1
+    assert VERSION_FIELDS <= result["versions"].keys()
+    assert result["versions"]["torch"] and result["versions"]["python"]
+    copy = result["copy_bandwidth"]
+    assert copy["bytes_per_s"] > 1e8 and copy["buffer_bytes"] == 64 << 20
+    # sampled at the start and after the (one, --quick) neuron round; the best one is the limit
+    assert len(copy["samples_bytes_per_s"]) == 2 and copy["bytes_per_s"] == max(copy["samples_bytes_per_s"])
+    assert result["triton_interpret"] is False
+    assert result["errors"] == 0
+    assert "bytes per neuron-step" in result["neuron"]["bytes_formula"]
+    assert result["neuron"]["plan"]["Ts"] == [2, 3] and result["neuron"]["plan"]["step_shape"] == [3, 5, 7]
+
+
+def test_neuron_rows_effst_and_sj2_peer(neuron_run):
+    _, peers_dir, result, _ = neuron_run
+    rows = result["rows"]
+    effst_rows = [r for r in rows if r["library"] == "effst" and r["backend_requested"] == "auto"]
+    second_backend = [r for r in rows if r["library"] == "effst" and r["backend_requested"] == "reference"]
+    peer_rows = [r for r in rows if r["library"] == "spikingjelly 2.0.0"]
+    old_rows = [r for r in rows if r["library"] == "spikingjelly 0.0.0.0.14"]
+    # every (neuron, T) pair is present: 3 effst neurons and 2 peer neurons at T = 2, 3;
+    # the second effst backend times SLIF alone
+    assert sorted((r["neuron"], r["T"]) for r in effst_rows) == sorted(
+        (n, t) for n in ("SLIF", "PLIF", "LIF") for t in (2, 3))
+    assert sorted((r["neuron"], r["T"], r["kernel"]) for r in second_backend) == [
+        ("SLIF", 2, "reference"), ("SLIF", 3, "reference")]
+    assert sorted((r["neuron"], r["T"], r["kernel"]) for r in old_rows) == sorted(
+        (n, t, "torch") for n in ("PLIF", "LIF") for t in (2, 3))
+    assert len(rows) == len(effst_rows) + len(second_backend) + len(peer_rows) + len(old_rows)
+    assert sorted((r["neuron"], r["T"]) for r in peer_rows) == sorted(
+        (n, t) for n in ("PLIF", "LIF") for t in (2, 3))
+    for row in effst_rows + second_backend + peer_rows + old_rows:
+        assert row["status"] == "ok", row
+        assert NEURON_ROW_FIELDS <= row.keys(), NEURON_ROW_FIELDS - row.keys()
+        assert row["neurons_per_step"] == 105 and row["dtype"] == "float32"
+        steps = row["T"] * 105
+        assert row["neuron_steps"] == steps
+        assert row["ms_min"] <= row["ms"] and row["reps"] >= 1
+        assert row["gneuron_steps_per_s"] == pytest.approx(steps / (row["ms"] * 1e-3) / 1e9)
+        assert row["bytes_per_neuron_step"] == 20  # 5 x fp32
+        assert row["achieved_bytes_per_s"] == pytest.approx(20 * steps / (row["ms"] * 1e-3))
+        assert row["copy_bandwidth_fraction"] == pytest.approx(
+            row["achieved_bytes_per_s"] / result["copy_bandwidth"]["bytes_per_s"])
+        assert 0.0 < row["firing_rate"] < 1.0  # the random inputs make neurons fire, not all the time
+        assert row["input_sets"] >= 2  # tiny inputs fit in cache, so they rotate
+    # the SLIF row is the per-channel learnable one, on the CPU backend effst picks
+    slif = next(r for r in effst_rows if r["neuron"] == "SLIF")
+    assert slif["backend_requested"] == "auto" and slif["kernel"] in ("native", "reference")
+    # each peer ran isolated: its own spikingjelly from the fresh peers directory
+    for name, version in (("sj2", "2.0.0"), ("sj014", "0.0.0.0.14")):
+        info = result["peers"][name]
+        assert info["status"] == "ok" and info["location"] == str(peers_dir / name)
+        assert info["source"] in ("registry", "wheels")
+        (run,) = info["runs"]
+        assert run["ok"] and run["spikingjelly_file"].startswith(str(peers_dir / name))
+        assert run["versions"]["spikingjelly"] == version
+    # LIF and PLIF have the same math in all three and saw the same inputs: equal firing rates
+    for T in (2, 3):
+        for kind in ("LIF", "PLIF"):
+            ours = next(r for r in effst_rows if r["neuron"] == kind and r["T"] == T)
+            for theirs in (peer_rows, old_rows):
+                same = next(r for r in theirs if r["neuron"] == kind and r["T"] == T)
+                assert ours["firing_rate"] == same["firing_rate"], (kind, T, same["library"])
+    for row in second_backend:  # reference and the CPU backend fire identically too
+        same = next(r for r in effst_rows if r["neuron"] == "SLIF" and r["T"] == row["T"])
+        assert row["firing_rate"] == same["firing_rate"]
+
+
+def test_outputs_table_markdown_plot(neuron_run):
+    out, _, result, stdout = neuron_run
+    assert "G n-steps/s" in stdout and "of copy BW" in stdout and "effst vs peers" in stdout
+    md = (out / "bench.md").read_text()
+    assert "| library | neuron | kernel |" in md and "spikingjelly 2.0.0" in md
+    assert result["plots"] == ["neuron_time_vs_T.png"]
+    assert (out / "neuron_time_vs_T.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    comparisons = result["comparisons"]
+    assert {(c["effst"].split()[0], c["T"]) for c in comparisons if "2.0.0 PLIF" in c["peer"]} >= {
+        ("SLIF", 2), ("SLIF", 3), ("PLIF", 2), ("PLIF", 3)}
+    for c in comparisons:
+        assert c["speedup"] == pytest.approx(c["peer_ms"] / c["effst_ms"])
+        assert c["target"] is None  # targets are the H100's, not checked on the CPU
+    # --render rebuilds the tables and plots from the JSON alone
+    (out / "bench.md").unlink()
+    (out / "neuron_time_vs_T.png").unlink()
+    done = _bench(["--render", str(out / "bench.json")], timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "bench.md").read_text() == md
+    assert (out / "neuron_time_vs_T.png").is_file()
+
+
+def test_broken_and_uninstallable_peers_are_reported(tmp_path):
+    """A peer whose spikingjelly fails to import, and one pip cannot install: error rows, rc 3."""
+    peers_dir = tmp_path / "peers"
+    broken = peers_dir / "sj014"
+    (broken / "spikingjelly").mkdir(parents=True)
+    (broken / "spikingjelly" / "__init__.py").write_text(
+        "raise ImportError('deliberately broken peer for the harness test')\n")
+    # a stamp with the requirements ensure_env would install, so it is re-used as is
+    spec = PEERS["sj014"]
+    (broken / STAMP).write_text(json.dumps({"requirements": [spec.requirement]}))
+    out = tmp_path / "out"
+    env = _env()
+    env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path / "nowhere"))  # sj2 cannot be installed
+    done = subprocess.run(
+        [sys.executable, "-m", "effst.benchmarks", "neuron", "--device", "cpu", "--quick", "--skip-effst",
+         "--peers", "sj014,sj2", "--peers-dir", str(peers_dir), "--wheels", str(tmp_path / "none"),
+         "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    rows = result["rows"]
+    sj014_rows = [r for r in rows if r["peer"] == "sj014"]
+    sj2_rows = [r for r in rows if r["peer"] == "sj2"]
+    # every planned case of each failed peer is a row: 2 neurons x 2 T values (quick plan)
+    assert len(sj014_rows) == 4 and len(sj2_rows) == 4
+    for row in sj014_rows:
+        assert row["status"] == "error"
+        assert "deliberately broken peer" in row["error"] and "cannot import spikingjelly" in row["error"]
+    for row in sj2_rows:
+        assert row["status"] == "error" and "peer environment could not be created" in row["error"]
+        assert "spikingjelly==2.0.0" in row["error"]
+    assert result["peers"]["sj2"]["status"] == "error" and result["peers"]["sj014"]["runs"][0]["ok"] is False
+    assert not (peers_dir / "sj2").exists()  # a failed install leaves no half environment
+    assert result["errors"] == 8
+    assert "ERROR" in done.stdout and "deliberately broken" in (out / "bench.md").read_text()
+
+
+def test_external_suites_missing_raising_and_returning_rows(tmp_path):
+    bench_dir = tmp_path / "bench"
+    bench_dir.mkdir()
+    (bench_dir / "bench_sparse.py").write_text(
+        "def run(device, quick):\n    raise RuntimeError('sparse suite exploded on purpose')\n")
+    # a train-step suite: its own rows, and time_train_step, which the harness calls inside the
+    # SpikingJelly 0.0.0.0.14 peer environment (the runner imports this file by path)
+    (bench_dir / "bench_train_step.py").write_text(
+        "def run(device, quick):\n"
+        "    assert device == 'cpu' and quick is True\n"
+        "    return [{'impl': 'effst', 'library': 'effst', 'ms': 2.5},\n"
+        "            {'impl': 'sj', 'library': 'spikingjelly 2.0.0', 'neuron': 'spikingjelly', 'ms': 3.5,\n"
+        "             'batch': 3, 'T': 2, 'dtype': 'fp32', 'reps': 4, 'warmup': 2, 'model': 'tiny'},\n"
+        "            {'impl': 'broken', 'status': 'error', 'error': 'x'}]\n"
+        "def time_train_step(**kwargs):\n"
+        "    from importlib import metadata\n"
+        "    return {'ms': 7.0, 'library': 'spikingjelly ' + metadata.version('spikingjelly'), 'kwargs': kwargs}\n")
+    out = tmp_path / "out"
+    peers_dir = tmp_path / "peers"
+    done = _bench(["sparse", "train-step", "native-cpu", "--device", "cpu", "--quick", "--bench-dir",
+                   str(bench_dir), "--out", str(out), "--peers", "sj2,sj014", "--peers-dir", str(peers_dir)],
+                  timeout=300)
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    by_suite = {}
+    for row in result["rows"]:
+        by_suite.setdefault(row["suite"], []).append(row)
+    assert result["suites"] == ["sparse", "train-step", "native-cpu"]
+    (sparse,) = by_suite["sparse"]
+    assert sparse["status"] == "error" and "sparse suite exploded on purpose" in sparse["error"]
+    assert "RuntimeError" in sparse["traceback"]
+    train = by_suite["train-step"]
+    # 2.0.0 was timed by the suite itself, so only 0.0.0.0.14 runs as a peer, with the suite's
+    # configuration (CI size: one step) and its torch backend on the CPU
+    assert [(r.get("impl"), r["status"]) for r in train] == [
+        ("effst", "ok"), ("sj", "ok"), ("broken", "error"), (None, "ok")]
+    peer = train[3]
+    assert peer["library"] == "spikingjelly 0.0.0.0.14" and peer["peer"] == "sj014" and peer["ms"] == 7.0
+    assert peer["kwargs"] == {"batch": 3, "T": 2, "dtype": "fp32", "reps": 1, "warmup": 1, "model": "tiny",
+                              "neuron": "spikingjelly", "device": "cpu", "sj_backend": "torch"}
+    assert train[0]["speedup_vs_sj014"] == pytest.approx(7.0 / 2.5)
+    info = result["train_step_peers"]
+    assert list(info) == ["sj014"] and info["sj014"]["status"] == "ok"
+    assert info["sj014"]["spikingjelly_file"].startswith(str(peers_dir / "sj014"))
+    (native,) = by_suite["native-cpu"]
+    assert native["status"] == "error" and "bench_native_cpu.py" in native["error"] and "not found" in native["error"]
+    assert result["errors"] == 3 and "train_step.png" in result["plots"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda"], "no CUDA device"),
+    (["--peers", "sj3"], "unknown peer 'sj3'"),
+    (["--suite-timeout", "neuron=-1"], "--suite-timeout"),
+    (["--T", "0,4"], "--T"),
+    (["--dtypes", "int8"], "--dtypes"),
+    (["--threads", "0"], "--threads"),
+    (["--effst-backends", "cupy"], "--effst-backends"),
+    (["--repeat", "0"], "--repeat"),
+])
+def test_bad_arguments_are_clear_errors(args, message, capsys, monkeypatch):
+    import torch
+
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    monkeypatch.chdir(REPO)
+    assert bench_main(["neuron", "--device", "cpu", *args] if args[0] != "--device" else ["neuron", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_suite_is_an_argument_error(capsys):
+    assert bench_main(["bogus"]) == 2
+    assert "SUITE: expected some of neuron, sparse, train-step, native-cpu, all; got bogus" in capsys.readouterr().err
+
+
+def test_merge_rounds_takes_the_median_of_round_medians_and_keeps_failures():
+    from effst.benchmarks.neuron import merge_rounds
+
+    def row(case, ms, status="ok"):
+        return {"id": case, "status": status, "ms": ms, "ms_min": ms - 1, "reps": 5,
+                **({"error": f"failed at {ms}"} if status == "error" else {})}
+
+    rounds = [[row("a", 10.0), row("b", 3.0)], [row("a", 30.0), row("b", 4.0, "error")],
+              [row("a", 12.0), row("b", 5.0)]]
+    a, b = merge_rounds(rounds)
+    assert a["ms"] == 12.0 and a["round_ms"] == [10.0, 30.0, 12.0] and a["ms_min"] == 9.0
+    assert a["rounds"] == 3 and a["reps"] == 15 and a["ms_q1"] <= 12.0 <= a["ms_q3"]
+    assert b["status"] == "error" and b["error"] == "failed at 4.0" and (b["rounds"], b["rounds_ok"]) == (3, 2)
+    assert merge_rounds([rounds[0]]) == rounds[0]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """bench/gpu_check.sh --dry-run: the GPU session's script, same steps, CPU and CI sizes."""
+    env = _env()
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable)
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert done.returncode == 0, log[-6000:]
+    for step in ("install: ok", "versions: ok", "gpu-tests: ok", "bench: ok", "render: ok"):
+        assert step in log, log[-4000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["suites"] == ["neuron", "sparse", "train-step", "native-cpu"]
+    suites_seen = {r["suite"] for r in result["rows"]}
+    assert suites_seen == set(result["suites"])
+    # a suite that could not even run (missing module, exception) is a defect of the tree
+    suite_failures = [r for r in result["rows"] if r["status"] == "error" and "traceback" in r
+                      or r["status"] == "error" and "not found" in str(r.get("error"))]
+    assert not suite_failures, suite_failures
+    assert all(r["status"] == "ok" for r in result["rows"] if r.get("library") == "effst")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8 and "bench.md" in files and "neuron_time_vs_T.png" in files
