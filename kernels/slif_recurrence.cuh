@@ -16,8 +16,12 @@
 #if defined(__CUDACC__)
 #define EFFST_HD __host__ __device__ __forceinline__
 #define EFFST_UNROLL _Pragma("unroll")
-#else
+#elif defined(__GNUC__)
+// Always inlined into the vectorised CPU loops (an out-of-line call would stop vectorisation).
 #define EFFST_HD inline __attribute__((always_inline))
+#define EFFST_UNROLL
+#else
+#define EFFST_HD inline
 #define EFFST_UNROLL
 #endif
 
@@ -104,9 +108,10 @@ template <typename S>
 EFFST_HD S forward_step(S x, S v_prev, S k, S theta, S v_reset, bool hard_reset, bool decay_input,
                         S& spike) {
   const S h = charge(v_prev, x, k, v_reset, decay_input);
-  spike = h >= theta ? S(1) : S(0);
+  const bool fired = h >= theta;
+  spike = fired ? S(1) : S(0);
   // Hard: (1 - S) H + S V_r, written as a select so it is exact and vectorises as a blend.
-  return hard_reset ? (h >= theta ? v_reset : h) : h - spike * theta;
+  return hard_reset ? (fired ? v_reset : h) : h - spike * theta;
 }
 
 // One backward step (reverse time), for a step whose membrane is not itself an output (g_V = 0).
@@ -231,7 +236,7 @@ EFFST_HD void backward_neuron(int64_t n, int64_t T, int64_t N, const GIO* grad_s
   }
   grad_w_per_neuron[n] = grad_k * k * (S(1) - k);  // chain rule through k = sigmoid(w)
   grad_theta_per_neuron[n] = grad_theta;
-  grad_v_init[n] = carry;
+  if (grad_v_init != nullptr) grad_v_init[n] = carry;
 }
 
 // Entry of a parameter vector used by neuron n (effst/ops/layout.py: (n // inner) % channels).

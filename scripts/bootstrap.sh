@@ -20,3 +20,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         || { echo "bootstrap: the environment did not come up (see the pip output above)" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi
+# Build (or find up to date in its cache) the native sLIF extension now rather than inside the
+# first test or training step; a failure leaves backend='auto' on the reference, with a warning.
+.venv/bin/python -m effst.ops.slif_native >/dev/null \
+    || echo "bootstrap: the native sLIF extension did not build; backend='auto' will use the reference" >&2
