@@ -27,6 +27,7 @@ contract of :mod:`effst.ops.slif` on the ``[T, N]`` view (:mod:`effst.ops.layout
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -75,6 +76,12 @@ def cache_dir(with_cuda: Optional[bool] = None) -> Path:
         with_cuda = _want_cuda()
     cuda = f"cu{torch.version.cuda}" if with_cuda else "cpu"
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{cuda}"
+    config = _build_config()
+    if config is not None and config.sources_present():
+        # One folder per source version too: two checkouts (or a checkout and its fresh clone)
+        # must never rebuild the library in place while another process has it loaded.
+        where = hashlib.sha1(f"{config.ROOT}:{config.source_hash()}".encode()).hexdigest()[:12]
+        tag += f"-src{where}"
     return root / tag.replace("+", "_")
 
 
