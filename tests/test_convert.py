@@ -11,6 +11,7 @@ from spikingjelly.activation_based import functional, layer, neuron, surrogate
 from effst.convert import convert, is_convertible
 from effst.models import build_model, build_model_from_spec, record_firing_rates
 from effst.nn import LIF, PLIF, SLIF
+from model_helpers import attention_rate, lively
 
 
 def small(**kwargs):
@@ -21,30 +22,6 @@ def small(**kwargs):
 def spiking_input(batch=4, dtype=torch.float32):
     torch.manual_seed(0)
     return torch.randn(batch, 1, 8, 8, dtype=dtype) * 3
-
-
-def lively(model, x):
-    """Make every neuron layer fire on ``x``, attention included: a fresh network is nearly
-    silent (tests on it would compare zeros), so shift the q/k/v BatchNorms up and take the
-    running statistics from ``x``. Returns the model in eval mode."""
-    with torch.no_grad():
-        for block in model.blocks:
-            for n in "qkv":
-                getattr(block.attn, f"{n}_bn").bias.fill_(1.5)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None  # running stats = the statistics of x
-        model.train()
-        model(x)
-    return model.eval()
-
-
-def attention_rate(model, x):
-    """Firing rate of the first attention neuron on ``x``."""
-    with torch.no_grad(), record_firing_rates(model) as recorder:
-        model(x)
-    return recorder.firing_rates()["blocks.0.attn.attn_lif"]
 
 
 @pytest.mark.parametrize("source", ["lif", "spikingjelly"])

@@ -7,41 +7,13 @@ from torch.nn.utils import prune as torch_prune
 
 from effst.models import build_model, build_model_from_spec, count_parameters, record_firing_rates
 from effst.prune.dsp import dsp, dsp_random, dsp_widths
+from model_helpers import attention_rate, lively, small
 
 # Paper Table III: Spikformer-4-384-1536 (12 heads) on CIFAR10 and 2-256-1024 (16 heads) on
 # CIFAR10-DVS at p = 0.2, 0.4, 0.6, 0.8, 0.9.
 SPARSITIES = (0.2, 0.4, 0.6, 0.8, 0.9)
 CIFAR_SHAPES = ((312, 1228), (240, 921), (156, 614), (84, 307), (48, 153))
 DVS_SHAPES = ((192, 819), (144, 614), (96, 409), (48, 204), (16, 102))
-
-
-def small(name="spikformer-tiny", **kwargs):
-    kwargs.setdefault("backend", "reference")
-    return build_model(name, **kwargs)
-
-
-def lively(model, x):
-    """Make every neuron layer fire on ``x``, attention included: a fresh network is nearly
-    silent (tests on it would compare zeros), so shift the q/k/v BatchNorms up and take the
-    running statistics from ``x``. Returns the model in eval mode."""
-    with torch.no_grad():
-        for block in model.blocks:
-            for n in "qkv":
-                getattr(block.attn, f"{n}_bn").bias.fill_(1.5)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None  # running stats = the statistics of x
-        model.train()
-        model(x)
-    return model.eval()
-
-
-def attention_rate(model, x):
-    """Firing rate of the first attention neuron on ``x``."""
-    with torch.no_grad(), record_firing_rates(model) as recorder:
-        model(x)
-    return recorder.firing_rates()["blocks.0.attn.attn_lif"]
 
 
 @pytest.mark.parametrize("p, shape", list(zip(SPARSITIES, CIFAR_SHAPES)))
