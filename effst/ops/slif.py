@@ -392,6 +392,7 @@ class SLIFFunction(torch.autograd.Function):
         ctx.layouts = (w_layout, theta_layout)
         ctx.backend = backend
         ctx.mark_non_differentiable(saved)
+        ctx.set_materialize_grads(False)  # an unused final state needs no zero-filled gradient
         return spikes, v_final
 
     @staticmethod
