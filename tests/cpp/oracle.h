@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace oracle {
@@ -165,5 +166,20 @@ struct Checker {
     return failures == 0 ? 0 : 1;
   }
 };
+
+// Calls f with the surrogate id as a compile-time constant (the kernels template on it).
+template <typename F>
+void with_surrogate(int id, F&& f) {
+  switch (id) {
+    case 0: f(std::integral_constant<int, 0>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    default: f(std::integral_constant<int, 7>{}); break;
+  }
+}
 
 }  // namespace oracle

@@ -15,6 +15,7 @@ namespace {
 using effst::slif_cuda::IoDtype;
 using oracle::Checker;
 using oracle::Config;
+using oracle::with_surrogate;
 
 #define CUDA_OK(expr)                                                                        \
   do {                                                                                       \
@@ -41,20 +42,6 @@ struct DeviceBuffer {
     return host;
   }
 };
-
-template <typename F>
-void with_surrogate(int id, F&& f) {
-  switch (id) {
-    case 0: f(std::integral_constant<int, 0>{}); break;
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    default: f(std::integral_constant<int, 7>{}); break;
-  }
-}
 
 template <typename IO> IoDtype io_of();
 template <> IoDtype io_of<float>() { return IoDtype::kFloat32; }

@@ -22,6 +22,7 @@ namespace {
 
 using oracle::Checker;
 using oracle::Config;
+using oracle::with_surrogate;
 using Opt = std::optional<at::Tensor>;
 
 using ForwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
@@ -130,20 +131,6 @@ void test_float64_against_oracle(Checker& check, const char* isa) {
         }
       }
     }
-  }
-}
-
-template <typename F>
-void with_surrogate(int id, F&& f) {
-  switch (id) {
-    case 0: f(std::integral_constant<int, 0>{}); break;
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    default: f(std::integral_constant<int, 7>{}); break;
   }
 }
 

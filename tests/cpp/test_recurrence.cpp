@@ -13,20 +13,7 @@ namespace {
 
 using oracle::Checker;
 using oracle::Config;
-
-template <typename F>
-void with_surrogate(int id, F&& f) {
-  switch (id) {
-    case 0: f(std::integral_constant<int, 0>{}); break;
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    default: f(std::integral_constant<int, 7>{}); break;
-  }
-}
+using oracle::with_surrogate;
 
 void test_surrogates(Checker& check) {
   const double alphas[] = {0.5, 1.0, 2.0, 2.5, 4.0};
