@@ -1,12 +1,18 @@
 """Swap the LIF-type neurons of any ``nn.Module`` for effst's sLIF (or LIF/PLIF/STL), carrying
 tau, V_th, reset, surrogate and the rest over so the outputs are unchanged until training
-moves them (SPEC section 5: "replace LIF with sLIF, tau and V_th initialised from the LIF").
+moves them (docs/pruning.md, the paper's pipeline: "replace LIF with sLIF, tau and V_th
+initialised from the LIF").
 
 Converted: effst's own ``LIF``/``PLIF``/``SLIF``, and SpikingJelly's ``LIFNode`` and
 ``ParametricLIFNode`` (2.0.0 ``activation_based``; 0.0.0.0.x ``clock_driven`` and
 ``activation_based``) and 0.0.0.0.x's ``MultiStepLIFNode``/``MultiStepParametricLIFNode``.
 A SpikingJelly node's class must be exactly one of those: a subclass may change the dynamics,
-so it is left in place with a warning.
+so it is left in place with a warning, as is any other kind of SpikingJelly neuron.
+
+Refused with an error naming the module (and the model left unchanged): SpikingJelly's
+``IFNode`` (no leak, tau = infinity, which the sigmoid parametrisation 1/tau = sigmoid(w)
+cannot express) and any node with ``store_v_seq=True`` (effst's neurons keep only the final
+membrane state, so its ``v_seq`` would be lost).
 
 Per-channel parameters (``channels=True``, for ``slif`` and ``stl``) need the channel count
 and the channel dim of the input the neuron sees, before any forward pass. They come from,
@@ -22,6 +28,8 @@ thresholds that differ, converted to ``lif``) is an error, never a silent averag
 """
 from __future__ import annotations
 
+import sys
+import types
 import warnings
 from typing import Optional
 
@@ -29,6 +37,12 @@ import torch
 from torch import nn
 
 from effst.nn import LIF, PLIF, SLIF
+from effst.nn.neuron_kinds import (
+    CONVERSION_HOOK,
+    is_spiking_neuron,
+    is_spikingjelly_lif_subclass,
+    spikingjelly_kind,
+)
 from effst.ops.parametrization import tau_to_w
 from effst.ops.slif import BACKENDS
 
@@ -53,41 +67,26 @@ _SJ_SURROGATES: dict[str, tuple[str, bool]] = {
     "Erf": ("erf", False),
     "Rect": ("rect", True),
 }
-_SJ_LIF = ("LIFNode", "MultiStepLIFNode")
-_SJ_PLIF = ("ParametricLIFNode", "MultiStepParametricLIFNode")
-
-
-def _from_spikingjelly(cls: type) -> bool:
-    return cls.__module__.split(".")[0] == "spikingjelly"
-
-
-def _sj_kind(module: nn.Module) -> Optional[str]:
-    """'lif' / 'plif' for a SpikingJelly LIF-type node of exactly a known class, else None."""
-    cls = type(module)
-    if not _from_spikingjelly(cls):
-        return None
-    if cls.__name__ in _SJ_LIF:
-        return "lif"
-    if cls.__name__ in _SJ_PLIF:
-        return "plif"
-    return None
-
-
-def _sj_lif_subclass(module: nn.Module) -> bool:
-    return _sj_kind(module) is None and any(
-        _from_spikingjelly(c) and c.__name__ in _SJ_LIF + _SJ_PLIF for c in type(module).__mro__[1:])
-
-
-def is_spiking_neuron(module: nn.Module) -> bool:
-    """True for effst neurons and any SpikingJelly neuron (a ``BaseNode``)."""
-    if isinstance(module, SLIF):
-        return True
-    return any(_from_spikingjelly(c) and c.__name__ == "BaseNode" for c in type(module).__mro__)
 
 
 def is_convertible(module: nn.Module) -> bool:
     """True for the neurons :func:`convert` replaces."""
-    return isinstance(module, SLIF) or _sj_kind(module) is not None
+    return isinstance(module, SLIF) or spikingjelly_kind(module) in ("lif", "plif")
+
+
+def _refuse_if_inexpressible(name: str, module: nn.Module) -> None:
+    """Raise for a SpikingJelly neuron whose behaviour an effst neuron cannot reproduce."""
+    cls = type(module).__name__
+    if spikingjelly_kind(module) == "if":
+        raise ValueError(
+            f"{name} ({cls}): an integrate-and-fire neuron has no leak (tau = infinity), and effst's "
+            "neurons parametrise the decay as 1/tau = sigmoid(w) with a finite tau > 1 (docs/slif.md), "
+            "so no effst neuron reproduces it; replace it with a LIFNode first if a leak is wanted")
+    if getattr(module, "store_v_seq", False):
+        raise ValueError(
+            f"{name} ({cls}): store_v_seq=True keeps the membrane potential of every step in "
+            ".v_seq, which effst's neurons do not record (they keep the final state only); set "
+            "store_v_seq=False on it before converting if nothing reads v_seq")
 
 
 # --------------------------------------------------------------------------- reading a source
@@ -107,7 +106,7 @@ class _Source:
             self.channels = module.channels
             self.channel_dim = module.channel_dim
             return
-        kind = _sj_kind(module)
+        kind = spikingjelly_kind(module)
         reference = next((t for t in list(module.parameters()) + list(module.buffers())
                           if t.is_floating_point()), None)
         # float64 so that nothing is rounded before the target's dtype is known.
@@ -231,6 +230,8 @@ def convert(model: nn.Module, neuron: str = "slif", channels: bool = True, *,
     Args:
         model: any module; its effst ``LIF``/``PLIF``/``SLIF`` and SpikingJelly
             ``LIFNode``/``ParametricLIFNode``/``MultiStepLIFNode`` neurons are replaced.
+            ``IFNode`` or ``store_v_seq=True`` anywhere is a ``ValueError`` naming the module
+            (nothing is replaced then).
         neuron: ``'slif'`` (learned tau and V_th), ``'stl'`` (learned V_th), ``'plif'``
             (learned tau, per layer) or ``'lif'`` (fixed, per layer).
         channels: per-channel tau/V_th for ``slif``/``stl`` where the channel count is known
@@ -252,26 +253,36 @@ def convert(model: nn.Module, neuron: str = "slif", channels: bool = True, *,
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected None or one of {list(BACKENDS)}, got {backend!r}")
 
+    _refuse_if_inexpressible("model", model)
     if is_convertible(model):
         return _convert_one("model", model, None, neuron, channels, backend, model)
 
+    # Build every replacement first and assign them after, so that a neuron refused half-way
+    # through leaves the model as it was.
     replaced: dict[int, nn.Module] = {}
+    assignments: list[tuple[nn.Module, str, int]] = []
     for parent_name, parent in list(model.named_modules()):
         children = list(parent._modules.items())
         for index, (child_name, child) in enumerate(children):
             if child is None:
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if _sj_lif_subclass(child):
-                warnings.warn(f"convert: {name} ({type(child).__name__}) subclasses a SpikingJelly LIF node "
-                              "and may change its dynamics; left unconverted", stacklevel=2)
-                continue
-            if not is_convertible(child):
-                continue
             if id(child) not in replaced:
+                if is_spikingjelly_lif_subclass(child):
+                    warnings.warn(f"convert: {name} ({type(child).__name__}) subclasses a SpikingJelly neuron "
+                                  "and may change its dynamics; left unconverted", stacklevel=2)
+                    continue
+                _refuse_if_inexpressible(name, child)
+                if not is_convertible(child):
+                    if is_spiking_neuron(child):
+                        warnings.warn(f"convert: {name} ({type(child).__name__}) is not a LIF-type neuron; "
+                                      "left unconverted", stacklevel=2)
+                    continue
                 previous = children[index - 1][1] if index > 0 and isinstance(parent, nn.Sequential) else None
                 replaced[id(child)] = _convert_one(name, child, previous, neuron, channels, backend, model)
-            setattr(parent, child_name, replaced[id(child)])
+            assignments.append((parent, child_name, id(child)))
+    for parent, child_name, key in assignments:
+        setattr(parent, child_name, replaced[key])
 
     # SpikingJelly caches the resettable modules of a net; the old neurons are gone now.
     try:
@@ -283,13 +294,11 @@ def convert(model: nn.Module, neuron: str = "slif", channels: bool = True, *,
     except ImportError:
         pass
 
-    from effst.models.spikformer import Spikformer  # a late import: models import this module
-
+    # Containers that record their neuron kind (a Spikformer, for its spec()) are told.
     for inner in model.modules():
-        if isinstance(inner, Spikformer):
-            inner.neuron, inner.channels = neuron, channels
-            if backend is not None:
-                inner.backend = backend
+        hook = getattr(inner, CONVERSION_HOOK, None)
+        if callable(hook):
+            hook(neuron, channels, backend)
     return model
 
 
@@ -313,5 +322,17 @@ def _convert_one(name: str, module: nn.Module, previous: Optional[nn.Module], ne
     node.train(module.training)
     return node
 
+
+class _CallableModule(types.ModuleType):
+    """``effst.convert`` names both this module and its function: importing the module (as
+    ``from effst.convert import ...`` does) rebinds the package attribute to the module, so the
+    module forwards calls to :func:`convert` and ``effst.convert(model)`` works either way."""
+
+    def __call__(self, model: nn.Module, neuron: str = "slif", channels: bool = True, *,
+                 backend: Optional[str] = None) -> nn.Module:
+        return convert(model, neuron, channels, backend=backend)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["convert", "is_spiking_neuron", "is_convertible", "TARGETS"]

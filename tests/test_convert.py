@@ -9,14 +9,9 @@ from torch import nn
 from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
 from effst.convert import convert, is_convertible
-from effst.models import build_model, build_model_from_spec, record_firing_rates
+from effst.models import build_model_from_spec
 from effst.nn import LIF, PLIF, SLIF
-from model_helpers import attention_rate, lively
-
-
-def small(**kwargs):
-    kwargs.setdefault("backend", "reference")
-    return build_model("spikformer-tiny", **kwargs)
+from model_helpers import attention_rate, lively, small
 
 
 def spiking_input(batch=4, dtype=torch.float32):
@@ -240,3 +235,73 @@ def test_spikingjelly_0_0_0_0_x_multistep_node_is_recognised():
     node = net[1]
     assert isinstance(node, SLIF) and node.step_mode == "m" and node.channels == 6
     assert torch.all(node.v_threshold == 0.5) and node.surrogate == "sigmoid" and node.detach_reset
+
+
+@pytest.mark.parametrize("make", [
+    lambda: neuron.IFNode(step_mode="m"),
+    lambda: neuron.IFNode(v_reset=None, step_mode="s"),
+], ids=["hard-reset", "soft-reset"])
+def test_integrate_and_fire_is_refused_by_path_and_nothing_changes(make):
+    """IF has no leak (tau = infinity): 1/tau = sigmoid(w) cannot express it, so it is refused
+    with the module's path, and the LIF before it is not converted either (no half-done model)."""
+    first = neuron.LIFNode(step_mode="m")
+    net = nn.Sequential(layer.Linear(3, 4), first, nn.Sequential(layer.Linear(4, 4), make()))
+    with pytest.raises(ValueError, match=r"^2\.1 \(IFNode\): an integrate-and-fire neuron has no leak"):
+        convert(net, "slif")
+    assert net[1] is first and type(net[2][1]) is neuron.IFNode
+    with pytest.raises(ValueError, match=r"^model \(IFNode\)"):
+        convert(make(), "lif")
+
+
+def test_spikingjelly_0_0_0_0_x_multistep_if_node_is_refused():
+    class MultiStepIFNode(nn.Module):
+        pass
+
+    MultiStepIFNode.__module__ = "spikingjelly.clock_driven.neuron"
+    net = nn.Sequential(nn.Linear(4, 6), MultiStepIFNode())
+    with pytest.raises(ValueError, match=r"^1 \(MultiStepIFNode\).*no leak"):
+        convert(net, "slif")
+
+
+@pytest.mark.parametrize("cls", ["LIFNode", "ParametricLIFNode"])
+def test_store_v_seq_is_refused_not_dropped(cls):
+    node = getattr(neuron, cls)(step_mode="m", store_v_seq=True)
+    net = nn.Sequential(layer.Linear(3, 4), node)
+    with pytest.raises(ValueError, match=rf"^1 \({cls}\): store_v_seq=True"):
+        convert(net, "slif")
+    assert net[1] is node
+    node.store_v_seq = False
+    convert(net, "slif")
+    assert isinstance(net[1], SLIF)
+
+
+def test_other_spikingjelly_neurons_stay_with_a_warning():
+    other = neuron.QIFNode(step_mode="m")
+    net = nn.Sequential(layer.Linear(3, 4), other, layer.Linear(4, 4), neuron.LIFNode(step_mode="m"))
+    with pytest.warns(UserWarning, match=r"convert: 1 \(QIFNode\) is not a LIF-type neuron; left unconverted"):
+        convert(net, "slif")
+    assert net[1] is other and isinstance(net[3], SLIF)
+
+
+def test_effst_convert_is_callable_as_module_and_function():
+    """``effst.convert`` names a module and its function; either binding converts."""
+    import effst
+    import effst.convert as module
+
+    for entry in (effst.convert, module, module.convert):
+        net = nn.Sequential(layer.Linear(3, 4), neuron.LIFNode(step_mode="m"))
+        assert entry(net, "stl") is net and isinstance(net[1], SLIF) and not net[1].learn_tau
+
+
+def test_convert_does_not_import_the_models_package():
+    """Layering: convert sits above nn and below models; the Spikformer learns of a conversion
+    through its ``on_neurons_converted`` hook, not through an import of models in convert."""
+    import ast
+    import inspect
+
+    import effst.convert as module
+
+    tree = ast.parse(inspect.getsource(module))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not any(name and name.startswith(("effst.models", "effst.train", "effst.cli")) for name in imported)

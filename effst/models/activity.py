@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from effst.convert import is_spiking_neuron
+from effst.nn.neuron_kinds import is_spiking_neuron
 from effst.models.spikformer import SSA, effective_weight, unwrap
 
 #: Energy per accumulate (synaptic operation on a spike) and per multiply-accumulate, in pJ.

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from effst.convert import is_spiking_neuron
+from effst.nn.neuron_kinds import is_spiking_neuron
 from effst.nn import LIF, PLIF, SLIF
 from effst.ops.slif import BACKENDS
 
@@ -408,6 +408,12 @@ class Spikformer(nn.Module):
         (JSON-serialisable; load the state_dict into the result)."""
         return {"config": self.config.to_dict(), "neuron": self.neuron, "channels": self.channels,
                 "backend": self.backend}
+
+    def on_neurons_converted(self, neuron: str, channels: bool, backend: Optional[str]) -> None:
+        """Called by :func:`effst.convert` after it replaced the neurons, so ``spec()`` stays true."""
+        self.neuron, self.channels = neuron, channels
+        if backend is not None:
+            self.backend = backend
 
     def neurons(self) -> Iterator[tuple[str, nn.Module]]:
         """``(qualified name, module)`` of every spiking neuron, in forward order."""
