@@ -25,7 +25,7 @@ again at the start of every round (so a change in background load hits all of th
 row's ``ms`` is the median of its round medians, the bandwidth the median over all rounds so far.
 
 Derived: ``gneuron_steps_per_s``; ``achieved_bytes_per_s`` = 20 B per neuron-step (fp32: x and
-spikes forward, grad_spikes, x and grad_x backward; SPEC section 7) / time, and
+spikes forward, grad_spikes, x and grad_x backward; docs/benchmarks.md) / time, and
 ``copy_bandwidth_fraction`` = that / the copy bandwidth measured in the same run;
 ``speedup_vs_sj_plif``. Targets (issue 3) on the SLIF rows of the full run (not ``quick``,
 whose tiny shapes measure call overhead): >= 3x faster than SpikingJelly's PLIF at the same
@@ -227,7 +227,7 @@ def results_section(rows: list[dict], command: str) -> str:
         "Forward + backward (reset, forward over T, `torch.autograd.grad` w.r.t. x and every "
         "learnable parameter), fp32, ATan, hard reset to 0, `detach_reset=True`. `ms` is the "
         f"median of {first.get('rounds', '?')} interleaved rounds of {first.get('reps_per_round', '?')} "
-        "calls each (after warm-up). Bandwidth counts 20 B per neuron-step (SPEC section 7).",
+        "calls each (after warm-up). Bandwidth counts 20 B per neuron-step (docs/benchmarks.md).",
         "",
         format_table(rows),
         "",

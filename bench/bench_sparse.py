@@ -23,7 +23,7 @@ tensor that needs it, dW and db):
 Derived columns: ``speedup_fwd`` / ``speedup_fwd_bwd`` = dense ms / effst ms;
 ``speedup_vs_bsr_*`` = bsr ms / effst ms; ``tflops_kept_fwd_bwd`` = FLOPs on the kept tiles /
 effst time; ``tflops_dense_fwd_bwd`` = dense FLOPs / dense time; ``tflops_ratio`` = their ratio
-(SPEC section 7). FLOPs: 2*M*N*K per product (x3 with dX, x2 without; kept tiles: N*K replaced
+(docs/benchmarks.md). FLOPs: 2*M*N*K per product (x3 with dX, x2 without; kept tiles: N*K replaced
 by nnz_tiles*bm*bk). ``target``/``target_met``: the issue's H100 targets, checked on CUDA bf16
 forward+backward rows (>= 3x at 90 %, >= 1.5x at 75 %, >= 0.9x at 50 %, faster than BSR).
 

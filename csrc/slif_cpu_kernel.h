@@ -11,7 +11,7 @@
 // The per-neuron vectors of the block (parameters, membrane, carried gradient, gradient sums)
 // live in a per-thread scratch that stays in L2. The backward recomputes V_{t-1} of the block
 // into a [T, B] history there rather than checkpointing V in memory: H is never stored and X
-// is read once from memory (and once more from cache), the minimum traffic of SPEC section 7.
+// is read once from memory (and once more from cache), the minimum traffic of docs/benchmarks.md.
 // Outputs larger than the caches are written with streaming stores (no read-for-ownership).
 // (Keeping the per-neuron state in SIMD registers with the time loop innermost was tried and
 // measured slower on the 2-core machine: every one of the T rows becomes a separate short

@@ -1,4 +1,4 @@
-// The per-neuron sLIF recurrence (SPEC section 2), written once for every native path.
+// The per-neuron sLIF recurrence (docs/slif.md), written once for every native path.
 //
 // Torch-free and dependency-free: the CPU kernel (csrc/slif_cpu_kernel.h, compiled by the host
 // compiler) and the CUDA kernels (kernels/slif_cuda.cu, compiled by nvcc) both include this
@@ -47,7 +47,7 @@ EFFST_HD double exp_(double x) { return exp(x); }
 EFFST_HD float abs_(float x) { return fabsf(x); }
 EFFST_HD double abs_(double x) { return fabs(x); }
 
-// sigma'(x): derivative of the spike w.r.t. x = H - theta (SPEC section 2, surrogate table).
+// sigma'(x): derivative of the spike w.r.t. x = H - theta (docs/slif.md, surrogate table).
 template <int SURROGATE, typename S>
 EFFST_HD S surrogate_grad(S x, S alpha) {
   if constexpr (SURROGATE == kSigmoid) {

@@ -1,4 +1,4 @@
-"""DSP (SPEC section 3): kept widths, which dims are kept, what is sliced, and that a model whose
+"""DSP (docs/pruning.md): kept widths, which dims are kept, what is sliced, and that a model whose
 pruned dims were already dead computes exactly what it computed before."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Spikformer (SPEC section 4): configs, shapes, parameter counts, neuron choice, specs, and the
+"""Spikformer (docs/pruning.md): configs, shapes, parameter counts, neuron choice, specs, and the
 firing-rate / SOP recorder."""
 import math
 
@@ -25,7 +25,7 @@ from model_helpers import attention_rate, lively, small
 
 
 def expected_counts(depth, dim, heads, hidden, in_channels, num_classes, linear_bias=True):
-    """Parameter count of SPEC section 4's Spikformer from its parts (independent of the code)."""
+    """Parameter count of the Spikformer of docs/pruning.md from its parts (independent of the code)."""
     widths = (in_channels, dim // 8, dim // 4, dim // 2, dim)
     sps = sum(widths[i] * widths[i + 1] * 9 + 2 * widths[i + 1] for i in range(4)) + dim * dim * 9 + 2 * dim
     weights = 4 * dim * dim + 2 * dim * hidden                 # q, k, v, proj, fc1, fc2
@@ -253,7 +253,7 @@ def test_record_firing_rates_against_hand_counts():
     assert summary["samples"] == 4
     assert math.isclose(summary["firing_rates"]["blocks.0.mlp.fc1_lif"], fc1_rate, rel_tol=1e-9)
     layers = {row["name"]: row for row in summary["layers"]}
-    # SPEC: SOPs = T * firing rate * FLOPs; fc2 is fed by fc1's spikes.
+    # docs/pruning.md: SOPs = T * firing rate * FLOPs; fc2 is fed by fc1's spikes.
     fc2 = layers["blocks.0.mlp.fc2"]
     assert fc2["spiking_input"]
     assert math.isclose(fc2["sops_per_sample"], T * fc1_rate * N * c.hidden * c.dim, rel_tol=1e-9)

@@ -1,4 +1,4 @@
-"""L1P / block L1P / random pruning (SPEC section 3), masks as module state, reports, conversion.
+"""L1P / block L1P / random pruning (docs/pruning.md), masks as module state, reports, conversion.
 
 The oracles here are written independently of effst.prune: sort |w| (or tile L1 norms), take
 the k-th smallest with k = ceil(p*n), prune everything <= it.

@@ -1,4 +1,4 @@
-"""Spikformer models (SPEC section 4), their parameter counts and firing-rate / energy records."""
+"""Spikformer models (docs/pruning.md), their parameter counts and firing-rate / energy records."""
 from effst.models.activity import E_AC_PJ, E_MAC_PJ, FiringRateRecorder, record_firing_rates
 from effst.models.spikformer import (
     CONFIGS,

@@ -1,4 +1,4 @@
-"""Firing rates, synaptic operations and theoretical energy of a spiking model (SPEC section 5).
+"""Firing rates, synaptic operations and theoretical energy of a spiking model (docs/pruning.md).
 
 :func:`record_firing_rates` hooks a model for the duration of a ``with`` block and counts, over
 every forward pass inside it:
@@ -10,7 +10,7 @@ every forward pass inside it:
   the non-zero weights, so pruned synapses cost nothing) and the mean value of its input.
 
 A layer fed by spikes (or by sums of spike tensors on the residual stream) does accumulates:
-``SOPs = rate x MACs``, which is SPEC's ``T x fr x FLOPs`` since MACs here are counted over
+``SOPs = rate x MACs``, which is docs/pruning.md's ``T x fr x FLOPs`` since MACs here are counted over
 all T steps. In a Spikformer the encoding conv (``patch_embed.proj_conv``, fed by the image
 or frames) and the classifier (``head``, fed by mean features) are multiply-accumulates and
 every other layer accumulates. In any other model the first synaptic layer of a forward and

@@ -42,7 +42,7 @@ def slif_reference(
     channel_dim: int = -1,
     return_state: bool = False,
 ):
-    """sLIF over ``x = [T, *]`` by a Python loop over T (SPEC section 2); autograd backward.
+    """sLIF over ``x = [T, *]`` by a Python loop over T (docs/slif.md); autograd backward.
 
     Arguments mean what they mean in :func:`effst.slif`. Computes in ``x.dtype``.
     """

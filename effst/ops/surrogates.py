@@ -1,7 +1,7 @@
 """Surrogate gradients of the Heaviside spike function: the one definition everyone imports.
 
 Each surrogate is a name, a default alpha and a derivative sigma'(x) of the spike with
-respect to ``x = H - theta`` (SPEC section 2). The integer id of a surrogate is its position
+respect to ``x = H - theta`` (docs/slif.md). The integer id of a surrogate is its position
 in :data:`SURROGATE_NAMES`; the Triton kernels (``surrogate_grad_triton`` below) and the
 native header (``kernels/slif_recurrence.cuh``) switch on that id, and the tests check every
 implementation against :func:`surrogate_grad` here.

@@ -1,4 +1,4 @@
-"""Dimension Significance-based Pruning (DSP, SPEC section 3): structured pruning of a
+"""Dimension Significance-based Pruning (DSP, docs/pruning.md): structured pruning of a
 Spikformer's blocks into physically smaller dense matrices, plus the random-dimension control.
 
 Per block:

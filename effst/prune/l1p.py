@@ -1,4 +1,4 @@
-"""L1P (SPEC section 3): element and block magnitude pruning, and the random-pruning control.
+"""L1P (docs/pruning.md): element and block magnitude pruning, and the random-pruning control.
 
 Per target matrix ``W`` with ``n`` entries (tiles, for block L1P) and sparsity ``p`` in [0, 1):
 ``k = ceil(p*n)`` (exact products are not pushed up by float error: p = 0.07, n = 100
@@ -64,7 +64,7 @@ def _snap(product: float) -> float:
 
 
 def ceil_count(product: float) -> int:
-    """``ceil(product)`` robust to float error, e.g. ``k = ceil(p*n)`` of SPEC section 3."""
+    """``ceil(product)`` robust to float error, e.g. ``k = ceil(p*n)`` of docs/pruning.md."""
     return math.ceil(_snap(product))
 
 

@@ -1,6 +1,6 @@
 """What a training run measures: loss and accuracy, parameter counts, firing rates and energy.
 
-Firing rates, SOPs and energy are counted by :mod:`effst.models.activity` (SPEC §5: E_AC 0.9 pJ
+Firing rates, SOPs and energy are counted by :mod:`effst.models.activity` (docs/pruning.md: E_AC 0.9 pJ
 per synaptic operation on spikes, E_MAC 4.6 pJ per multiply-accumulate of the non-spiking
 layers; pruned synapses do no work); this module runs it over a test split.
 """
@@ -76,7 +76,7 @@ def measure_activity(model: torch.nn.Module, split: DataSplit, *, batch_size: in
                      device: torch.device = torch.device("cpu"), amp: str = "auto",
                      max_batches: Optional[int] = None, workers: int = 0) -> dict:
     """Firing rate of every spiking layer, and SOPs/MACs/energy per sample, on ``split``
-    (counted by :func:`effst.models.record_firing_rates`, SPEC §5)."""
+    (counted by :func:`effst.models.record_firing_rates`, docs/pruning.md)."""
     from effst.models import record_firing_rates
 
     was_training = model.training

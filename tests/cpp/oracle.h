@@ -1,4 +1,4 @@
-// Independent oracle for the native sLIF tests: the forward of SPEC section 2 written afresh
+// Independent oracle for the native sLIF tests: the forward of docs/slif.md written afresh
 // (it shares no code with kernels/slif_recurrence.cuh) over dual numbers. Forward-mode
 // differentiation with the Heaviside's derivative defined as the surrogate sigma'(x) gives
 // exactly the surrogate gradient, so a tangent computed here checks one component of the
@@ -25,7 +25,7 @@ inline Dual constant(double v) { return {v, 0}; }
 
 constexpr double kPi = 3.14159265358979323846;
 
-// sigma'(x) from the SPEC table, spelled out independently of the header.
+// sigma'(x) from the docs/slif.md table, spelled out independently of the header.
 inline double surrogate_prime(int id, double x, double a) {
   switch (id) {
     case 0: { const double s = 1 / (1 + std::exp(-a * x)); return a * s * (1 - s); }

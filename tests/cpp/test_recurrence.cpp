@@ -1,5 +1,5 @@
 // Torch-free tests of kernels/slif_recurrence.cuh on the host:
-//  * every surrogate against the SPEC formula and against a numerical derivative of its
+//  * every surrogate against the docs/slif.md formula and against a numerical derivative of its
 //    primitive;
 //  * the whole-sequence drivers the CUDA kernels run (forward_neuron, checkpointed
 //    backward_neuron) against the dual-number oracle, for all 64 configurations and sequence
