@@ -1,4 +1,4 @@
-"""Spikformer (Zhou et al. 2023) as the sLIF/DSP paper uses it (SPEC section 4).
+"""Spikformer (Zhou et al. 2023) as the sLIF/DSP paper uses it (docs/pruning.md).
 
 Data flow: an image ``[B, C, H, W]`` is repeated over T (DVS frames ``[B, T, C, H, W]`` are
 used as they are) -> Spiking Patch Splitting (four Conv3x3-BN-LIF stages, max-pools, a
@@ -36,6 +36,8 @@ from torch import nn
 from effst.nn.neuron_kinds import is_spiking_neuron
 from effst.nn import LIF, PLIF, SLIF
 from effst.ops.slif import BACKENDS
+from effst.ops.token_select import run_neuron_on_tokens
+from effst.models.token_selection import DEFAULT_KEEP_RATIO, SELECTORS, TokenSelection, TokenSelector
 
 #: Neuron kinds :func:`build_model` accepts. ``spikingjelly`` is the installed SpikingJelly's
 #: ``LIFNode(step_mode='m')`` (2.0.0 picks its own kernels); ``spikingjelly-cupy`` is
@@ -44,7 +46,7 @@ NEURONS: tuple[str, ...] = ("lif", "plif", "slif", "stl", "spikingjelly", "spiki
 #: Architecture variants: the CIFAR10 stem (two max-pools), DVS and ImageNet (four max-pools).
 VARIANTS: tuple[str, ...] = ("cifar", "dvs", "imagenet")
 
-# SPEC section 4: the neuron everywhere, and the attention neuron's threshold.
+# docs/pruning.md: the neuron everywhere, and the attention neuron's threshold.
 NEURON_TAU = 2.0
 NEURON_V_THRESHOLD = 1.0
 ATTENTION_V_THRESHOLD = 0.5
@@ -155,7 +157,7 @@ class SpikformerConfig:
         return cls(**data)
 
 
-#: The paper's architectures (SPEC section 4) and a small one for the embedded digits data
+#: The paper's architectures (docs/pruning.md) and a small one for the embedded digits data
 #: (8x8 grey images; one max-pool gives 4x4 = 16 tokens).
 CONFIGS: dict[str, SpikformerConfig] = {
     "spikformer-4-384": SpikformerConfig(depth=4, dim=384, heads=12, hidden=1536, T=4, image_size=32,
@@ -172,7 +174,7 @@ CONFIGS: dict[str, SpikformerConfig] = {
 # --------------------------------------------------------------------------- neurons
 def make_neuron(kind: str, *, channels: int, channel_dim: int, v_threshold: float = NEURON_V_THRESHOLD,
                 per_channel: bool = True, backend: str = "auto") -> nn.Module:
-    """One multi-step spiking neuron with the paper's settings (SPEC section 4).
+    """One multi-step spiking neuron with the paper's settings (docs/pruning.md).
 
     ``channels``/``channel_dim`` describe the input it will see; sLIF/STL neurons use them for
     per-channel parameters when ``per_channel``; every kind records them as
@@ -278,6 +280,19 @@ def _projection(in_features: int, out_features: int, channel_first: bool) -> nn.
     return nn.Linear(in_features, out_features)
 
 
+#: Token identities of a compact ``[T, B, K, D]`` stream: ``(index [T, B, K] int64, tokens)``.
+TokenRoute = tuple[torch.Tensor, int]
+
+
+def _fire(neuron: nn.Module, current: torch.Tensor, route: Optional[TokenRoute]) -> torch.Tensor:
+    """Run ``neuron`` on ``current``; with a ``route`` (STATA: kept tokens differ per timestep) the
+    membrane follows the token identity instead of the compact slot."""
+    if route is None:
+        return neuron(current)
+    index, tokens = route
+    return run_neuron_on_tokens(neuron, current, index, tokens)
+
+
 class _Projector(nn.Module):
     """Shared forward of a projection -> BatchNorm1d -> neuron stack in either layout."""
 
@@ -317,22 +332,40 @@ class SSA(_Projector):
         T, B, N, width = x.shape
         return x.reshape(T, B, N, self.heads, width // self.heads).transpose(2, 3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.q_lif(self._project(x, self.q_linear, self.q_bn))
-        k = self.k_lif(self._project(x, self.k_linear, self.k_bn))
-        v = self.v_lif(self._project(x, self.v_linear, self.v_bn))
+    def forward(self, x: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
+                route: Optional[TokenRoute] = None) -> torch.Tensor:
+        """``key_mask`` ``[B, N]`` (0/1, may carry a straight-through gradient): SparseSpikformer's
+        training mask ``A'_ij = A_ij (d_j + (1 - d_j) delta_ij)``. ``route``: the token identities
+        of a compact input whose kept set differs per timestep (see :func:`_fire`)."""
+        return self.attend(x, key_mask=key_mask, route=route)[0]
+
+    def attend(self, x: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
+               route: Optional[TokenRoute] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward`, also returning the attention scores ``q k^T * scale``
+        ``[T, B, heads, N, N]`` (before the attention neuron), and the query and key spikes
+        ``[T, B, N, W]`` (token layout)."""
+        q = _fire(self.q_lif, self._project(x, self.q_linear, self.q_bn), route)
+        k = _fire(self.k_lif, self._project(x, self.k_linear, self.k_bn), route)
+        v = _fire(self.v_lif, self._project(x, self.v_linear, self.v_bn), route)
         width = q.shape[-2] if self.channel_first else q.shape[-1]
         if width % self.heads != 0:
             raise ValueError(f"attention width {width} is not a multiple of heads={self.heads}")
+        queries, keys = q, k
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         attn = (q @ k.transpose(-2, -1)) * self.scale
+        scores = attn
+        if key_mask is not None:
+            n = attn.shape[-1]
+            eye = torch.eye(n, dtype=attn.dtype, device=attn.device)
+            keep = key_mask.to(attn.dtype)[:, None, :]                # [B, 1, N] over keys j
+            attn = attn * (keep + (1 - keep) * eye)[None, :, None]    # keep the diagonal
         y = attn @ v  # [T, B, heads, N, W/heads]
         T, B, _, N, _ = y.shape
         y = y.transpose(2, 3).reshape(T, B, N, width)
         if self.channel_first:
             y = y.transpose(-1, -2)
-        y = self.attn_lif(y.contiguous())
-        return self.proj_lif(self._project(y, self.proj_linear, self.proj_bn))
+        y = _fire(self.attn_lif, y.contiguous(), route)
+        return _fire(self.proj_lif, self._project(y, self.proj_linear, self.proj_bn), route), scores, queries, keys
 
 
 class MLP(_Projector):
@@ -350,9 +383,9 @@ class MLP(_Projector):
         self.fc2_bn = nn.BatchNorm1d(d)
         self.fc2_lif = neuron(d, cdim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1_lif(self._project(x, self.fc1, self.fc1_bn))
-        return self.fc2_lif(self._project(x, self.fc2, self.fc2_bn))
+    def forward(self, x: torch.Tensor, *, route: Optional[TokenRoute] = None) -> torch.Tensor:
+        x = _fire(self.fc1_lif, self._project(x, self.fc1, self.fc1_bn), route)
+        return _fire(self.fc2_lif, self._project(x, self.fc2, self.fc2_bn), route)
 
 
 class Block(nn.Module):
@@ -378,8 +411,13 @@ class Spikformer(nn.Module):
     """
 
     def __init__(self, config: SpikformerConfig, neuron: str = "lif", *, channels: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", token_selection: Optional[TokenSelection] = None):
         super().__init__()
+        if token_selection is not None and not isinstance(token_selection, TokenSelection):
+            raise TypeError(f"token_selection: expected a TokenSelection or None, got {type(token_selection).__name__}")
+        if token_selection is not None and config.channel_first:
+            raise ValueError("token_selector: token selection needs the token layout [T, B, N, D]; "
+                             f"variant={config.variant!r} keeps channels first")
         if not isinstance(config, SpikformerConfig):
             raise TypeError(f"config: expected a SpikformerConfig, got {type(config).__name__}")
         if neuron not in NEURONS:
@@ -392,11 +430,34 @@ class Spikformer(nn.Module):
         self.neuron = neuron
         self.channels = channels
         self.backend = backend
+        self._last_tokens: Optional[int] = None
         build = _Builder(neuron, channels, backend)
         self.patch_embed = SPS(config, build)
         self.blocks = nn.ModuleList(Block(config, build) for _ in range(config.depth))
         self.head = nn.Linear(config.dim, config.num_classes)
+        self.selector = None if token_selection is None else TokenSelector(
+            token_selection, depth=config.depth, dim=config.dim, T=config.T, heads=config.heads)
         self.apply(_init_weights)
+
+    @property
+    def token_selection(self) -> Optional[TokenSelection]:
+        """The token selector's options (block lists resolved), or None for the dense model."""
+        return None if self.selector is None else self.selector.selection
+
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """Weighted auxiliary loss terms of the last forward (add their sum to the task loss):
+        ``'ratio'`` (STS, training), ``'intra_alignment'``/``'inter_alignment'`` (STATA,
+        training). Empty for the dense model and the random controls. STS's distillation needs
+        the teacher's logits: see :func:`effst.models.token_selection.distillation_loss`."""
+        return {} if self.selector is None else dict(self.selector.losses)
+
+    def tokens_per_block(self) -> list[float]:
+        """Image tokens each block's attention saw in the last forward (mean per sample and
+        timestep; the anchor not counted)."""
+        if self.selector is None:
+            return [float(self.config.tokens())] * self.config.depth if self._last_tokens is None \
+                else [float(self._last_tokens)] * self.config.depth
+        return [float(t) for t in self.selector.tokens]
 
     @property
     def T(self) -> int:
@@ -406,8 +467,11 @@ class Spikformer(nn.Module):
     def spec(self) -> dict[str, Any]:
         """Everything :func:`build_model_from_spec` needs to rebuild this architecture
         (JSON-serialisable; load the state_dict into the result)."""
-        return {"config": self.config.to_dict(), "neuron": self.neuron, "channels": self.channels,
+        spec = {"config": self.config.to_dict(), "neuron": self.neuron, "channels": self.channels,
                 "backend": self.backend}
+        if self.selector is not None:
+            spec["token_selection"] = self.selector.selection.to_dict()
+        return spec
 
     def on_neurons_converted(self, neuron: str, channels: bool, backend: Optional[str]) -> None:
         """Called by :func:`effst.convert` after it replaced the neurons, so ``spec()`` stays true."""
@@ -448,6 +512,9 @@ class Spikformer(nn.Module):
         """Mean spike features ``[B, D]`` (before the head)."""
         self.reset()
         x = self.patch_embed(self.time_major(x))
+        if self.selector is not None:
+            return self.selector(self.blocks, x)
+        self._last_tokens = x.shape[3 if self.config.channel_first else 2]
         for block in self.blocks:
             x = block(x)
         token_dim = 3 if self.config.channel_first else 2
@@ -475,7 +542,8 @@ def _init_weights(module: nn.Module) -> None:
 # --------------------------------------------------------------------------- public helpers
 def build_model(name: Union[str, SpikformerConfig], *, neuron: str = "lif", num_classes: Optional[int] = None,
                 T: Optional[int] = None, backend: str = "auto", channels: bool = True,
-                **overrides: Any) -> Spikformer:
+                token_selector: Optional[str] = None, keep_ratio: Optional[float] = None,
+                token_options: Optional[dict[str, Any]] = None, **overrides: Any) -> Spikformer:
     """Build a Spikformer from a named config (``CONFIGS``) or a :class:`SpikformerConfig`.
 
     Args:
@@ -485,6 +553,13 @@ def build_model(name: Union[str, SpikformerConfig], *, neuron: str = "lif", num_
         num_classes, T: override the config's values.
         backend: sLIF backend of the effst neurons ('auto', 'reference', 'triton', 'native').
         channels: per-channel tau/V_th for ``slif``/``stl`` neurons (else per layer).
+        token_selector: None (dense), ``'sts'`` (SparseSpikformer), ``'stata'``, or the random
+            controls ``'sts-random'`` / ``'stata-random'`` (docs/token_sparsity.md).
+        keep_ratio: rho for STS (site i keeps floor(N rho^i)), gamma for STATA (each pruning
+            block keeps floor(gamma n)); None: 0.7 for STS, 0.5 for STATA.
+        token_options: other :class:`~effst.models.token_selection.TokenSelection` fields
+            (mode, sts_blocks, gumbel_tau, ratio_weight, distill_weight, stata_blocks,
+            align_blocks, intra_weight, inter_weight, anchor_init).
         overrides: any other :class:`SpikformerConfig` field (depth, dim, heads, hidden,
             attn_dim, image_size, in_channels, variant, attn_scale, pool_after).
     """
@@ -506,7 +581,18 @@ def build_model(name: Union[str, SpikformerConfig], *, neuron: str = "lif", num_
         overrides["T"] = T
     if overrides:
         config = replace(config, **overrides)
-    return Spikformer(config, neuron, channels=channels, backend=backend)
+    selection = None
+    if token_selector is not None:
+        if token_selector not in SELECTORS:
+            raise ValueError(f"token_selector: expected None or one of {list(SELECTORS)}, got {token_selector!r}")
+        options = dict(token_options or {})
+        if "selector" in options or "keep_ratio" in options:
+            raise TypeError("token_options: pass the selector and keep ratio as token_selector= and keep_ratio=")
+        ratio = DEFAULT_KEEP_RATIO[token_selector] if keep_ratio is None else keep_ratio
+        selection = TokenSelection.from_dict({"selector": token_selector, "keep_ratio": ratio, **options})
+    elif keep_ratio is not None or token_options:
+        raise ValueError("keep_ratio/token_options: only meaningful with a token_selector")
+    return Spikformer(config, neuron, channels=channels, backend=backend, token_selection=selection)
 
 
 def build_model_from_spec(spec: dict[str, Any]) -> Spikformer:
@@ -514,8 +600,10 @@ def build_model_from_spec(spec: dict[str, Any]) -> Spikformer:
     if not isinstance(spec, dict) or "config" not in spec:
         raise ValueError("spec: expected the dict returned by Spikformer.spec() (with a 'config' entry)")
     config = SpikformerConfig.from_dict(spec["config"])
+    selection = spec.get("token_selection")
     return Spikformer(config, spec.get("neuron", "lif"), channels=spec.get("channels", True),
-                      backend=spec.get("backend", "auto"))
+                      backend=spec.get("backend", "auto"),
+                      token_selection=None if selection is None else TokenSelection.from_dict(selection))
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, str]:

@@ -1,0 +1,360 @@
+"""Token-sparsification kernels: anchor-score top-k with gather, token gather/scatter, masked mean.
+
+Rows: every op works on ``R`` independent rows (``R = T*B`` for STATA's per-timestep token sets,
+``R = B`` for SparseSpikformer's per-sample set), each holding ``N`` tokens of ``C`` channels,
+``[R, N, C]`` contiguous. Token indices are int64, ascending inside a row (compact order keeps
+the original token order, so positional structure survives).
+
+Data flow, top to bottom:
+
+1. :func:`anchor_topk_gather` -- one program per row: the score of token i is the number of
+   channels where the anchor's query and token i's key both spike (``popcount(q0 & k_i)``; an
+   integer, so exact), the top ``K`` scores are kept with the deterministic tie-break *higher
+   score first, then lower token index*, and the kept tokens' activations are copied to a
+   compact ``[R, K, C]`` buffer in the same pass. The rank of token i is the count of tokens that
+   beat it, so the selection needs no sort and no host synchronisation.
+2. :func:`gather_tokens` / :func:`scatter_tokens` -- compact <-> full. They are each other's
+   gradient: the gradient of a gather is a scatter into zeros (``index_add`` with unique
+   indices, so no atomics and deterministic), and vice versa. The scatter (zeros elsewhere) is
+   also how a neuron keeps its membrane per token identity when the kept set changes per
+   timestep: scatter the compact input current to the full token axis (a dropped (token, t) gets
+   zero input, so its membrane decays), run the multi-step neuron there, gather the kept spikes.
+3. :func:`masked_mean` -- ``out[b, c] = sum_{t,n} m[t,b,n] x[t,b,n,c] / sum_{t,n} m[t,b,n]``,
+   the head's pooling over kept tokens only.
+
+Where Triton cannot run (a CPU tensor outside ``TRITON_INTERPRET=1``) or ``backend='torch'``,
+the same ops run in torch with the same numerics (integer scores, the same tie-break).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _use_triton(device: torch.device, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    can_run = device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if backend == "triton" and not can_run:
+        raise RuntimeError("backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
+    return backend != "torch" and can_run
+
+
+def _check_rows(name: str, x: torch.Tensor, dims: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-D tensor, got shape {tuple(x.shape)}")
+
+
+def _check_index(index: torch.Tensor, rows: int, tokens: int) -> None:
+    _check_rows("index", index, 2)
+    if index.dtype != torch.int64:
+        raise TypeError(f"index: expected int64 token indices, got {index.dtype}")
+    if index.shape[0] != rows:
+        raise ValueError(f"index: expected {rows} rows, got shape {tuple(index.shape)}")
+    if index.numel() and not index.is_cuda and (int(index.min()) < 0 or int(index.max()) >= tokens):
+        # Only checked on the CPU: on a GPU the check would synchronise with the host.
+        raise ValueError(f"index: token indices must lie in [0, {tokens}), got [{int(index.min())}, {int(index.max())}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Anchor score + top-k + gather (STATA)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _anchor_topk_gather_kernel(query_ptr, key_ptr, x_ptr, score_ptr, index_ptr, out_ptr,
+                               N, W, C, K,
+                               BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    tokens = tl.arange(0, BLOCK_N)
+    valid = tokens < N
+    # Scores: popcount(q0 & k_i) over the W attention channels, as int32 (exact).
+    score = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for w0 in range(0, W, BLOCK_W):
+        channels = w0 + tl.arange(0, BLOCK_W)
+        in_w = channels < W
+        q = tl.load(query_ptr + row * W + channels, mask=in_w, other=0.0)
+        k = tl.load(key_ptr + row * N * W + tokens[:, None] * W + channels[None, :],
+                    mask=valid[:, None] & in_w[None, :], other=0.0)
+        both = (q[None, :] != 0) & (k != 0)
+        score += tl.sum(both.to(tl.int32), axis=1)
+    tl.store(score_ptr + row * N + tokens, score, mask=valid)
+    # Rank = number of tokens that beat token i (higher score, or equal score and lower index).
+    score_i = score[:, None]
+    score_j = score[None, :]
+    beats = (score_j > score_i) | ((score_j == score_i) & (tokens[None, :] < tokens[:, None]))
+    beats = beats & valid[None, :]
+    rank = tl.sum(beats.to(tl.int32), axis=1)
+    kept = (rank < K) & valid
+    position = tl.cumsum(kept.to(tl.int32), axis=0) - 1  # slot in the ascending compact order
+    tl.store(index_ptr + row * K + position, tokens.to(tl.int64), mask=kept)
+    for c0 in range(0, C, BLOCK_C):
+        channels = c0 + tl.arange(0, BLOCK_C)
+        in_c = channels < C
+        values = tl.load(x_ptr + row * N * C + tokens[:, None] * C + channels[None, :],
+                         mask=kept[:, None] & in_c[None, :], other=0.0)
+        tl.store(out_ptr + row * K * C + position[:, None] * C + channels[None, :], values,
+                 mask=kept[:, None] & in_c[None, :])
+
+
+def topk_tokens_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[R, k]`` (ascending) of the ``k`` best tokens per row of ``scores`` ``[R, N]``:
+    higher score first, ties to the lower token index (a stable descending sort)."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(order, dim=1).values
+
+
+def anchor_scores_reference(anchor_query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``popcount(q0 & k_i)`` as int64 ``[R, N]`` (float64-free: counts of coinciding spikes)."""
+    return ((anchor_query[:, None, :] != 0) & (keys != 0)).sum(dim=-1)
+
+
+def anchor_topk_gather(anchor_query: torch.Tensor, keys: torch.Tensor, x: torch.Tensor, k: int, *,
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score tokens against an anchor query, keep the best ``k`` per row and compact them.
+
+    Args:
+        anchor_query: ``[R, W]`` spikes of the anchor token's query (all heads concatenated).
+        keys: ``[R, N, W]`` spikes of the tokens' keys.
+        x: ``[R, N, C]`` activations to compact (e.g. the residual stream).
+        k: tokens kept per row, ``1 <= k <= N``.
+
+    Returns ``(scores [R, N] int32, index [R, k] int64 ascending, compact [R, k, C])``. The
+    selection carries no gradient; ``compact`` is ``x`` gathered (its gradient scatters back).
+    """
+    _check_rows("anchor_query", anchor_query, 2)
+    _check_rows("keys", keys, 3)
+    _check_rows("x", x, 3)
+    R, N, W = keys.shape
+    if tuple(anchor_query.shape) != (R, W):
+        raise ValueError(f"anchor_query: expected shape {(R, W)} to match keys {tuple(keys.shape)}, "
+                         f"got {tuple(anchor_query.shape)}")
+    if tuple(x.shape[:2]) != (R, N):
+        raise ValueError(f"x: expected shape [{R}, {N}, C] to match keys, got {tuple(x.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+        raise ValueError(f"k: expected an int in [1, {N}], got {k!r}")
+    if not _use_triton(x.device, backend):
+        scores = anchor_scores_reference(anchor_query, keys).to(torch.int32)
+        index = topk_tokens_reference(scores, k)
+        return scores, index, gather_tokens(x, index, backend="torch")
+    query, keys_c = anchor_query.contiguous(), keys.contiguous()
+    scores = torch.empty(R, N, dtype=torch.int32, device=x.device)
+    index = torch.empty(R, k, dtype=torch.int64, device=x.device)
+    compact = torch.empty(R, k, x.shape[2], dtype=x.dtype, device=x.device)
+    if R:
+        _anchor_topk_gather_kernel[(R,)](query, keys_c, x.detach().contiguous(), scores, index, compact,
+                                         N, W, x.shape[2], k, BLOCK_N=triton.next_power_of_2(N),
+                                         BLOCK_W=min(64, triton.next_power_of_2(W)),
+                                         BLOCK_C=min(64, triton.next_power_of_2(max(x.shape[2], 1))))
+    if x.requires_grad:
+        # The fused kernel already compacted the values; reattach the gather's gradient.
+        compact = _ReattachGather.apply(x, index, compact)
+    return scores, index, compact
+
+
+class _ReattachGather(torch.autograd.Function):
+    """Identity on an already gathered tensor whose gradient scatters back to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, index, compact):
+        ctx.save_for_backward(index)
+        ctx.tokens = x.shape[1]
+        return compact.view_as(compact)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return _scatter(grad.contiguous(), index, ctx.tokens, backend="auto"), None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Gather / scatter along the token axis
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _move_tokens_kernel(src_ptr, index_ptr, dst_ptr, N, K, C, SCATTER: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Gather: compact[r, s] = full[r, index[r, s]]; scatter: full[r, index[r, s]] = compact[r, s].
+    # Indices are unique per row, so every destination is written by one program: no atomics.
+    row = tl.program_id(0).to(tl.int64)
+    slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_k = slots < K
+    mask = in_k[:, None] & (channels < C)[None, :]
+    token = tl.load(index_ptr + row * K + slots, mask=in_k, other=0)
+    full = row * N * C + token[:, None] * C + channels[None, :]
+    compact = row * K * C + slots[:, None] * C + channels[None, :]
+    if SCATTER:
+        tl.store(dst_ptr + full, tl.load(src_ptr + compact, mask=mask, other=0.0), mask=mask)
+    else:
+        tl.store(dst_ptr + compact, tl.load(src_ptr + full, mask=mask, other=0.0), mask=mask)
+
+
+def _grid(R: int, K: int, C: int) -> tuple[tuple[int, int, int], int, int]:
+    block_k = min(32, triton.next_power_of_2(max(K, 1)))
+    block_c = min(128, triton.next_power_of_2(max(C, 1)))
+    return (R, triton.cdiv(K, block_k), triton.cdiv(C, block_c)), block_k, block_c
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, backend: str) -> torch.Tensor:
+    R, N, C = x.shape
+    K = index.shape[1]
+    if not _use_triton(x.device, backend):
+        return torch.gather(x, 1, index[:, :, None].expand(R, K, C))
+    out = torch.empty(R, K, C, dtype=x.dtype, device=x.device)
+    if out.numel():
+        grid, block_k, block_c = _grid(R, K, C)
+        _move_tokens_kernel[grid](x.contiguous(), index.contiguous(), out, N, K, C, SCATTER=False,
+                                  BLOCK_K=block_k, BLOCK_C=block_c)
+    return out
+
+
+def _scatter(x: torch.Tensor, index: torch.Tensor, tokens: int, backend: str) -> torch.Tensor:
+    R, K, C = x.shape
+    out = torch.zeros(R, tokens, C, dtype=x.dtype, device=x.device)
+    if not _use_triton(x.device, backend):
+        return out.index_put_((torch.arange(R, device=x.device)[:, None], index), x)
+    if x.numel():
+        grid, block_k, block_c = _grid(R, K, C)
+        _move_tokens_kernel[grid](x.contiguous(), index.contiguous(), out, tokens, K, C, SCATTER=True,
+                                  BLOCK_K=block_k, BLOCK_C=block_c)
+    return out
+
+
+class _GatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index, backend):
+        ctx.save_for_backward(index)
+        ctx.tokens, ctx.backend = x.shape[1], backend
+        return _gather(x, index, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return _scatter(grad.contiguous(), index, ctx.tokens, ctx.backend), None, None
+
+
+class _ScatterTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index, tokens, backend):
+        ctx.save_for_backward(index)
+        ctx.backend = backend
+        return _scatter(x, index, tokens, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return _gather(grad.contiguous(), index, ctx.backend), None, None, None
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``out[r, s] = x[r, index[r, s]]``: ``[R, N, C]`` -> ``[R, K, C]``; the gradient scatters back
+    (dropped tokens get zero gradient). ``index``: int64 ``[R, K]``, unique per row."""
+    _check_rows("x", x, 3)
+    _check_index(index, x.shape[0], x.shape[1])
+    return _GatherTokens.apply(x, index, backend)
+
+
+def scatter_tokens(x: torch.Tensor, index: torch.Tensor, tokens: int, *, backend: str = "auto") -> torch.Tensor:
+    """Inverse of :func:`gather_tokens`: ``[R, K, C]`` -> ``[R, tokens, C]`` with zeros at the
+    tokens ``index`` does not name. ``index``: int64 ``[R, K]``, unique per row."""
+    _check_rows("x", x, 3)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < x.shape[1]:
+        raise ValueError(f"tokens: expected an int >= {x.shape[1]} (the compact token count), got {tokens!r}")
+    _check_index(index, x.shape[0], tokens)
+    if index.shape[1] != x.shape[1]:
+        raise ValueError(f"index: expected {x.shape[1]} indices per row (x's tokens), got {index.shape[1]}")
+    return _ScatterTokens.apply(x, index, tokens, backend)
+
+
+def run_neuron_on_tokens(neuron, current: torch.Tensor, index: torch.Tensor, tokens: int, *,
+                         backend: str = "auto") -> torch.Tensor:
+    """Run a multi-step neuron on a compact ``[T, B, K, C]`` input whose kept tokens ``index``
+    ``[T, B, K]`` differ per timestep, keeping its membrane per token identity.
+
+    The input current is scattered to all ``tokens`` (zero for a dropped (token, t), so its
+    membrane decays as the neuron's own dynamics say), the neuron runs over T there, and the
+    spikes of the kept (token, t) are gathered back.
+    """
+    T, B, K, C = current.shape
+    full = scatter_tokens(current.reshape(T * B, K, C), index.reshape(T * B, K), tokens, backend=backend)
+    spikes = neuron(full.reshape(T, B, tokens, C))
+    return gather_tokens(spikes.reshape(T * B, tokens, C), index.reshape(T * B, K), backend=backend).reshape(T, B, K, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Masked mean pooling over kept tokens
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _masked_mean_kernel(x_ptr, mask_ptr, out_ptr, T, B, N, C,
+                        ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_c = channels < C
+    total = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+    count = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
+    for t in range(0, T):
+        base = (t * B + b) * N
+        for n0 in range(0, N, BLOCK_N):
+            tokens = n0 + tl.arange(0, BLOCK_N)
+            in_n = tokens < N
+            m = tl.load(mask_ptr + base + tokens, mask=in_n, other=0.0).to(ACC_DTYPE)
+            values = tl.load(x_ptr + (base + tokens)[:, None] * C + channels[None, :],
+                             mask=in_n[:, None] & in_c[None, :], other=0.0).to(ACC_DTYPE)
+            total += tl.sum(values * m[:, None], axis=0)
+            count += m
+    tl.store(out_ptr + b * C + channels, total / tl.sum(count, axis=0), mask=in_c)
+
+
+def masked_mean_reference(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum_{t,n} m x / sum_{t,n} m`` over ``x`` ``[T, B, N, C]`` with ``mask`` ``[T, B, N]``."""
+    m = mask.to(x.dtype)
+    return (x * m[..., None]).sum(dim=(0, 2)) / m.sum(dim=(0, 2))[:, None]
+
+
+class _MaskedMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mask, backend):
+        ctx.save_for_backward(mask)
+        ctx.dtype = x.dtype
+        if not _use_triton(x.device, backend):
+            return masked_mean_reference(x, mask)
+        T, B, N, C = x.shape
+        out = torch.empty(B, C, dtype=x.dtype, device=x.device)
+        block_c = min(128, triton.next_power_of_2(max(C, 1)))
+        acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+        _masked_mean_kernel[(B, triton.cdiv(C, block_c))](x.contiguous(), mask.contiguous().to(x.dtype), out,
+                                                           T, B, N, C, ACC_DTYPE=acc,
+                                                           BLOCK_N=min(32, triton.next_power_of_2(N)),
+                                                           BLOCK_C=block_c)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        m = mask.to(grad.dtype)
+        count = m.sum(dim=(0, 2))  # [B]
+        return m[..., None] * (grad / count[:, None])[None, :, None, :], None, None
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Mean of ``x`` ``[T, B, N, C]`` over T and the kept tokens: ``mask`` ``[T, B, N]`` (or ``[B, N]``,
+    the same set at every t) of 0/1 (bool or float; no gradient flows to it). -> ``[B, C]``.
+    Every sample must keep at least one token."""
+    _check_rows("x", x, 4)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a tensor, got {type(mask).__name__}")
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0).expand(x.shape[0], *mask.shape)
+    if tuple(mask.shape) != tuple(x.shape[:3]):
+        raise ValueError(f"mask: expected shape {tuple(x.shape[:3])} or {tuple(x.shape[1:3])}, got {tuple(mask.shape)}")
+    return _MaskedMean.apply(x, mask.detach(), backend)
+
+
+__all__ = ["anchor_topk_gather", "anchor_scores_reference", "topk_tokens_reference", "gather_tokens",
+           "scatter_tokens", "run_neuron_on_tokens", "masked_mean", "masked_mean_reference", "BACKENDS"]
