@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from effst.nn.block_sparse import BlockSparseLinear
-from effst.ops.block_sparse_linear import block_sparse_linear, build_block_layout, check_block_size
+from effst.ops.block_sparse_linear import block_sparse_linear, blocks_to_dense, build_block_layout, check_block_size
 
-TOL = {  # (rtol, atol relative to the reference's max magnitude)
+TOL = {  # (rtol, atol relative to the reference's max magnitude): the output's rounding, a few ulps
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-4, 1e-5),
-    torch.float16: (1e-2, 4e-3),
-    torch.bfloat16: (3e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1e-2),
 }
 
 
@@ -47,7 +47,9 @@ def make_layer(in_features, out_features, block, block_mask, dtype, device, bias
             linear.bias.copy_(torch.randn(out_features, generator=g, dtype=torch.float64))
     layer = BlockSparseLinear.from_dense(linear, block_size=block, mask=block_mask).to(device=device, dtype=dtype)
     keep = element_mask(block_mask, block, out_features, in_features)
-    return layer, dense * keep, (linear.bias.detach().clone() if bias else None), keep
+    # The reference uses the weights as the layer holds them (rounded to its dtype).
+    weight = (dense * keep).to(dtype).to(torch.float64)
+    return layer, weight, (linear.bias.detach().to(dtype).to(torch.float64) if bias else None), keep
 
 
 def reference(x, weight, bias, grad_y):
@@ -58,7 +60,7 @@ def reference(x, weight, bias, grad_y):
     y = x64 @ w64.t()
     if b64 is not None:
         y = y + b64
-    y.backward(grad_y.to(torch.float64))
+    y.backward(grad_y.to(torch.float64))  # callers pass grad_y rounded to the layer dtype
     return y.detach(), (x64.grad if x.is_floating_point() else None), w64.grad, (b64.grad if b64 is not None else None)
 
 
@@ -103,8 +105,8 @@ def test_forward_and_gradients_match_dense_masked_reference(case, backend, devic
     x = torch.randn(x_shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
     y = layer(x)
     assert y.shape == (*x_shape[:-1], out_features) and y.dtype == dtype
-    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    y.backward(grad_y.to(device=device, dtype=dtype))
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    y.backward(grad_y.to(device=device))
     y_ref, gx_ref, gw_ref, gb_ref = reference(x.cpu(), weight, bias, grad_y)
     assert_close(y, y_ref, dtype, "y")
     assert_close(x.grad, gx_ref, dtype, "grad x")
@@ -112,6 +114,9 @@ def test_forward_and_gradients_match_dense_masked_reference(case, backend, devic
     assert_close(layer.bias.grad, gb_ref, dtype, "grad bias")
     # The dense view of the gradient is zero off the kept tiles (gradient on kept blocks only).
     assert layer.values.grad.shape == (int(block_mask.sum()), *block)
+    dense_grad = blocks_to_dense(layer.values.grad.detach().cpu(), block_mask, out_features, in_features)
+    assert not dense_grad[~keep].any()
+    assert_close(dense_grad, gw_ref * keep, dtype, "dense view of grad values")
 
 
 @pytest.mark.parametrize("spike_dtype", [torch.bool, torch.uint8])
@@ -124,8 +129,8 @@ def test_spike_inputs_read_as_bytes(spike_dtype, dtype, device):
     spikes = torch.rand(3, 4, 70, generator=g) < 0.3
     x = spikes.to(spike_dtype).to(device)
     y = layer(x)
-    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    y.backward(grad_y.to(device=device, dtype=dtype))
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    y.backward(grad_y.to(device=device))
     y_ref, _, gw_ref, gb_ref = reference(spikes.to(torch.float64), weight, bias, grad_y)
     assert_close(y, y_ref, dtype, "y")
     assert_close(layer.values.grad, tiles_of(gw_ref, block_mask, block), dtype, "grad values")
@@ -171,11 +176,11 @@ def test_grad_weight_split_reduction_and_fused_bias(split, device):
 
     g = torch.Generator().manual_seed(8)
     block_mask = random_block_mask(40, 48, (16, 16), 0.6, g, empty_rows=(1,))
-    layout = build_block_layout(block_mask)
+    layout = build_block_layout(block_mask.to(device), (16, 16))
     grad_y = torch.randn(140, 40, generator=g).to(device)
     x = (torch.rand(140, 48, generator=g) < 0.5).to(torch.uint8).to(device)
-    got, got_bias = bsl._triton_grad_weight(grad_y, x, layout.row_ptr.to(device), layout.row_idx.to(device),
-                                            layout.col_idx.to(device), 16, 16, True, split=split)
+    got, got_bias = bsl._triton_grad_weight(grad_y, x, layout, 16, 16, True, split=split)
+    assert got.dtype == got_bias.dtype == grad_y.dtype
     dense = grad_y.double().cpu().t() @ x.double().cpu()
     assert_close(got, tiles_of(dense, block_mask, (16, 16)), torch.float32, "grad values")
     assert_close(got_bias, grad_y.double().cpu().sum(0), torch.float32, "grad bias")
@@ -192,6 +197,20 @@ def test_layout_row_and_column_order():
     # value index (row order) of each tile in column order: (0,0)->0, (2,0)->2, (2,1)->3, (0,2)->1
     assert layout.csc_perm.tolist() == [0, 2, 3, 1]
     assert all(t.dtype == torch.int32 for t in layout)
+    # Block-rows in groups of 2 (2 x 64 = 128 output columns): group 0 = rows {0, 1} keeps
+    # columns 0 and 2; group 1 = rows {2, (padding)} keeps columns 0 and 1.
+    grouped = build_block_layout(mask, (64, 16))
+    assert grouped.row_group_ptr.tolist() == [0, 2, 4]
+    assert grouped.row_group_col.tolist() == [0, 2, 0, 1]
+    assert grouped.row_group_tile.tolist() == [[0, -1], [1, -1], [2, -1], [3, -1]]
+    assert grouped.row_group_of.tolist() == [0, 0, 1, 1]
+    # Block-columns in groups of 4 (16 x 4 >= 3 columns, next power of two): one group, rows 0 and 2.
+    assert grouped.col_group_ptr.tolist() == [0, 2]
+    assert grouped.col_group_row.tolist() == [0, 2]
+    assert grouped.col_group_tile.tolist() == [[0, -1, 1, -1], [2, 3, -1, -1]]
+    # A group of block-rows that keeps nothing still gets one (all-pruned) entry, for its bias gradient.
+    empty = build_block_layout(torch.tensor([[0, 0], [1, 0]], dtype=torch.bool), (128, 128))
+    assert empty.row_group_ptr.tolist() == [0, 1, 2] and empty.row_group_tile.tolist() == [[-1], [0]]
 
 
 def test_from_dense_sparsity_element_mask_and_to_dense():
@@ -308,8 +327,8 @@ def test_gpu_spikformer_shape_matches_reference(dtype, block, kind, device):
         x_ref = torch.randn(4, 8, 64, in_features, generator=g, dtype=torch.float64)
         x = x_ref.to(device=device, dtype=dtype).requires_grad_()
     y = layer(x)
-    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    y.backward(grad_y.to(device=device, dtype=dtype))
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    y.backward(grad_y.to(device=device))
     y_ref, gx_ref, gw_ref, gb_ref = reference(x_ref.to(dtype) if kind == "dense" else x_ref, weight, bias, grad_y)
     checks = [(y, y_ref, "y"), (layer.values.grad, tiles_of(gw_ref, block_mask, block), "grad values"),
               (layer.bias.grad, gb_ref, "grad bias")]

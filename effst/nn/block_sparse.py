@@ -23,15 +23,18 @@ from effst.ops.block_sparse_linear import (
     BACKENDS,
     BlockSize,
     block_grid_shape,
-    block_sparse_linear,
+    block_sparse_linear_unchecked,
     blocks_to_dense,
     build_block_layout,
     check_block_size,
+    check_input_dtype,
     dense_to_blocks,
     expand_block_mask,
     tiles_with_any,
+    use_triton,
     BlockLayout,
 )
+from effst.ops.magnitude import keep_above_kth, tile_l1_norms
 
 _LAYOUT_BUFFERS = BlockLayout._fields
 
@@ -90,7 +93,7 @@ class BlockSparseLinear(nn.Module):
 
     # -- layout --------------------------------------------------------------------------------
     def _set_layout(self, block_mask: torch.Tensor) -> None:
-        layout = build_block_layout(block_mask)
+        layout = build_block_layout(block_mask, self.block_size)
         for name in _LAYOUT_BUFFERS:
             self.register_buffer(name, getattr(layout, name), persistent=False)
 
@@ -157,8 +160,9 @@ class BlockSparseLinear(nn.Module):
           of the weight's shape (a tile is kept if any of its entries is; entries outside the
           element mask are zeroed);
         * else ``sparsity`` given: block L1P at that sparsity (tiles scored by their L1 norm);
-        * else: the layer's own pruning mask if it has one (:mod:`effst.prune`), otherwise every
-          tile that holds a non-zero weight.
+        * else: the layer's own pruning mask if it has one (a ``weight`` parametrization holding a
+          bool ``mask`` of the weight's shape, as :mod:`effst.prune` makes), otherwise every tile
+          that holds a non-zero weight.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
@@ -177,16 +181,12 @@ class BlockSparseLinear(nn.Module):
             else:
                 block_mask = _check_block_mask(mask, grid, (bm, bk), out_features, in_features, element_ok=True)
         elif sparsity is not None:
-            from effst.prune.l1p import block_l1p_mask  # import here: prune depends on nn
-
-            block_mask = block_l1p_mask(weight, sparsity, (bm, bk))
+            block_mask = keep_above_kth(tile_l1_norms(weight, bm, bk), _check_sparsity(sparsity))
         else:
-            from effst.prune.masks import get_mask
-
-            element = get_mask(linear)
+            element = _parametrized_mask(linear)
             if element is None:
                 element = weight != 0
-            block_mask = tiles_with_any(element.to(torch.bool), (bm, bk))
+            block_mask = tiles_with_any(element, (bm, bk))
         module = cls(
             in_features, out_features, bias=linear.bias is not None, block_size=(bm, bk),
             block_mask=block_mask, backend=backend, device=weight.device, dtype=weight.dtype,
@@ -209,7 +209,11 @@ class BlockSparseLinear(nn.Module):
                 x = x.to(dtype)
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"x: expected shape [..., {self.in_features}], got {tuple(x.shape)}")
-        return block_sparse_linear(x, values, self.layout, self.out_features, bias, backend=self.backend)
+        check_input_dtype(x, values.dtype)
+        # The layer's own state was validated when it was set (construction, loading).
+        return block_sparse_linear_unchecked(
+            x, values, self.layout, self.out_features, bias, use_triton(x.device, self.backend)
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -247,6 +251,27 @@ class BlockSparseLinear(nn.Module):
                 )
                 self._set_layout(self.block_mask)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def _parametrized_mask(linear: nn.Linear) -> Optional[torch.Tensor]:
+    """The bool keep-mask of a masked weight parametrization (effst.prune's), else None.
+
+    Read by duck typing so that ``nn`` does not import ``prune`` (which imports ``nn``)."""
+    if not torch.nn.utils.parametrize.is_parametrized(linear, "weight"):
+        return None
+    for p in linear.parametrizations["weight"]:
+        mask = getattr(p, "mask", None)
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == linear.weight.shape:
+            return mask
+    return None
+
+
+def _check_sparsity(sparsity: float) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity: expected a number in [0, 1), got {type(sparsity).__name__}")
+    if not (0.0 <= float(sparsity) < 1.0):  # also rejects NaN
+        raise ValueError(f"sparsity: expected a number in [0, 1) (the fraction removed), got {sparsity!r}")
+    return float(sparsity)
 
 
 def _check_block_mask(mask, grid, block_size, out_features, in_features, element_ok=False) -> torch.Tensor:

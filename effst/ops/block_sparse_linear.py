@@ -1,42 +1,47 @@
 """Block-sparse linear layer ``Y = X @ W.T + b`` whose weight keeps only some ``bm x bk`` tiles.
 
-Layout (built by :func:`build_block_layout` from a ``[ceil(N/bm), ceil(K/bk)]`` block mask, for
-a weight ``W`` of shape ``[N, K] = [out_features, in_features]``):
+The math and the layout are written out in docs/block_sparse.md; in short, for a weight ``W``
+of shape ``[N, K] = [out_features, in_features]`` and a ``[ceil(N/bm), ceil(K/bk)]`` block mask:
 
-* ``values``  ``[nnz, bm, bk]`` -- the kept tiles in *row order* (block-row major, columns
-  ascending inside a row).  Tiles on the right/bottom edge are zero-padded past ``K``/``N``.
-* CSR over output block-rows, for ``Y = X W^T`` and for ``dW``: ``row_ptr [nbr+1]``,
-  ``col_idx [nnz]`` (block column of each tile) and ``row_idx [nnz]`` (block row of each tile).
-* CSC over input block-columns, for ``dX = dY W``: ``col_ptr [nbc+1]``, ``csc_row_idx [nnz]``
-  and ``csc_perm [nnz]`` (index into ``values`` of the i-th tile in column order).
+* ``values [nnz, bm, bk]`` -- the kept tiles in *row order* (block-row major, columns ascending),
+  zero-padded past ``N``/``K`` on the bottom/right edge.
+* :class:`BlockLayout` (built once, by :func:`build_block_layout`, when the mask is set):
+  CSR/CSC index tensors for the torch implementation, and two *group lookup tables* for the
+  Triton kernels. Block-rows are grouped ``row_group`` at a time (``row_group * bm`` >= 64 output
+  columns, a wide MMA); each group lists the union of its kept block-columns and, for every such
+  column, the value index of each member's tile (-1: not kept, read as zeros). Block-columns are
+  grouped the same way for ``dX``.
 
-The three products, each one Triton kernel reading the tiles in place (no transposed copy):
+The kernels (each reads the kept tiles in place, fp32 accumulation, output in the layer dtype):
 
-* forward     one program per (M tile, block-row): ``Y[m, r] = sum_j X[m, col_j] W_j^T``
-* grad input  one program per (M tile, block-column): ``dX[m, c] = sum_i dY[m, row_i] W_i``
-* grad weight one program per (kept tile, M split): ``dW_j = dY[:, r_j]^T X[:, c_j]``; the
-  splits go to a ``[split, nnz, bm, bk]`` buffer that is summed afterwards (deterministic).
-  The bias gradient is summed from the same dY tiles by the first tile of each block-row
-  (extra programs sum the block-rows that keep no tile), so dY is read once for dW and db.
+* forward      persistent; a program owns ``BLOCK_M`` rows x one group of block-rows and walks
+               the group's columns: each X slab ``[BLOCK_M, bk]`` is loaded once and feeds an
+               MMA ``[BLOCK_M, bk] x [bk, row_group*bm]``; loads pipelined with ``tl.range``.
+* grad input   the same over groups of block-columns: ``dX[:, group] += dY[:, r] W_r,group``.
+* grad weight  one program per (group entry, M slice): ``dW = dY[:, group]^T X[:, c]``, an MMA
+               ``row_group*bm`` wide; the group's first entry also sums the bias gradient from
+               the dY it already holds. With one M slice the result is written in the layer
+               dtype; with several, fp32 partials are summed in a fixed order by one kernel
+               that also finishes the bias gradient (deterministic).
 
-Inputs ``[..., K]`` of any leading shape are flattened to ``[M, K]``.  Activations are fp32,
-fp16, bf16 (or fp64, for reference runs); they must have the dtype of ``values``.  Binary spike
-inputs may be ``bool`` or ``uint8``: they are read as one byte and widened to the weight dtype
-in registers (exact for any byte value); such inputs get no gradient (they are integers).
-Accumulation is fp32 (fp64 for fp64).  fp32 products follow
-``torch.backends.cuda.matmul.allow_tf32`` exactly as ``F.linear`` does.
+Inputs ``[..., K]`` are flattened to ``[M, K]``; they are fp32/fp16/bf16/fp64 with the dtype of
+``values``, or bool/uint8 spikes, read as one byte and widened in registers (exact; no gradient).
+fp32 products follow ``torch.backends.cuda.matmul.allow_tf32`` exactly as ``F.linear`` does.
 
-Where Triton cannot run (a CPU tensor outside ``TRITON_INTERPRET=1``) the same three products
-run as a torch gather-based implementation that also touches only the kept tiles (one matmul per
-block-row / block-column); ``backend='torch'`` selects it explicitly on any device.
-Everything is exposed as the custom ops ``effst::block_sparse_linear`` (+ its two gradient
-ops) with fake implementations, so ``torch.compile`` traces through without graph breaks.
+Launch configurations are cached per (shape, dtype, layout); on CUDA the first eager call of a
+configuration times a few candidates and keeps the fastest (``EFFST_BSL_AUTOTUNE=0`` keeps the
+fixed default). Where Triton cannot run (CPU tensors outside ``TRITON_INTERPRET=1``) the same
+products run as a torch implementation that touches only the kept tiles (``backend='torch'``
+selects it anywhere). Eager calls go through one ``torch.autograd.Function``; under
+``torch.compile`` the same launchers are wrapped as the custom ops ``effst::block_sparse_linear``
+(+ gradient ops) with fake implementations, so graphs trace without breaks.
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import numbers
+import os
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -48,6 +53,7 @@ BlockSize = Union[int, Sequence[int]]
 BACKENDS = ("auto", "triton", "torch")
 _SPIKE_DTYPES = (torch.bool, torch.uint8)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+GROUP_WIDTH = 128  # columns a forward / grad-input program produces per block group (MMA width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +87,11 @@ def block_grid_shape(out_features: int, in_features: int, block_size: BlockSize)
 
 
 class BlockLayout(NamedTuple):
-    """Index tensors (int32, on the weight's device) for the kept tiles; see the module doc."""
+    """Index tensors (int32, on the mask's device) of the kept tiles; see the module doc.
+
+    ``row_group_tile`` is ``[entries, row_group]`` and ``col_group_tile`` ``[entries, col_group]``,
+    so the group sizes are part of the tensors' shapes (no host synchronisation to read them).
+    """
 
     row_ptr: torch.Tensor
     col_idx: torch.Tensor
@@ -89,27 +99,68 @@ class BlockLayout(NamedTuple):
     col_ptr: torch.Tensor
     csc_row_idx: torch.Tensor
     csc_perm: torch.Tensor
+    row_group_ptr: torch.Tensor  # [row groups + 1] entries of each group of block-rows
+    row_group_col: torch.Tensor  # [entries] block-column of each entry
+    row_group_tile: torch.Tensor  # [entries, row_group] value index of each member's tile, -1 if pruned
+    row_group_of: torch.Tensor  # [entries] the group of each entry
+    col_group_ptr: torch.Tensor  # [column groups + 1]
+    col_group_row: torch.Tensor  # [entries] block-row of each entry
+    col_group_tile: torch.Tensor  # [entries, col_group]
 
 
-def build_block_layout(block_mask: torch.Tensor) -> BlockLayout:
-    """Row- and column-ordered indices of the True entries of a 2-D block mask (deterministic)."""
+def group_size(side: int, blocks: int) -> int:
+    """Blocks per group so that a group spans ``GROUP_WIDTH`` columns (at most ``blocks``, a power of two)."""
+    return max(1, min(GROUP_WIDTH // side, triton.next_power_of_2(max(blocks, 1))))
+
+
+def _group_entries(position: torch.Tensor, group: int, dummy_for_empty: bool):
+    """Lookup table of ``position`` ([blocks, other] value index or -1) grouped ``group`` rows at a time.
+
+    Returns ``(ptr [groups+1], other [entries], tile [entries, group], group_of [entries])``.
+    With ``dummy_for_empty`` a group without tiles gets one entry at column 0 whose tiles are all
+    -1, so the grad-weight kernel has a program to sum that group's bias gradient.
+    """
+    blocks, other = position.shape
+    groups = -(-blocks // group)
+    padded = torch.full((groups * group, other), -1, dtype=torch.int64)
+    padded[:blocks] = position
+    grouped = padded.view(groups, group, other)
+    present = (grouped >= 0).any(dim=1)
+    if dummy_for_empty and other > 0:
+        present[~present.any(dim=1), 0] = True
+    group_of, other_idx = present.nonzero(as_tuple=True)  # group-major, `other` ascending
+    tile = grouped[group_of, :, other_idx]  # [entries, group]
+    ptr = torch.zeros(groups + 1, dtype=torch.int64)
+    ptr[1:] = present.sum(dim=1).cumsum(0)
+    return ptr, other_idx, tile.reshape(-1, group), group_of
+
+
+def build_block_layout(block_mask: torch.Tensor, block_size: BlockSize = (32, 32)) -> BlockLayout:
+    """Row-, column- and group-ordered indices of the True entries of a 2-D block mask.
+
+    Deterministic; built on the CPU (once per mask) and moved to the mask's device.
+    ``block_size`` sets the group sizes only (any value gives correct results).
+    """
     if block_mask.dim() != 2:
         raise ValueError(f"block_mask: expected a 2-D [block_rows, block_cols] mask, got shape {tuple(block_mask.shape)}")
-    mask = block_mask.to(torch.bool)
+    bm, bk = check_block_size(block_size)
+    device = block_mask.device
+    mask = block_mask.detach().to(device="cpu", dtype=torch.bool)
     nbr, nbc = mask.shape
-    device = mask.device
     rows, cols = mask.nonzero(as_tuple=True)  # row-major order: the order of `values`
     nnz = rows.numel()
-    row_ptr = torch.zeros(nbr + 1, dtype=torch.int64, device=device)
+    row_ptr = torch.zeros(nbr + 1, dtype=torch.int64)
     row_ptr[1:] = mask.sum(dim=1).cumsum(0)
-    col_ptr = torch.zeros(nbc + 1, dtype=torch.int64, device=device)
+    col_ptr = torch.zeros(nbc + 1, dtype=torch.int64)
     col_ptr[1:] = mask.sum(dim=0).cumsum(0)
-    position = torch.full((nbr, nbc), -1, dtype=torch.int64, device=device)
-    position[rows, cols] = torch.arange(nnz, device=device)
+    position = torch.full((nbr, nbc), -1, dtype=torch.int64)
+    position[rows, cols] = torch.arange(nnz)
     csc_cols, csc_rows = mask.t().nonzero(as_tuple=True)  # column-major order
     csc_perm = position[csc_rows, csc_cols]
-    i32 = torch.int32
-    return BlockLayout(row_ptr.to(i32), cols.to(i32), rows.to(i32), col_ptr.to(i32), csc_rows.to(i32), csc_perm.to(i32))
+    row_groups = _group_entries(position, group_size(bm, nbr), dummy_for_empty=True)
+    col_groups = _group_entries(position.t(), group_size(bk, nbc), dummy_for_empty=False)[:3]
+    tensors = (row_ptr, cols, rows, col_ptr, csc_rows, csc_perm, *row_groups, *col_groups)
+    return BlockLayout(*(t.to(device=device, dtype=torch.int32).contiguous() for t in tensors))
 
 
 def expand_block_mask(block_mask: torch.Tensor, block_size: BlockSize, shape: Sequence[int]) -> torch.Tensor:
@@ -155,139 +206,157 @@ def blocks_to_dense(values: torch.Tensor, block_mask: torch.Tensor, out_features
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _bsl_forward_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, row_ptr_ptr, col_idx_ptr,
-    M, K, N, stride_xm, stride_ym, num_block_rows,
-    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
-    EVEN_K: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, y_ptr, group_ptr_ptr, group_col_ptr, group_tile_ptr,
+    M, K, N, stride_xm, stride_ym, num_groups, num_tiles,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # Block-rows vary fastest so consecutive programs reuse the same X rows from L2.
-    pid = tl.program_id(0)
-    r = pid % num_block_rows
-    pid_m = pid // num_block_rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BM)
+    offs_w = tl.arange(0, GROUP * BM)  # output columns of the group
+    member = offs_w // BM  # which block-row of the group each column belongs to
+    within = offs_w % BM
     offs_k = tl.arange(0, BK)
-    m_in = offs_m < M
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    # A tile is stored [BM, BK] row-major; read it as its transpose [BK, BM].
-    w_tile_t = w_ptr + offs_n[None, :] * BK + offs_k[:, None]
-    start = tl.load(row_ptr_ptr + r).to(tl.int64)
-    end = tl.load(row_ptr_ptr + r + 1).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BM), dtype=ACC_DTYPE)
-    for j in range(start, end):
-        c = tl.load(col_idx_ptr + j)
-        cols = c * BK + offs_k
-        if EVEN_K:
-            x = tl.load(x_rows + cols[None, :], mask=m_in[:, None], other=0)
-        else:
-            x = tl.load(x_rows + cols[None, :], mask=m_in[:, None] & (cols[None, :] < K), other=0)
-        w = tl.load(w_tile_t + j * (BM * BK))
-        # bool/uint8 spikes are widened here, in registers.
-        acc = tl.dot(x.to(w.dtype), w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    out_cols = r * BM + offs_n
-    n_in = out_cols < N
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + out_cols, mask=n_in, other=0).to(ACC_DTYPE)[None, :]
-    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + out_cols[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+    # Persistent: a program walks tiles (groups fastest, so neighbours share X rows in L2).
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        g = tile % num_groups
+        offs_m = (tile // num_groups) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_in = offs_m < M
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        start = tl.load(group_ptr_ptr + g)
+        end = tl.load(group_ptr_ptr + g + 1)
+        acc = tl.zeros((BLOCK_M, GROUP * BM), dtype=ACC_DTYPE)
+        for e in tl.range(start, end, num_stages=NUM_STAGES):
+            cols = tl.load(group_col_ptr + e) * BK + offs_k
+            if EVEN_K:
+                x = tl.load(x_rows + cols[None, :], mask=m_in[:, None], other=0)
+            else:
+                x = tl.load(x_rows + cols[None, :], mask=m_in[:, None] & (cols[None, :] < K), other=0)
+            t = tl.load(group_tile_ptr + e * GROUP + member).to(tl.int64)
+            # [BK, GROUP*BM]: member i's tile transposed, zeros where it is pruned.
+            w = tl.load(w_ptr + t[None, :] * (BM * BK) + within[None, :] * BK + offs_k[:, None],
+                        mask=(t >= 0)[None, :], other=0)
+            # bool/uint8 spikes are widened here, in registers.
+            acc = tl.dot(x.to(w.dtype), w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        out_cols = g * (GROUP * BM) + offs_w
+        n_in = out_cols < N
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + out_cols, mask=n_in, other=0).to(ACC_DTYPE)[None, :]
+        y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + out_cols[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
 @triton.jit
 def _bsl_grad_input_kernel(
-    dy_ptr, w_ptr, dx_ptr, col_ptr_ptr, csc_row_idx_ptr, csc_perm_ptr,
-    M, K, N, stride_dym, stride_dxm, num_block_cols,
-    BM: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+    dy_ptr, w_ptr, dx_ptr, group_ptr_ptr, group_row_ptr, group_tile_ptr,
+    M, K, N, stride_dym, stride_dxm, num_groups, num_tiles,
+    BM: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     EVEN_N: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    c = pid % num_block_cols
-    pid_m = pid // num_block_cols
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_w = tl.arange(0, GROUP * BK)  # input columns of the group
+    member = offs_w // BK
+    within = offs_w % BK
     offs_n = tl.arange(0, BM)
-    offs_k = tl.arange(0, BK)
-    m_in = offs_m < M
-    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
-    w_tile = w_ptr + offs_n[:, None] * BK + offs_k[None, :]
-    start = tl.load(col_ptr_ptr + c).to(tl.int64)
-    end = tl.load(col_ptr_ptr + c + 1).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BK), dtype=ACC_DTYPE)
-    for i in range(start, end):
-        r = tl.load(csc_row_idx_ptr + i)
-        p = tl.load(csc_perm_ptr + i).to(tl.int64)
-        rows = r * BM + offs_n
-        if EVEN_N:
-            dy = tl.load(dy_rows + rows[None, :], mask=m_in[:, None], other=0)
-        else:
-            dy = tl.load(dy_rows + rows[None, :], mask=m_in[:, None] & (rows[None, :] < N), other=0)
-        w = tl.load(w_tile + p * (BM * BK))
-        acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    cols = c * BK + offs_k
-    dx = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + cols[None, :]
-    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_in[:, None] & (cols[None, :] < K))
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        g = tile % num_groups
+        offs_m = (tile // num_groups) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_in = offs_m < M
+        dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+        start = tl.load(group_ptr_ptr + g)
+        end = tl.load(group_ptr_ptr + g + 1)
+        acc = tl.zeros((BLOCK_M, GROUP * BK), dtype=ACC_DTYPE)
+        for e in tl.range(start, end, num_stages=NUM_STAGES):
+            rows = tl.load(group_row_ptr + e) * BM + offs_n
+            if EVEN_N:
+                dy = tl.load(dy_rows + rows[None, :], mask=m_in[:, None], other=0)
+            else:
+                dy = tl.load(dy_rows + rows[None, :], mask=m_in[:, None] & (rows[None, :] < N), other=0)
+            t = tl.load(group_tile_ptr + e * GROUP + member).to(tl.int64)
+            w = tl.load(w_ptr + t[None, :] * (BM * BK) + offs_n[:, None] * BK + within[None, :],
+                        mask=(t >= 0)[None, :], other=0)
+            acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        cols = g * (GROUP * BK) + offs_w
+        dx = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + cols[None, :]
+        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_in[:, None] & (cols[None, :] < K))
 
 
 @triton.jit
 def _bsl_grad_weight_kernel(
-    dy_ptr, x_ptr, partial_ptr, db_partial_ptr, row_ptr_ptr, row_idx_ptr, col_idx_ptr,
-    M, K, N, stride_dym, stride_xm, nnz, n_padded, rows_per_split,
-    HAS_DB: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    dy_ptr, x_ptr, out_ptr, group_ptr_ptr, group_col_ptr, group_tile_ptr, group_of_ptr,
+    M, K, N, stride_dym, stride_xm, nnz, rows_per_split, split_stride,
+    HAS_DB: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    # Programs 0..nnz-1: one kept tile each. With HAS_DB, programs nnz..nnz+nbr-1 sum the bias
-    # gradient of block-rows that keep no tile (no tile program reads their dY).
-    j = tl.program_id(0)
+    # out: [split, nnz*BM*BK + padded N] -- tile gradients, then (HAS_DB) the bias gradient.
+    e = tl.program_id(0)
     split = tl.program_id(1)
-    offs_n = tl.arange(0, BM)
+    g = tl.load(group_of_ptr + e)
+    c = tl.load(group_col_ptr + e)
+    offs_w = tl.arange(0, GROUP * BM)
+    member = offs_w // BM
+    within = offs_w % BM
     offs_k = tl.arange(0, BK)
+    rows = g * (GROUP * BM) + offs_w
+    cols = c * BK + offs_k
+    n_in = rows < N
+    k_in = cols < K
     m_begin = split * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
-    db_out = db_partial_ptr + split.to(tl.int64) * n_padded
-    if j < nnz:
-        r = tl.load(row_idx_ptr + j)
-        c = tl.load(col_idx_ptr + j)
-        rows = r * BM + offs_n
-        cols = c * BK + offs_k
-        n_in = rows < N
-        k_in = cols < K
-        acc = tl.zeros((BM, BK), dtype=ACC_DTYPE)
-        db = tl.zeros((BM,), dtype=ACC_DTYPE)
-        for m0 in range(m_begin, m_end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_in = offs_m < m_end
-            offs_m64 = offs_m.to(tl.int64)[:, None]
-            dy = tl.load(dy_ptr + offs_m64 * stride_dym + rows[None, :], mask=m_in[:, None] & n_in[None, :], other=0)
-            x = tl.load(x_ptr + offs_m64 * stride_xm + cols[None, :], mask=m_in[:, None] & k_in[None, :], other=0)
-            acc = tl.dot(tl.trans(dy), x.to(dy.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if HAS_DB:
-                # The bias gradient rides on the dY tile already in registers (one pass over dY).
-                db += tl.sum(dy.to(ACC_DTYPE), axis=0)
-        out = partial_ptr + (split.to(tl.int64) * nnz + j) * (BM * BK) + offs_n[:, None] * BK + offs_k[None, :]
-        tl.store(out, acc)
+    acc = tl.zeros((GROUP * BM, BK), dtype=ACC_DTYPE)
+    db = tl.zeros((GROUP * BM,), dtype=ACC_DTYPE)
+    for m0 in tl.range(m_begin, m_end, BLOCK_M, num_stages=NUM_STAGES):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_in = offs_m < m_end
+        offs_m64 = offs_m.to(tl.int64)[:, None]
+        dy = tl.load(dy_ptr + offs_m64 * stride_dym + rows[None, :], mask=m_in[:, None] & n_in[None, :], other=0)
+        x = tl.load(x_ptr + offs_m64 * stride_xm + cols[None, :], mask=m_in[:, None] & k_in[None, :], other=0)
+        # MMA GROUP*BM wide: the whole group's dY slab against one X slab.
+        acc = tl.dot(tl.trans(dy), x.to(dy.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_DB:
-            # Only the first tile of each block-row writes its row's bias slice.
-            first = tl.load(row_ptr_ptr + r) == j
-            tl.store(db_out + rows, db, mask=(offs_n < BM) & first)
-    else:
-        r = j - nnz
-        if tl.load(row_ptr_ptr + r) == tl.load(row_ptr_ptr + r + 1):
-            rows = r * BM + offs_n
-            n_in = rows < N
-            db = tl.zeros((BM,), dtype=ACC_DTYPE)
-            for m0 in range(m_begin, m_end, BLOCK_M):
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                m_in = offs_m < m_end
-                dy = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + rows[None, :],
-                             mask=m_in[:, None] & n_in[None, :], other=0)
-                db += tl.sum(dy.to(ACC_DTYPE), axis=0)
-            tl.store(db_out + rows, db)
+            db += tl.sum(dy.to(ACC_DTYPE), axis=0)
+    base = out_ptr + split.to(tl.int64) * split_stride
+    t = tl.load(group_tile_ptr + e * GROUP + member).to(tl.int64)
+    dest = base + t[:, None] * (BM * BK) + within[:, None] * BK + offs_k[None, :]
+    tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=(t >= 0)[:, None])
+    if HAS_DB:
+        # The group's first entry owns its bias slice (every group has at least one entry).
+        if tl.load(group_ptr_ptr + g) == e:
+            tl.store(base + nnz.to(tl.int64) * (BM * BK) + rows, db.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, out_ptr, numel, num_splits, BLOCK: tl.constexpr):
+    """``out = sum_s partial[s]`` in split order (deterministic), cast to the output dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=partial_ptr.dtype.element_ty)
+    for s in range(0, num_splits):
+        acc += tl.load(partial_ptr + s * numel + offs, mask=inside, other=0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers
+# Launch configuration: fixed under the interpreter, tuned once per shape on the GPU
 # ---------------------------------------------------------------------------------------------
+class LaunchConfig(NamedTuple):
+    block_m: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int = 1  # persistent grid size (forward / grad input); M slices target (grad weight)
+
+
 def _kernels_interpreted() -> bool:
     """True when triton replaced the kernels by its CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return not isinstance(_bsl_forward_kernel, triton.runtime.JITFunction)
+
+
+_INTERPRETER_PROGRAMS = 3  # a small persistent grid, so the interpreter walks the tile loop too
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -301,96 +370,170 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _tile_m(m: int, cap: int) -> int:
-    # Small problems (and the interpreter) do not pay for a 128-row tile of padding.
-    return max(16, min(cap, triton.next_power_of_2(max(m, 1))))
+def _candidates(kind: str, width: int, bk: int, dtype: torch.dtype) -> list[LaunchConfig]:
+    """Configurations tried on the GPU, the first being the untuned default."""
+    wide = torch.float64 if dtype == torch.float64 else None
+    if kind == "grad_weight":
+        out = [LaunchConfig(64, 8 if width >= 128 else 4, 3, 4), LaunchConfig(128, 8, 3, 4),
+               LaunchConfig(64, 4, 4, 2), LaunchConfig(128, 8, 4, 8)]
+    else:
+        out = [LaunchConfig(128, 8 if width >= 128 else 4, 3, 1), LaunchConfig(128, 4, 4, 2),
+               LaunchConfig(64, 4, 4, 2), LaunchConfig(256, 8, 3, 1), LaunchConfig(128, 8, 4, 2)]
+    if wide is not None:  # fp64 tiles are twice the size: smaller M tiles only
+        out = [LaunchConfig(64, 4, 2, c.programs_per_sm) for c in out[:1]]
+    return out
 
 
-def _num_warps(bm: int, bk: int) -> int:
-    return 8 if max(bm, bk) >= 64 else 4
+_TUNED: dict[tuple, LaunchConfig] = {}
 
 
-def _triton_forward(x, values, bias, row_ptr, col_idx, out_features):
+def _autotune_enabled(device: torch.device) -> bool:
+    if device.type != "cuda" or os.environ.get("EFFST_BSL_AUTOTUNE", "1") == "0":
+        return False
+    # Timing synchronises: never while compiling or capturing a CUDA graph (defaults then).
+    return not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
+
+
+def _config(kind: str, key: tuple, device: torch.device, width: int, bk: int, dtype: torch.dtype, m: int, launch) -> LaunchConfig:
+    """Launch config of ``kind`` for ``key``; ``launch(cfg)`` runs the kernel once (for timing)."""
+    if device.type != "cuda":
+        return LaunchConfig(max(16, min(32, triton.next_power_of_2(max(m, 1)))), 4, 1, 1)
+    full_key = (kind, device.index) + key
+    found = _TUNED.get(full_key)
+    if found is not None:
+        return found
+    candidates = _candidates(kind, width, bk, dtype)
+    if not _autotune_enabled(device) or len(candidates) == 1:
+        return candidates[0]  # not cached: tuned on the next eager call
+    best, best_ms = candidates[0], math.inf
+    for cfg in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
+        except Exception:  # noqa: BLE001 - a config that does not fit (shared memory, registers) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _TUNED[full_key] = best
+    return best
+
+
+def _m_bucket(m: int) -> int:
+    return triton.next_power_of_2(max(m, 1))
+
+
+def _persistent_grid(num_tiles: int, device: torch.device, cfg: LaunchConfig) -> int:
+    if device.type != "cuda":
+        return max(1, min(num_tiles, _INTERPRETER_PROGRAMS))
+    return max(1, min(num_tiles, _sm_count(device.index) * cfg.programs_per_sm))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (inputs: 2-D, unit stride along the last dim; outputs in the layer dtype)
+# ---------------------------------------------------------------------------------------------
+def _triton_forward(x, values, bias, layout: BlockLayout, out_features: int) -> torch.Tensor:
     m, k = x.shape
     nnz, bm, bk = values.shape
-    nbr = row_ptr.numel() - 1
+    group = layout.row_group_tile.shape[1]
+    num_groups = layout.row_group_ptr.shape[0] - 1
     y = torch.empty((m, out_features), dtype=values.dtype, device=x.device)
     if m == 0:
         return y
-    block_m = _tile_m(m, 128)
-    grid = (triton.cdiv(m, block_m) * nbr,)
-    _bsl_forward_kernel[grid](
-        x, values, bias if bias is not None else values, y, row_ptr, col_idx,
-        m, k, out_features, x.stride(0), y.stride(0), nbr,
-        HAS_BIAS=bias is not None, BM=bm, BK=bk, BLOCK_M=block_m, EVEN_K=k % bk == 0,
-        ACC_DTYPE=_acc_dtype(values.dtype), INPUT_PRECISION=_input_precision(values.dtype),
-        num_warps=_num_warps(bm, bk), num_stages=3,
-    )
+
+    def launch(cfg: LaunchConfig):
+        num_tiles = triton.cdiv(m, cfg.block_m) * num_groups
+        _bsl_forward_kernel[(_persistent_grid(num_tiles, x.device, cfg),)](
+            x, values, bias if bias is not None else values, y,
+            layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
+            m, k, out_features, x.stride(0), y.stride(0), num_groups, num_tiles,
+            HAS_BIAS=bias is not None, BM=bm, BK=bk, GROUP=group, BLOCK_M=cfg.block_m, EVEN_K=k % bk == 0,
+            ACC_DTYPE=_acc_dtype(values.dtype), INPUT_PRECISION=_input_precision(values.dtype),
+            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    key = (_m_bucket(m), k, out_features, bm, bk, group, nnz, values.dtype, x.dtype)
+    launch(_config("forward", key, x.device, group * bm, bk, values.dtype, m, launch))
     return y
 
 
-def _triton_grad_input(grad_y, values, col_ptr, csc_row_idx, csc_perm, in_features):
+def _triton_grad_input(grad_y, values, layout: BlockLayout, in_features: int) -> torch.Tensor:
     m, n = grad_y.shape
     nnz, bm, bk = values.shape
-    nbc = col_ptr.numel() - 1
+    group = layout.col_group_tile.shape[1]
+    num_groups = layout.col_group_ptr.shape[0] - 1
     grad_x = torch.empty((m, in_features), dtype=values.dtype, device=grad_y.device)
     if m == 0:
         return grad_x
-    block_m = _tile_m(m, 128)
-    grid = (triton.cdiv(m, block_m) * nbc,)
-    _bsl_grad_input_kernel[grid](
-        grad_y, values, grad_x, col_ptr, csc_row_idx, csc_perm,
-        m, in_features, n, grad_y.stride(0), grad_x.stride(0), nbc,
-        BM=bm, BK=bk, BLOCK_M=block_m, EVEN_N=n % bm == 0,
-        ACC_DTYPE=_acc_dtype(values.dtype), INPUT_PRECISION=_input_precision(values.dtype),
-        num_warps=_num_warps(bm, bk), num_stages=3,
-    )
+
+    def launch(cfg: LaunchConfig):
+        num_tiles = triton.cdiv(m, cfg.block_m) * num_groups
+        _bsl_grad_input_kernel[(_persistent_grid(num_tiles, grad_y.device, cfg),)](
+            grad_y, values, grad_x, layout.col_group_ptr, layout.col_group_row, layout.col_group_tile,
+            m, in_features, n, grad_y.stride(0), grad_x.stride(0), num_groups, num_tiles,
+            BM=bm, BK=bk, GROUP=group, BLOCK_M=cfg.block_m, EVEN_N=n % bm == 0,
+            ACC_DTYPE=_acc_dtype(values.dtype), INPUT_PRECISION=_input_precision(values.dtype),
+            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    key = (_m_bucket(m), in_features, n, bm, bk, group, nnz, values.dtype)
+    launch(_config("grad_input", key, grad_y.device, group * bk, bk, values.dtype, m, launch))
     return grad_x
 
 
-def _grad_values_split(m: int, nnz: int, block_m: int, device: torch.device) -> int:
-    """How many M slices each tile's reduction is cut into, to fill the GPU when nnz is small."""
+def _grad_weight_splits(m: int, entries: int, cfg: LaunchConfig, device: torch.device) -> int:
+    """M slices per entry, so that small layers still fill the GPU (1 on the CPU)."""
     if device.type != "cuda":
         return 1
-    target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    m_tiles = triton.cdiv(m, block_m)
+    target_programs = cfg.programs_per_sm * _sm_count(device.index)
+    m_tiles = triton.cdiv(m, cfg.block_m)
     # Keep at least 8 M tiles per slice so a program amortises its setup.
-    return max(1, min(triton.cdiv(target_programs, max(nnz, 1)), m_tiles // 8))
+    return max(1, min(triton.cdiv(target_programs, max(entries, 1)), m_tiles // 8))
 
 
-def _triton_grad_weight(grad_y, x, row_ptr, row_idx, col_idx, block_rows, block_cols, bias_grad, split=None):
-    """Gradients of the kept tiles ``[nnz, bm, bk]`` and (if ``bias_grad``) of the bias ``[N]``."""
+def _triton_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_cols: int, bias_grad: bool,
+                        split: Optional[int] = None):
+    """Gradients of the kept tiles ``[nnz, bm, bk]`` and (if ``bias_grad``) of the bias ``[N]``
+    (else an empty tensor), both in ``grad_y.dtype``. ``split`` forces the number of M slices."""
     m, n = grad_y.shape
     k = x.shape[1]
-    nnz = row_idx.numel()
+    nnz = layout.row_idx.shape[0]
     bm, bk = block_rows, block_cols
     dtype = grad_y.dtype
+    group = layout.row_group_tile.shape[1]
+    entries = layout.row_group_col.shape[0]
+    padded_n = (layout.row_group_ptr.shape[0] - 1) * group * bm
+    tile_numel = nnz * bm * bk
+    total = tile_numel + (padded_n if bias_grad else 0)
+    if m == 0 or entries == 0:
+        out = torch.zeros((total,), dtype=dtype, device=grad_y.device)
+        return out[:tile_numel].view(nnz, bm, bk), out[tile_numel:tile_numel + n]
     acc_torch = torch.float64 if dtype == torch.float64 else torch.float32
-    nbr = row_ptr.numel() - 1
-    grad_bias = grad_y.new_empty((0,))
-    if m == 0 or nnz == 0:
-        if bias_grad:
-            grad_bias = grad_y.sum(dim=0, dtype=acc_torch).to(dtype)
-        return torch.zeros((nnz, bm, bk), dtype=dtype, device=grad_y.device), grad_bias
-    block_m = _tile_m(m, 64)
-    if split is None:
-        split = _grad_values_split(m, nnz, block_m, grad_y.device)
-    rows_per_split = triton.cdiv(triton.cdiv(m, block_m), split) * block_m
-    split = triton.cdiv(m, rows_per_split)
-    partial = torch.empty((split, nnz, bm, bk), dtype=acc_torch, device=grad_y.device)
-    db_partial = torch.empty((split, nbr * bm) if bias_grad else (1,), dtype=acc_torch, device=grad_y.device)
-    programs = nnz + nbr if bias_grad else nnz
-    _bsl_grad_weight_kernel[(programs, split)](
-        grad_y, x, partial, db_partial, row_ptr, row_idx, col_idx,
-        m, k, n, grad_y.stride(0), x.stride(0), nnz, nbr * bm, rows_per_split,
-        HAS_DB=bias_grad, BM=bm, BK=bk, BLOCK_M=block_m,
-        ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_input_precision(dtype),
-        num_warps=_num_warps(bm, bk), num_stages=3,
-    )
-    grad_values = (partial[0] if split == 1 else partial.sum(dim=0)).to(dtype)
-    if bias_grad:
-        grad_bias = (db_partial[0] if split == 1 else db_partial.sum(dim=0))[:n].to(dtype)
-    return grad_values, grad_bias
+    state = {}
+
+    def launch(cfg: LaunchConfig):
+        splits = split if split is not None else _grad_weight_splits(m, entries, cfg, grad_y.device)
+        rows_per_split = triton.cdiv(triton.cdiv(m, cfg.block_m), splits) * cfg.block_m
+        splits = triton.cdiv(m, rows_per_split)
+        # One slice writes the layer dtype directly; several write fp32 partials summed below.
+        buffer = torch.empty((splits, total), dtype=dtype if splits == 1 else acc_torch, device=grad_y.device)
+        _bsl_grad_weight_kernel[(entries, splits)](
+            grad_y, x, buffer, layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
+            layout.row_group_of, m, k, n, grad_y.stride(0), x.stride(0), nnz, rows_per_split, total,
+            HAS_DB=bias_grad, BM=bm, BK=bk, GROUP=group, BLOCK_M=cfg.block_m,
+            ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_input_precision(dtype),
+            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        state["buffer"] = buffer
+
+    key = (_m_bucket(m), k, n, bm, bk, group, nnz, dtype, x.dtype, bias_grad, split)
+    launch(_config("grad_weight", key, grad_y.device, group * bm, bk, dtype, m, launch))
+    buffer = state["buffer"]
+    if buffer.shape[0] == 1:
+        out = buffer[0]
+    else:
+        out = torch.empty((total,), dtype=dtype, device=grad_y.device)
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(total, block),)](buffer, out, total, buffer.shape[0], BLOCK=block)
+    return out[:tile_numel].view(nnz, bm, bk), out[tile_numel:tile_numel + n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +620,7 @@ def _torch_grad_weight(grad_y, x, row_ptr, row_idx, col_idx, block_rows, block_c
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops (dispatch, fake implementations, autograd)
+# Dispatch: one autograd.Function in eager; custom ops (opaque to Dynamo) under torch.compile
 # ---------------------------------------------------------------------------------------------
 def _use_triton(device: torch.device, backend: str) -> bool:
     if backend == "torch":
@@ -485,105 +628,121 @@ def _use_triton(device: torch.device, backend: str) -> bool:
     return device.type == "cuda" or _kernels_interpreted()
 
 
-def _on_device(device: torch.device):
-    """Launch Triton kernels on the tensors' GPU, not on whichever one is current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """A 2-D tensor with unit stride along its last dim (the kernels need it)."""
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
+def _forward(x, values, bias, layout: BlockLayout, out_features: int, triton_path: bool) -> torch.Tensor:
+    if triton_path:
+        return _triton_forward(x, values, bias, layout, out_features)
+    return _torch_forward(x, values, bias, layout.row_ptr, layout.col_idx, out_features)
+
+
+def _grad_input(grad_y, values, layout: BlockLayout, in_features: int, triton_path: bool) -> torch.Tensor:
+    if triton_path:
+        return _triton_grad_input(grad_y, values, layout, in_features)
+    return _torch_grad_input(grad_y, values, layout.col_ptr, layout.csc_row_idx, layout.csc_perm, in_features)
+
+
+def _grad_weight(grad_y, x, layout: BlockLayout, bm: int, bk: int, bias_grad: bool, triton_path: bool):
+    if triton_path:
+        return _triton_grad_weight(grad_y, x, layout, bm, bk, bias_grad)
+    return _torch_grad_weight(grad_y, x, layout.row_ptr, layout.row_idx, layout.col_idx, bm, bk, bias_grad)
+
+
+def _backward(needs_x: bool, needs_values: bool, needs_bias: bool, grad_y, x, values, layout, triton_path):
+    """(grad x, grad values, grad bias), None for what nobody asked for (no launch for it)."""
+    grad_y = _as_rows(grad_y if grad_y.dtype == values.dtype else grad_y.to(values.dtype))
+    grad_x = grad_values = grad_bias = None
+    if needs_x:
+        grad_x = _grad_input(grad_y, values, layout, x.shape[1], triton_path)
+    if needs_values:
+        grad_values, fused_bias = _grad_weight(grad_y, x, layout, values.shape[1], values.shape[2], needs_bias, triton_path)
+        if needs_bias:
+            grad_bias = fused_bias
+    elif needs_bias:
+        acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+        grad_bias = grad_y.sum(dim=0, dtype=acc).to(values.dtype)
+    return grad_x, grad_values, grad_bias
+
+
+class BlockSparseLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` on 2-D ``x`` for inputs already validated (see :func:`block_sparse_linear`)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, layout, out_features, triton_path):
+        ctx.save_for_backward(x, values)
+        ctx.layout, ctx.triton_path = layout, triton_path
+        return _forward(x, values, bias, layout, out_features, triton_path)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, values = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x, grad_values, grad_bias = _backward(needs[0], needs[1], needs[2], grad_y, x, values, ctx.layout, ctx.triton_path)
+        return grad_x, grad_values, grad_bias, None, None, None
+
+
 @torch.library.custom_op("effst::block_sparse_linear", mutates_args=())
 def _block_sparse_linear_op(
-    x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
-    row_ptr: torch.Tensor, col_idx: torch.Tensor, row_idx: torch.Tensor,
-    col_ptr: torch.Tensor, csc_row_idx: torch.Tensor, csc_perm: torch.Tensor,
-    out_features: int, backend: str,
+    x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor], layout: list[torch.Tensor],
+    out_features: int, triton_path: bool,
 ) -> torch.Tensor:
-    x = _as_rows(x)
-    values = values.contiguous()
-    if _use_triton(x.device, backend):
-        with _on_device(x.device):
-            return _triton_forward(x, values, bias, row_ptr, col_idx, out_features)
-    return _torch_forward(x, values, bias, row_ptr, col_idx, out_features)
+    return _forward(x, values, bias, BlockLayout(*layout), out_features, triton_path)
 
 
 @_block_sparse_linear_op.register_fake
-def _(x, values, bias, row_ptr, col_idx, row_idx, col_ptr, csc_row_idx, csc_perm, out_features, backend):
+def _(x, values, bias, layout, out_features, triton_path):
     return x.new_empty((x.shape[0], out_features), dtype=values.dtype)
 
 
-@torch.library.custom_op("effst::block_sparse_linear_grad_input", mutates_args=())
-def _grad_input_op(
-    grad_y: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tensor, csc_row_idx: torch.Tensor,
-    csc_perm: torch.Tensor, in_features: int, backend: str,
-) -> torch.Tensor:
-    grad_y = _as_rows(grad_y.to(values.dtype))
-    values = values.contiguous()
-    if _use_triton(grad_y.device, backend):
-        with _on_device(grad_y.device):
-            return _triton_grad_input(grad_y, values, col_ptr, csc_row_idx, csc_perm, in_features)
-    return _torch_grad_input(grad_y, values, col_ptr, csc_row_idx, csc_perm, in_features)
+@torch.library.custom_op("effst::block_sparse_linear_backward", mutates_args=())
+def _block_sparse_linear_backward_op(
+    grad_y: torch.Tensor, x: torch.Tensor, values: torch.Tensor, layout: list[torch.Tensor],
+    needs_x: bool, needs_values: bool, needs_bias: bool, triton_path: bool,
+) -> list[torch.Tensor]:
+    grad_x, grad_values, grad_bias = _backward(needs_x, needs_values, needs_bias, grad_y, x, values, BlockLayout(*layout), triton_path)
+    if grad_values is not None and grad_bias is not None:
+        grad_bias = grad_bias.clone()  # a custom op's outputs may not share storage (it is [N], small)
+    return [g if g is not None else values.new_empty((0,)) for g in (grad_x, grad_values, grad_bias)]
 
 
-@_grad_input_op.register_fake
-def _(grad_y, values, col_ptr, csc_row_idx, csc_perm, in_features, backend):
-    return grad_y.new_empty((grad_y.shape[0], in_features), dtype=values.dtype)
+@_block_sparse_linear_backward_op.register_fake
+def _(grad_y, x, values, layout, needs_x, needs_values, needs_bias, triton_path):
+    empty = values.new_empty((0,))
+    return [
+        values.new_empty(x.shape) if needs_x else empty,
+        values.new_empty(values.shape) if needs_values else empty,
+        values.new_empty((grad_y.shape[1],)) if needs_bias else empty,
+    ]
 
 
-@torch.library.custom_op("effst::block_sparse_linear_grad_weight", mutates_args=())
-def _grad_weight_op(
-    grad_y: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, row_idx: torch.Tensor, col_idx: torch.Tensor,
-    block_rows: int, block_cols: int, bias_grad: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_y = _as_rows(grad_y)
-    x = _as_rows(x)
-    if _use_triton(grad_y.device, backend):
-        with _on_device(grad_y.device):
-            return _triton_grad_weight(grad_y, x, row_ptr, row_idx, col_idx, block_rows, block_cols, bias_grad)
-    return _torch_grad_weight(grad_y, x, row_ptr, row_idx, col_idx, block_rows, block_cols, bias_grad)
+def _op_setup_context(ctx, inputs, output):
+    x, values, bias, layout, out_features, triton_path = inputs
+    ctx.save_for_backward(x, values, *layout)
+    ctx.triton_path = triton_path
 
 
-@_grad_weight_op.register_fake
-def _(grad_y, x, row_ptr, row_idx, col_idx, block_rows, block_cols, bias_grad, backend):
-    grad_bias = grad_y.new_empty((grad_y.shape[1],) if bias_grad else (0,))
-    return grad_y.new_empty((row_idx.shape[0], block_rows, block_cols)), grad_bias
+def _op_backward(ctx, grad_y):
+    x, values, *layout = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = _block_sparse_linear_backward_op(grad_y, x, values, layout, needs[0], needs[1], needs[2], ctx.triton_path)
+    grad_x, grad_values, grad_bias = (g if need else None for g, need in zip(grads, needs[:3]))
+    return grad_x, grad_values, grad_bias, [None] * len(layout), None, None
 
 
-def _setup_context(ctx, inputs, output):
-    x, values, bias, row_ptr, col_idx, row_idx, col_ptr, csc_row_idx, csc_perm, out_features, backend = inputs
-    ctx.save_for_backward(x, values, row_ptr, row_idx, col_idx, col_ptr, csc_row_idx, csc_perm)
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.backend = backend
+torch.library.register_autograd("effst::block_sparse_linear", _op_backward, setup_context=_op_setup_context)
 
 
-def _backward(ctx, grad_y):
-    x, values, row_ptr, row_idx, col_idx, col_ptr, csc_row_idx, csc_perm = ctx.saved_tensors
-    grad_y = grad_y.to(values.dtype)
-    grad_x = grad_values = grad_bias = None
-    want_bias = ctx.has_bias and ctx.needs_input_grad[2]
-    if ctx.needs_input_grad[0]:
-        grad_x = _grad_input_op(grad_y, values, col_ptr, csc_row_idx, csc_perm, x.shape[1], ctx.backend).to(x.dtype)
-    if ctx.needs_input_grad[1]:
-        grad_values, fused_bias = _grad_weight_op(
-            grad_y, x, row_ptr, row_idx, col_idx, values.shape[1], values.shape[2], want_bias, ctx.backend
-        )
-        if want_bias:
-            grad_bias = fused_bias.to(ctx.bias_dtype)
-    elif want_bias:
-        acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
-        grad_bias = grad_y.sum(dim=0, dtype=acc).to(ctx.bias_dtype)
-    return grad_x, grad_values, grad_bias, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("effst::block_sparse_linear", _backward, setup_context=_setup_context)
+def _apply(x2d, values, bias, layout: BlockLayout, out_features: int, triton_path: bool) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _block_sparse_linear_op(x2d, values, bias, list(layout), out_features, triton_path)
+    return BlockSparseLinearFunction.apply(x2d, values, bias, layout, out_features, triton_path)
 
 
 # ---------------------------------------------------------------------------------------------
-# Public functional entry point
+# Public functional entry point (validates everything on every call)
 # ---------------------------------------------------------------------------------------------
 def block_sparse_linear(
     x: torch.Tensor,
@@ -604,6 +763,8 @@ def block_sparse_linear(
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout: expected a BlockLayout (from build_block_layout), got {type(layout).__name__}")
     if values.dim() != 3:
         raise ValueError(f"values: expected [nnz_blocks, block_rows, block_cols], got shape {tuple(values.shape)}")
     if values.dtype not in _FLOAT_DTYPES:
@@ -621,23 +782,39 @@ def block_sparse_linear(
         raise ValueError(f"x: last dim {in_features} does not fit a layout of {nbc} block-columns of width {bk}")
     if -(-out_features // bm) != nbr:
         raise ValueError(f"out_features: {out_features} does not fit a layout of {nbr} block-rows of height {bm}")
-    if x.dtype in _SPIKE_DTYPES:
-        if x.dtype == torch.bool:
-            x = x.view(torch.uint8)  # same bytes, read as one byte each
-    elif x.dtype != values.dtype:
-        raise TypeError(
-            f"x: expected dtype {values.dtype} (the weight dtype) or bool/uint8 spikes, got {x.dtype}"
-        )
+    check_input_dtype(x, values.dtype)
     if bias is not None and (bias.shape != (out_features,)):
         raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
     if bias is not None and bias.dtype != values.dtype:
         raise TypeError(f"bias: expected dtype {values.dtype}, got {bias.dtype}")
+    devices = {t.device for t in (x, values, *layout) + ((bias,) if bias is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"x, values, bias and layout: expected one device, got {sorted(map(str, devices))}")
     if backend == "triton" and not _use_triton(x.device, backend):
         raise RuntimeError("backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
+    return block_sparse_linear_unchecked(x, values.contiguous(), layout, out_features, bias, _use_triton(x.device, backend))
+
+
+def check_input_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> None:
+    """``x`` must have the weight dtype, or be bool/uint8 spikes; anything else is an error."""
+    if x.dtype not in _SPIKE_DTYPES and x.dtype != weight_dtype:
+        raise TypeError(f"x: expected dtype {weight_dtype} (the weight dtype) or bool/uint8 spikes, got {x.dtype}")
+
+
+def block_sparse_linear_unchecked(
+    x: torch.Tensor, values: torch.Tensor, layout: BlockLayout, out_features: int,
+    bias: Optional[torch.Tensor], triton_path: bool,
+) -> torch.Tensor:
+    """:func:`block_sparse_linear` without validation, for callers that validated once
+    (``BlockSparseLinear`` at construction); ``triton_path`` from :func:`_use_triton`."""
+    if x.dtype == torch.bool:
+        x = x.view(torch.uint8)  # same bytes, read as one byte each
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, in_features)
-    y = _block_sparse_linear_op(
-        x2d, values, bias, layout.row_ptr, layout.col_idx, layout.row_idx,
-        layout.col_ptr, layout.csc_row_idx, layout.csc_perm, int(out_features), backend,
-    )
-    return y.reshape(*lead, out_features)
+    x2d = _as_rows(x.reshape(-1, x.shape[-1]))
+    y = _apply(x2d, values, bias, layout, out_features, triton_path)
+    return y.view(*lead, out_features)
+
+
+def use_triton(device: torch.device, backend: str) -> bool:
+    """Whether ``backend`` runs the Triton kernels for tensors on ``device``."""
+    return _use_triton(device, backend)

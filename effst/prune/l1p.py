@@ -20,7 +20,6 @@ entries score 0) and the new mask is combined with the old one.
 from __future__ import annotations
 
 import fnmatch
-import math
 import numbers
 from typing import Optional, Sequence, Union
 
@@ -34,6 +33,8 @@ from effst.ops.block_sparse_linear import (
     expand_block_mask,
     tiles_with_any,
 )
+# ceil_count / floor_count are re-exported: DSP and callers import them from here.
+from effst.ops.magnitude import ceil_count, floor_count, keep_above_kth, tile_l1_norms as _tile_norms  # noqa: F401
 from effst.prune.masks import apply_mask, get_mask, is_prunable, why_not_prunable
 
 Target = Union[str, type]
@@ -51,26 +52,6 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     if not (0.0 <= value < 1.0):  # also rejects NaN
         raise ValueError(f"{name}: expected a number in [0, 1) (the fraction removed), got {sparsity!r}")
     return value
-
-
-def _snap(product: float) -> float:
-    """``product`` as the integer it is meant to be when it differs from one only by float
-    representation error (0.07 * 100 is 7.000000000000001, 0.1 * 10 after 1 - 0.9 is
-    0.9999999999999998), else unchanged. The tolerance (1e-12 relative) is far above that
-    error and far below any fraction a real sparsity produces; being relative, it never
-    turns a tiny positive product (p = 1e-13, n = 10) into 0."""
-    nearest = round(product)
-    return float(nearest) if abs(product - nearest) <= 1e-12 * abs(product) else product
-
-
-def ceil_count(product: float) -> int:
-    """``ceil(product)`` robust to float error, e.g. ``k = ceil(p*n)`` of docs/pruning.md."""
-    return math.ceil(_snap(product))
-
-
-def floor_count(product: float) -> int:
-    """``floor(product)`` robust to float error, e.g. DSP's ``floor((1-p)*hidden)``."""
-    return math.floor(_snap(product))
 
 
 def _name_matches(name: str, target: str) -> bool:
@@ -124,19 +105,6 @@ def _scores_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-def _keep_above_kth(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask of ``scores``: prune the ``k = ceil(p*n)`` smallest and every tie of the k-th."""
-    n = scores.numel()
-    k = ceil_count(sparsity * n)
-    if k == 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    flat = scores.reshape(-1)
-    if bool(torch.isnan(flat).any()):
-        raise ValueError("weight: contains NaN; magnitude pruning needs finite weights")
-    threshold = torch.kthvalue(flat, k).values
-    return scores > threshold
-
-
 # ---------------------------------------------------------------------------------------------
 # Masks of one matrix
 # ---------------------------------------------------------------------------------------------
@@ -144,24 +112,18 @@ def l1p_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Element L1P keep-mask (bool, weight's shape) of one weight matrix."""
     sparsity = check_sparsity(sparsity)
     scores = weight.detach().abs().to(_scores_dtype(weight))
-    return _keep_above_kth(scores, sparsity)
+    return keep_above_kth(scores, sparsity)
 
 
 def tile_l1_norms(weight: torch.Tensor, block_size: BlockSize) -> torch.Tensor:
-    """L1 norm of every ``bm x bk`` tile of the ``[out, in]`` matrix (edge tiles: their real entries)."""
-    bm, bk = check_block_size(block_size)
-    # Summed in float64: a float32 sum's rounding could reorder tiles of nearly equal norm.
-    w = _matrix(weight.detach()).abs().to(torch.float64)
-    n, k = w.shape
-    nbr, nbc = -(-n // bm), -(-k // bk)
-    w = torch.nn.functional.pad(w, (0, nbc * bk - k, 0, nbr * bm - n))
-    return w.reshape(nbr, bm, nbc, bk).sum(dim=(1, 3))
+    """L1 norm (float64) of every ``bm x bk`` tile of the ``[out, in]`` matrix (edge tiles: their real entries)."""
+    return _tile_norms(_matrix(weight), *check_block_size(block_size))
 
 
 def block_l1p_mask(weight: torch.Tensor, sparsity: float, block_size: BlockSize = (32, 32)) -> torch.Tensor:
     """Block L1P keep-mask over tiles, bool ``[ceil(out/bm), ceil(in/bk)]``."""
     sparsity = check_sparsity(sparsity)
-    return _keep_above_kth(tile_l1_norms(weight, block_size), sparsity)
+    return keep_above_kth(tile_l1_norms(weight, block_size), sparsity)
 
 
 def _random_keep(num: int, sparsity: float, already_pruned: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
