@@ -1,6 +1,7 @@
 """Public sLIF API: the reference against SpikingJelly, modules, state, errors, torch.compile."""
 import itertools
 import math
+import zlib
 
 import pytest
 import torch
@@ -35,7 +36,9 @@ SJ_COMBOS = list(itertools.product([0.0, None], [False, True], [True, False], ["
 @pytest.mark.parametrize("v_reset,detach_reset,decay_input,surrogate", SJ_COMBOS)
 @pytest.mark.parametrize("parametric", [False, True])
 def test_reference_matches_spikingjelly(v_reset, detach_reset, decay_input, surrogate, parametric):
-    torch.manual_seed(hash((v_reset, detach_reset, decay_input, surrogate, parametric)) % 2**31)
+    # crc32 of the repr, not hash(): str hashes change from one process to the next
+    torch.manual_seed(zlib.crc32(repr((v_reset, detach_reset, decay_input, surrogate,
+                                       parametric)).encode()))
     T, shape = 7, (5, 9)
     x = (torch.randn(T, *shape, dtype=torch.float64) * 1.2 + 0.6)
     g = torch.randn(T, *shape, dtype=torch.float64)
@@ -180,11 +183,26 @@ def test_torch_compile_fullgraph_fused_op():
         torch.testing.assert_close(a, b)
 
 
-def test_opcheck_custom_ops():
-    x2d = torch.randn(3, 10)
-    args = (x2d, torch.zeros(1), torch.ones(1), None, 1, 10, 1, 10, 0.0, 1, 2.0, False, True, "triton")
-    torch.library.opcheck(torch.ops.effst.slif_forward.default, args,
+@pytest.mark.parametrize("spike_dtype", [torch.float32, torch.uint8])
+@pytest.mark.parametrize("with_v_init", [False, True])
+def test_opcheck_library_ops(spike_dtype, with_v_init):
+    # The ops torch.compile traces (effst::slif_forward / slif_backward): schema and fake
+    # implementations agree with the real ones. T = 11 > one chunk, so checkpoints are saved.
+    torch.manual_seed(6)
+    x2d = torch.randn(11, 10) + 0.5
+    w, theta = torch.zeros(2), torch.full((2,), 0.7)
+    v_init = torch.randn(10) * 0.2 if with_v_init else None
+    options = ("triton", spike_dtype, 2, 5, 2, 5, 0.0, 1, 2.0, False, True)
+    torch.library.opcheck(torch.ops.effst.slif_forward.default, (x2d, w, theta, v_init, *options),
                           test_utils=("test_schema", "test_faketensor"))
+    spikes, v_final, saved = torch.ops.effst.slif_forward(x2d, w, theta, v_init, *options)
+    assert saved.shape == (1, 10) and spikes.dtype == spike_dtype
+    for needs in [(True, True, True), (True, False, False), (False, True, False)]:
+        args = (torch.randn(11, 10), torch.randn(10), x2d, w, theta, v_init, saved, *options, *needs)
+        torch.library.opcheck(torch.ops.effst.slif_backward.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        grads = torch.ops.effst.slif_backward(*args)
+        assert len(grads) == sum(needs) + with_v_init
 
 
 # ------------------------------------------------------------------ errors

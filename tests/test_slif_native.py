@@ -232,8 +232,8 @@ def test_kernel_contract_against_reference():
     torch.testing.assert_close(spikes.reshape(s.shape), s.detach(), rtol=0, atol=0)
     torch.testing.assert_close(v_final.reshape(v.shape), v.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_x.reshape(s.shape), xr.grad, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(reduce_to_parameter(grad_w, layout), wr.grad, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(reduce_to_parameter(grad_theta, layout), tr.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(reduce_to_parameter(grad_w, layout.channels, layout.inner), wr.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(reduce_to_parameter(grad_theta, layout.channels, layout.inner), tr.grad, rtol=1e-9, atol=1e-9)
 
 
 def test_kernel_contract_empty_sequence_and_no_neurons():

@@ -11,10 +11,15 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from effst.ops.layout import normalize_channel_dim
+from effst.ops.layout import normalize_channel_dim, resolve_parameter_layout
 from effst.ops.parametrization import check_tau, tau_to_w, w_to_tau
-from effst.ops.slif import BACKENDS, slif
+from effst.ops.slif import (BACKENDS, SLIFPlan, check_integer_spikes_need_no_grad,
+                            check_spike_dtype, make_plan, resolve_backend, slif, slif_with_plan)
 from effst.ops.surrogates import resolve_surrogate
+
+# Attributes the cached launch plans depend on: setting one drops the cache.
+_PLAN_OPTIONS = frozenset({"v_reset", "surrogate", "alpha", "detach_reset", "decay_input",
+                           "channels", "channel_dim", "backend", "spike_dtype"})
 
 
 class SLIF(nn.Module):
@@ -31,6 +36,11 @@ class SLIF(nn.Module):
         channels: None for per-layer scalars, or C for one tau/threshold per channel.
         channel_dim: dim of the per-step input shape that indexes the channels.
         backend: 'auto', 'reference', 'triton' or 'native' (see :func:`effst.slif`).
+        spike_dtype: None (spikes in the input's dtype), torch.uint8 or torch.bool (one byte
+            per spike, inference only: no gradient path; see :func:`effst.slif`).
+
+    Options are validated here, once; the launch plan (parameter layouts, backend, grids) is
+    worked out on the first call for each input shape/dtype/device and reused after that.
     """
 
     def __init__(
@@ -47,8 +57,10 @@ class SLIF(nn.Module):
         channels: Optional[int] = None,
         channel_dim: int = -1,
         backend: str = "auto",
+        spike_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        self._plans: dict = {}
         tau = check_tau(tau)
         if isinstance(v_threshold, bool) or not isinstance(v_threshold, (int, float)):
             raise TypeError(f"v_threshold: expected a float, got {type(v_threshold).__name__}")
@@ -64,7 +76,9 @@ class SLIF(nn.Module):
                            (learn_tau, "learn_tau"), (learn_threshold, "learn_threshold")):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
-        _, self.alpha = resolve_surrogate(surrogate, alpha)
+        check_spike_dtype(spike_dtype)
+        self.spike_dtype = spike_dtype
+        self.surrogate_id, self.alpha = resolve_surrogate(surrogate, alpha)
         self.surrogate = surrogate
         self.v_reset = None if v_reset is None else float(v_reset)
         self.detach_reset = detach_reset
@@ -116,28 +130,76 @@ class SLIF(nn.Module):
             raise ValueError(f"step_mode: expected 'm' or 's', got {self.step_mode!r}")
         return self._multi_step(x)
 
-    def _multi_step(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels is not None and x.dim() >= 2:
+    def __setattr__(self, name, value):
+        if name in _PLAN_OPTIONS and "_plans" in self.__dict__:
+            self.__dict__["_plans"].clear()
+        super().__setattr__(name, value)
+
+    def _plan_for(self, x: torch.Tensor) -> Optional[SLIFPlan]:
+        """Validate ``x`` against the options and plan its launch (None: the reference runs)."""
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"x: expected a float16/bfloat16/float32/float64 tensor [T, *], got "
+                            f"{x.dtype}")
+        if x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError(f"x: expected shape [T, *] with T >= 1, got {tuple(x.shape)}")
+        if self.channels is not None:
+            if x.dim() < 2:
+                raise ValueError(f"x: expected [T, *] with a per-step dim of {self.channels} "
+                                 f"channels, got shape {tuple(x.shape)}")
             dim = normalize_channel_dim(self.channel_dim, x.dim() - 1)
             if x.shape[1 + dim] != self.channels:
                 raise ValueError(
                     f"x: expected {self.channels} channels along per-step dim {self.channel_dim}, "
                     f"got shape {tuple(x.shape)} (T first)")
-        v_init = None
-        if isinstance(self.v, torch.Tensor):
-            if self.v.shape != x.shape[1:]:
-                raise ValueError(
-                    f"x: per-step shape {tuple(x.shape[1:])} differs from the stored membrane "
-                    f"state {tuple(self.v.shape)}; call reset() (or functional.reset_net) between batches")
-            v_init = self.v
-        elif self.v != self._rest_potential():
-            v_init = float(self.v)
-        spikes, self.v = slif(
-            x, self.w, self.v_threshold, v_reset=self.v_reset, v_init=v_init,
-            surrogate=self.surrogate, alpha=self.alpha, detach_reset=self.detach_reset,
-            decay_input=self.decay_input, channel_dim=self.channel_dim, backend=self.backend,
-            return_state=True)
-        return spikes
+        for tensor, name in ((self.w, "w"), (self.v_threshold, "v_threshold")):
+            if tensor.device != x.device:
+                raise ValueError(f"x: expected a tensor on {tensor.device} (where the module's "
+                                 f"{name} is), got {x.device}")
+        backend = resolve_backend(self.backend, x.device)
+        if backend == "reference":
+            return None
+        step_shape = x.shape[1:]
+        return make_plan(
+            backend, tuple(x.shape), x.dtype,
+            resolve_parameter_layout(self.w.shape, step_shape, self.channel_dim, "w"),
+            resolve_parameter_layout(self.v_threshold.shape, step_shape, self.channel_dim,
+                                     "v_threshold"),
+            self.v_reset, self.surrogate_id, self.alpha, self.detach_reset, self.decay_input,
+            self.spike_dtype)
+
+    def _multi_step(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a tensor [T, *], got {type(x).__name__}")
+        key = (x.shape, x.dtype, x.device)
+        try:
+            plan = self._plans[key]
+        except KeyError:
+            plan = self._plans[key] = self._plan_for(x)
+        state = self.v
+        if isinstance(state, torch.Tensor) and state.shape != x.shape[1:]:
+            raise ValueError(
+                f"x: per-step shape {tuple(x.shape[1:])} differs from the stored membrane "
+                f"state {tuple(state.shape)}; call reset() (or functional.reset_net) between batches")
+        if self.spike_dtype is not None:
+            check_integer_spikes_need_no_grad(self.spike_dtype, (x, self.w, self.v_threshold, state))
+        if plan is None:  # the reference backend
+            rest = self._rest_potential()
+            v_init = state if isinstance(state, torch.Tensor) or state != rest else None
+            spikes, self.v = slif(
+                x, self.w, self.v_threshold, v_reset=self.v_reset, v_init=v_init,
+                surrogate=self.surrogate, alpha=self.alpha, detach_reset=self.detach_reset,
+                decay_input=self.decay_input, channel_dim=self.channel_dim, backend="reference",
+                return_state=True, spike_dtype=self.spike_dtype)
+            return spikes
+        if isinstance(state, torch.Tensor):
+            v_init = state.to(plan.compute_dtype).reshape(-1)
+        elif state != self._rest_potential():
+            v_init = torch.full((plan.N,), float(state), dtype=plan.compute_dtype, device=x.device)
+        else:
+            v_init = None
+        spikes, v_final = slif_with_plan(x, self.w, self.v_threshold, v_init, plan)
+        self.v = v_final.view(x.shape[1:])
+        return spikes.view(x.shape)
 
     def extra_repr(self) -> str:
         form = "per layer" if self.channels is None else f"per channel (C={self.channels}, dim={self.channel_dim})"
@@ -158,10 +220,10 @@ class PLIF(SLIF):
     def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                  surrogate: str = "atan", alpha: Optional[float] = None, detach_reset: bool = False,
                  decay_input: bool = True, channels: Optional[int] = None, channel_dim: int = -1,
-                 backend: str = "auto"):
+                 backend: str = "auto", spike_dtype: Optional[torch.dtype] = None):
         super().__init__(tau, v_threshold, v_reset, surrogate, alpha, detach_reset, decay_input,
                          learn_tau=True, learn_threshold=False, channels=channels,
-                         channel_dim=channel_dim, backend=backend)
+                         channel_dim=channel_dim, backend=backend, spike_dtype=spike_dtype)
 
 
 class LIF(SLIF):
@@ -169,9 +231,11 @@ class LIF(SLIF):
 
     def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                  surrogate: str = "atan", alpha: Optional[float] = None, detach_reset: bool = False,
-                 decay_input: bool = True, backend: str = "auto"):
+                 decay_input: bool = True, backend: str = "auto",
+                 spike_dtype: Optional[torch.dtype] = None):
         super().__init__(tau, v_threshold, v_reset, surrogate, alpha, detach_reset, decay_input,
-                         learn_tau=False, learn_threshold=False, channels=None, backend=backend)
+                         learn_tau=False, learn_threshold=False, channels=None, backend=backend,
+                         spike_dtype=spike_dtype)
 
 
 def reset(model: nn.Module) -> None:

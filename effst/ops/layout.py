@@ -9,7 +9,8 @@ per channel, per neuron) is a 1-D vector of ``channels`` values, and neuron ``n`
 so one formula serves all three forms: per layer is ``channels=1``, per neuron is
 ``channels=N, inner=1``, per channel along dim d is ``channels=shape[d]`` with ``inner`` the
 product of the per-step dims after d. Kernels return parameter gradients per neuron
-(``[N]``); :func:`reduce_to_parameter` sums them to the parameter deterministically.
+(``[N]``) or, where a kernel can, per program (effst/ops/slif.py); either is summed to the
+parameter by a fixed-order torch sum (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -65,15 +66,8 @@ def normalize_channel_dim(channel_dim: int, step_ndim: int) -> int:
     return channel_dim % step_ndim
 
 
-def parameter_index(layout: ParameterLayout, num_neurons: int, device=None) -> torch.Tensor:
-    """Entry of the parameter vector used by each of ``num_neurons`` neurons (reference helper)."""
-    n = torch.arange(num_neurons, device=device)
-    return (n // layout.inner) % layout.channels
-
-
-def reduce_to_parameter(per_neuron: torch.Tensor, layout: ParameterLayout) -> torch.Tensor:
+def reduce_to_parameter(per_neuron: torch.Tensor, channels: int, inner: int) -> torch.Tensor:
     """Sum a per-neuron gradient ``[N]`` onto the ``[channels]`` parameter, deterministically."""
-    if layout.form == "neuron":
-        return per_neuron
-    outer = per_neuron.numel() // (layout.channels * layout.inner)
-    return per_neuron.reshape(outer, layout.channels, layout.inner).sum(dim=(0, 2))
+    if inner == 1 and channels == per_neuron.numel():
+        return per_neuron  # per neuron: already the parameter's shape
+    return per_neuron.reshape(-1, channels, inner).sum(dim=(0, 2))

@@ -1,38 +1,51 @@
-"""Fused sLIF neuron: Triton kernels, launchers, custom ops, autograd Function, functional API.
+"""Fused sLIF neuron: Triton kernels, launchers, autograd Function, functional API.
 
-Reads top to bottom as the data flows: the per-step recurrence (SPEC section 2), the forward
-kernel (one launch for all T), the backward kernel (one launch, reverse time, recomputing the
-forward per chunk from checkpoints instead of storing H), their launchers, the torch.library
-custom ops that make them opaque to torch.compile, the autograd Function, and finally
+Reads top to bottom as the data flows: the per-step recurrence (docs/slif.md),
+the forward kernel (one launch for all T), the backward kernel (one launch, reverse time,
+recomputing the forward per chunk from checkpoints instead of storing H), the launch plan
+(everything about a call that depends only on shapes, dtypes and options: built once per
+shape by the modules, per call by :func:`slif`), the launchers, the autograd Function that
+calls them directly, the torch.library ops used only while torch.compile traces, and finally
 :func:`slif`, the public entry point that validates its arguments and picks a backend.
 
 Memory plan per neuron-step (fp32 I/O): forward reads x, writes spikes; backward reads
-grad_spikes and x, writes grad_x — 20 bytes, the SPEC section 7 minimum. The only extra
-traffic is one fp32 V checkpoint per CHUNK steps (0 when T <= CHUNK) and O(N) parameter
-gradients, reduced afterwards by a deterministic torch sum.
+grad_spikes and x, writes grad_x — 20 bytes, the docs/benchmarks.md minimum. The only extra
+traffic is one fp32 V checkpoint per CHUNK steps (0 when T <= CHUNK). Parameter gradients
+are summed inside the backward kernel to one partial per program wherever a program's
+neurons all share one parameter entry (per-layer parameters always; per-channel ones when
+the channel's span of neurons is at least MIN_PARTIAL_ROW long), then one small deterministic
+torch sum; only per-neuron parameters and short channel spans store one value per neuron.
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 
-from effst.ops.layout import ParameterLayout, reduce_to_parameter, resolve_parameter_layout
+from effst.ops.layout import reduce_to_parameter, resolve_parameter_layout
 from effst.ops.slif_reference import slif_reference
 from effst.ops.surrogates import SURROGATE_NAMES, resolve_surrogate, surrogate_grad_triton
 
 # Steps unrolled per chunk. T <= MAX_CHUNK runs as a single fully unrolled chunk (no
 # checkpoints); longer sequences checkpoint V every MAX_CHUNK steps and the backward
-# recomputes one chunk at a time, holding its x and V in registers.
+# recomputes one chunk at a time, holding its x, V and incoming gradients in registers.
 MAX_CHUNK = 8
 FORWARD_BLOCK = 1024
+FORWARD_WARPS = 4
 BACKWARD_BLOCK = 512
+BACKWARD_WARPS = 4
+# A per-channel parameter gets per-program partial gradients when each channel covers runs of
+# at least this many consecutive neurons (the backward grid then follows those runs, so no
+# program straddles two channels); shorter runs would leave most of a program's lanes idle.
+MIN_PARTIAL_ROW = 128
+MAX_GRID_ROWS = 65535  # CUDA's limit on grid dimension 1
 BACKENDS = ("auto", "reference", "triton", "native")
+SPIKE_DTYPES = (None, torch.uint8, torch.bool)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -93,9 +106,11 @@ def slif_forward_kernel(
             if t < T:
                 x = tl.load(x_ptr + t * stride64 + offs, mask=mask, other=0.0)
                 h = _charge(v, x.to(COMPUTE_DTYPE), k, v_rest, DECAY_INPUT)
-                s, v = _fire_and_reset(h, theta, v_rest, HARD_RESET)
+                fired = h >= theta
+                _, v = _fire_and_reset(h, theta, v_rest, HARD_RESET)
+                # a comparison result converts exactly to float, uint8 and bool outputs alike
                 tl.store(spikes_ptr + t * N64 + offs,
-                         s.to(spikes_ptr.dtype.element_ty), mask=mask)
+                         fired.to(spikes_ptr.dtype.element_ty), mask=mask)
     tl.store(v_final_ptr + offs, v, mask=mask)
 
 
@@ -103,15 +118,24 @@ def slif_forward_kernel(
 def slif_backward_kernel(
     grad_spikes_ptr, grad_v_final_ptr, x_ptr, w_ptr, theta_ptr, v_init_ptr, checkpoint_ptr,
     scalars_ptr, grad_x_ptr, grad_w_ptr, grad_theta_ptr, grad_v_init_ptr,
-    T, N, stride_xt,
+    T, N, stride_xt, row_len,
     w_channels, w_inner, theta_channels, theta_inner,
     HAS_V_INIT: tl.constexpr, HAS_GRAD_V_FINAL: tl.constexpr, HARD_RESET: tl.constexpr,
     DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
+    NEED_GRAD_X: tl.constexpr, NEED_GRAD_W: tl.constexpr, NEED_GRAD_THETA: tl.constexpr,
+    W_PARTIAL: tl.constexpr, THETA_PARTIAL: tl.constexpr,
     CHUNK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    # Grid (column blocks, rows) over the neurons viewed as [N / row_len, row_len]: a program
+    # never straddles two rows, so when every row uses one parameter entry (W_PARTIAL /
+    # THETA_PARTIAL) the program sums its neurons' gradients to one partial.
+    col_block = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
+    program = row * tl.num_programs(0) + col_block
+    cols = col_block * BLOCK + tl.arange(0, BLOCK)
+    row_len64 = tl.cast(row_len, tl.int64)
+    mask = cols < row_len64
+    offs = row * row_len64 + cols
     # Row offsets in int64 too (t * N can pass 2**31 long before N does).
     stride64 = tl.cast(stride_xt, tl.int64)
     N64 = tl.cast(N, tl.int64)
@@ -136,13 +160,17 @@ def slif_backward_kernel(
             v = tl.load(v_init_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         else:
             v = zero + v_rest
-        # Recompute the chunk forward, keeping X_t and V_{t-1} in registers.
+        # Recompute the chunk forward, keeping X_t, V_{t-1} and the incoming spike gradient in
+        # registers; all of the chunk's loads are issued before the serial reverse walk.
         xs = ()
         v_prevs = ()
+        grads_s = ()
         for j in tl.static_range(CHUNK):
             t = c * CHUNK + j
             x = tl.load(x_ptr + t * stride64 + offs, mask=mask & (t < T),
                         other=0.0).to(COMPUTE_DTYPE)
+            grads_s = grads_s + (tl.load(grad_spikes_ptr + t * N64 + offs, mask=mask & (t < T),
+                                         other=0.0).to(COMPUTE_DTYPE),)
             xs = xs + (x,)
             v_prevs = v_prevs + (v,)
             h = _charge(v, x, k, v_rest, DECAY_INPUT)
@@ -153,11 +181,10 @@ def slif_backward_kernel(
             if t < T:
                 x = xs[j]
                 v_prev = v_prevs[j]
+                grad_s = grads_s[j]
                 h = _charge(v_prev, x, k, v_rest, DECAY_INPUT)
                 s = (h >= theta).to(COMPUTE_DTYPE)
                 psi = surrogate_grad_triton(h - theta, alpha, SURROGATE)
-                grad_s = tl.load(grad_spikes_ptr + t * N64 + offs, mask=mask,
-                                 other=0.0).to(COMPUTE_DTYPE)
                 if HARD_RESET:
                     if DETACH_RESET:
                         dv_dh = 1.0 - s
@@ -173,30 +200,41 @@ def slif_backward_kernel(
                         dv_dh = 1.0 - theta * psi
                         dv_dtheta = theta * psi - s
                 grad_h = grad_s * psi + carry * dv_dh
-                if DECAY_INPUT:
-                    grad_x = grad_h * k
-                    grad_k += grad_h * (x - (v_prev - v_rest))
-                else:
-                    grad_x = grad_h
-                    grad_k += grad_h * (v_rest - v_prev)
-                grad_theta += carry * dv_dtheta - grad_s * psi
+                if NEED_GRAD_W:
+                    if DECAY_INPUT:
+                        grad_k += grad_h * (x - (v_prev - v_rest))
+                    else:
+                        grad_k += grad_h * (v_rest - v_prev)
+                if NEED_GRAD_THETA:
+                    grad_theta += carry * dv_dtheta - grad_s * psi
                 carry = grad_h * (1.0 - k)
-                tl.store(grad_x_ptr + t * N64 + offs,
-                         grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
-    tl.store(grad_w_ptr + offs, grad_k * k * (1.0 - k), mask=mask)
-    tl.store(grad_theta_ptr + offs, grad_theta, mask=mask)
+                if NEED_GRAD_X:
+                    if DECAY_INPUT:
+                        grad_x = grad_h * k
+                    else:
+                        grad_x = grad_h
+                    tl.store(grad_x_ptr + t * N64 + offs,
+                             grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if NEED_GRAD_W:
+        grad_w = tl.where(mask, grad_k * k * (1.0 - k), 0.0)
+        if W_PARTIAL:
+            tl.store(grad_w_ptr + program, tl.sum(grad_w, axis=0))
+        else:
+            tl.store(grad_w_ptr + offs, grad_w, mask=mask)
+    if NEED_GRAD_THETA:
+        grad_theta = tl.where(mask, grad_theta, 0.0)
+        if THETA_PARTIAL:
+            tl.store(grad_theta_ptr + program, tl.sum(grad_theta, axis=0))
+        else:
+            tl.store(grad_theta_ptr + offs, grad_theta, mask=mask)
     if HAS_V_INIT:
         tl.store(grad_v_init_ptr + offs, carry, mask=mask)
 
 
-# --------------------------------------------------------------------------- launchers
+# --------------------------------------------------------------------------- launch plan
 def compute_dtype_for(x_dtype: torch.dtype) -> torch.dtype:
     """State/parameter dtype of the kernels: float64 for float64 input, float32 otherwise."""
     return torch.float64 if x_dtype == torch.float64 else torch.float32
-
-
-def _triton_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def chunk_size(T: int) -> int:
@@ -204,144 +242,370 @@ def chunk_size(T: int) -> int:
     return T if T <= MAX_CHUNK else MAX_CHUNK
 
 
-@functools.lru_cache(maxsize=64)
-def _scalars(v_reset: Optional[float], alpha: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """[v_rest, alpha] in the compute dtype, on the device.
-
-    Passed through memory so float64 runs see float64 values, not fp32-rounded kernel
-    arguments; cached so the host-to-device copy happens once per configuration, not per call
-    (a pageable copy would otherwise stall the host on every launch).
-    """
-    rest = 0.0 if v_reset is None else v_reset
-    return torch.tensor([rest, alpha], dtype=dtype, device=device)
-
-
 def checkpoint_shape(T: int, N: int) -> tuple[int, int]:
     """Shape of the V checkpoints the Triton forward keeps for its backward."""
     return (triton.cdiv(T, chunk_size(T)) - 1 if T > 0 else 0, N)
 
 
-def slif_forward_triton_with_checkpoints(
-    x2d: torch.Tensor, w: torch.Tensor, theta: torch.Tensor, v_init: Optional[torch.Tensor],
-    w_channels: int, w_inner: int, theta_channels: int, theta_inner: int,
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class SLIFPlan:
+    """Everything about an sLIF call that depends only on shapes, dtypes and options.
+
+    Built (and validated) once per input shape by the modules, per call by :func:`slif`; the
+    autograd Function reads it instead of re-deriving layouts and launch grids on every call.
+    Parameter ``p`` (``w`` or ``theta``) is a vector of ``p_channels`` entries and neuron n uses
+    entry ``(n // p_inner) % p_channels`` (effst/ops/layout.py).
+    """
+
+    backend: str  # 'triton' or 'native'
+    T: int
+    N: int
+    x_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    spike_dtype: torch.dtype
+    w_channels: int
+    w_inner: int
+    theta_channels: int
+    theta_inner: int
+    v_reset: Optional[float]
+    surrogate_id: int
+    alpha: float
+    detach_reset: bool
+    decay_input: bool
+    chunk: int
+    # backward grid: neurons viewed as [rows, row_len], BACKWARD_BLOCK-wide programs per row
+    row_len: int
+    rows: int
+    column_blocks: int
+    backward_block: int
+    w_partial: bool  # the backward writes one w-gradient partial per program
+    theta_partial: bool
+
+    @property
+    def programs(self) -> int:
+        return self.rows * self.column_blocks
+
+    def parameter_gradient_size(self, partial: bool) -> int:
+        return self.programs if partial else self.N
+
+
+def make_plan(
+    backend: str, x_shape: tuple, x_dtype: torch.dtype, w_layout, theta_layout,
     v_reset: Optional[float], surrogate_id: int, alpha: float, detach_reset: bool,
-    decay_input: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward over ``x2d = [T, N]`` in one launch: spikes (x dtype), V_T, V checkpoints."""
-    T, N = x2d.shape
-    cdtype = compute_dtype_for(x2d.dtype)
-    spikes = torch.empty((T, N), dtype=x2d.dtype, device=x2d.device)
-    v_final = torch.empty((N,), dtype=cdtype, device=x2d.device)
-    checkpoints = torch.empty(checkpoint_shape(T, N), dtype=cdtype, device=x2d.device)
+    decay_input: bool, spike_dtype: Optional[torch.dtype] = None, partials: bool = True,
+) -> SLIFPlan:
+    """The plan for an already validated call (``*_layout`` from resolve_parameter_layout)."""
+    T = int(x_shape[0])
+    N = 1
+    for s in x_shape[1:]:
+        N *= int(s)
+    # Rows of the backward grid: the shortest run of neurons sharing a channel entry, when
+    # long enough; then every program's neurons share one entry of each non-neuron parameter.
+    row_len = N
+    spans = [layout.inner for layout in (w_layout, theta_layout) if layout.form == "channel"]
+    if partials and spans and min(spans) >= MIN_PARTIAL_ROW and N // min(spans) <= MAX_GRID_ROWS:
+        row_len = min(spans)
+    row_len = max(row_len, 1)
+    block = max(min(BACKWARD_BLOCK, _next_power_of_2(row_len)), 16)
+
+    def partial(layout) -> bool:
+        return partials and layout.form != "neuron" and layout.inner % row_len == 0
+
+    return SLIFPlan(
+        backend=backend, T=T, N=N, x_dtype=x_dtype, compute_dtype=compute_dtype_for(x_dtype),
+        spike_dtype=x_dtype if spike_dtype is None else spike_dtype,
+        w_channels=w_layout.channels, w_inner=w_layout.inner,
+        theta_channels=theta_layout.channels, theta_inner=theta_layout.inner,
+        v_reset=v_reset, surrogate_id=surrogate_id, alpha=alpha, detach_reset=detach_reset,
+        decay_input=decay_input, chunk=chunk_size(T), row_len=row_len, rows=N // row_len,
+        column_blocks=triton.cdiv(row_len, block), backward_block=block,
+        w_partial=partial(w_layout), theta_partial=partial(theta_layout))
+
+
+def reduce_parameter_gradient(raw: torch.Tensor, plan: SLIFPlan, partial: bool, channels: int,
+                              inner: int) -> torch.Tensor:
+    """The backward kernel's per-program partials or per-neuron values summed to ``[channels]``.
+
+    A fixed-order torch sum: deterministic, no atomics.
+    """
+    if not partial:
+        return reduce_to_parameter(raw, channels, inner)
+    # program p = row * column_blocks + block; row r holds neurons of entry (r // q) % channels
+    q = inner // plan.row_len
+    return raw.reshape(-1, channels, q * plan.column_blocks).sum(dim=(0, 2))
+
+
+# --------------------------------------------------------------------------- launchers
+_scalar_cache: dict = {}
+
+
+def _scalars(v_reset: Optional[float], alpha: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """[v_rest, alpha] in the compute dtype, on the device.
+
+    Passed through memory so float64 runs see float64 values, not fp32-rounded kernel
+    arguments; cached so the host-to-device copy happens once per configuration and device,
+    never per call (and never inside a CUDA graph capture after the first eager call).
+    """
+    key = (v_reset, alpha, dtype, device)
+    cached = _scalar_cache.get(key)
+    if cached is None:
+        rest = 0.0 if v_reset is None else v_reset
+        cached = _scalar_cache[key] = torch.tensor([rest, alpha], dtype=dtype, device=device)
+    return cached
+
+
+def _triton_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def triton_forward(x2d: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
+                   v_init: Optional[torch.Tensor], plan: SLIFPlan):
+    """Forward over ``x2d = [T, N]`` in one launch: spikes, V_T and the V checkpoints."""
+    T, N = plan.T, plan.N
+    device = x2d.device
+    spikes = torch.empty((T, N), dtype=plan.spike_dtype, device=device)
+    v_final = torch.empty((N,), dtype=plan.compute_dtype, device=device)
+    checkpoints = torch.empty(checkpoint_shape(T, N), dtype=plan.compute_dtype, device=device)
     if N == 0:
         return spikes, v_final, checkpoints
-    grid = (triton.cdiv(N, FORWARD_BLOCK),)
-    slif_forward_kernel[grid](
+    slif_forward_kernel[(triton.cdiv(N, FORWARD_BLOCK),)](
         x2d, spikes, w, theta, v_init if v_init is not None else v_final, v_final,
         checkpoints if checkpoints.numel() else v_final,
-        _scalars(v_reset, alpha, cdtype, x2d.device),
-        T, N, x2d.stride(0), w_channels, w_inner, theta_channels, theta_inner,
-        HAS_V_INIT=v_init is not None, HARD_RESET=v_reset is not None,
-        DECAY_INPUT=decay_input, CHUNK=chunk_size(T), COMPUTE_DTYPE=_triton_dtype(cdtype),
-        BLOCK=FORWARD_BLOCK, num_warps=4,
+        _scalars(plan.v_reset, plan.alpha, plan.compute_dtype, device),
+        T, N, x2d.stride(0), plan.w_channels, plan.w_inner, plan.theta_channels,
+        plan.theta_inner, HAS_V_INIT=v_init is not None, HARD_RESET=plan.v_reset is not None,
+        DECAY_INPUT=plan.decay_input, CHUNK=plan.chunk,
+        COMPUTE_DTYPE=_triton_dtype(plan.compute_dtype), BLOCK=FORWARD_BLOCK,
+        num_warps=FORWARD_WARPS,
     )
     return spikes, v_final, checkpoints
 
 
-def slif_forward_triton(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backend contract's forward: ``(spikes, v_final)``."""
-    spikes, v_final, _ = slif_forward_triton_with_checkpoints(*args, **kwargs)
-    return spikes, v_final
+def triton_backward(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor],
+                    x2d: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
+                    v_init: Optional[torch.Tensor], checkpoints: torch.Tensor, plan: SLIFPlan,
+                    need_x: bool = True, need_w: bool = True, need_theta: bool = True):
+    """Backward in one launch: ``(grad_x, grad_w raw, grad_theta raw, grad_v_init)``.
 
-
-def slif_backward_triton(
-    grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor], x2d: torch.Tensor,
-    w: torch.Tensor, theta: torch.Tensor, v_init: Optional[torch.Tensor],
-    w_channels: int, w_inner: int, theta_channels: int, theta_inner: int,
-    v_reset: Optional[float], surrogate_id: int, alpha: float, detach_reset: bool,
-    decay_input: bool, checkpoints: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward in one launch: grad_x [T, N] and per-neuron grads of w, theta and v_init."""
-    T, N = x2d.shape
-    cdtype = compute_dtype_for(x2d.dtype)
+    Raw parameter gradients are per-program partials or per-neuron values (see the plan);
+    :func:`reduce_parameter_gradient` sums them. Gradients nobody needs are neither computed
+    nor allocated (returned as None).
+    """
+    T, N = plan.T, plan.N
     device = x2d.device
-    grad_spikes = grad_spikes.contiguous()
-    grad_x = torch.empty((T, N), dtype=x2d.dtype, device=device)
-    grad_w = torch.empty((N,), dtype=cdtype, device=device)
-    grad_theta = torch.empty((N,), dtype=cdtype, device=device)
-    grad_v_init = torch.zeros((N,) if v_init is not None else (1,), dtype=cdtype, device=device)
+    cdtype = plan.compute_dtype
+    grad_x = torch.empty((T, N), dtype=x2d.dtype, device=device) if need_x else None
+    grad_w = (torch.empty((plan.parameter_gradient_size(plan.w_partial),), dtype=cdtype,
+                          device=device) if need_w else None)
+    grad_theta = (torch.empty((plan.parameter_gradient_size(plan.theta_partial),), dtype=cdtype,
+                              device=device) if need_theta else None)
+    grad_v_init = torch.empty((N,), dtype=cdtype, device=device) if v_init is not None else None
     if N == 0:
+        if grad_w is not None:
+            grad_w.zero_()
+        if grad_theta is not None:
+            grad_theta.zero_()
         return grad_x, grad_w, grad_theta, grad_v_init
-    if checkpoints is None and checkpoint_shape(T, N)[0] > 0:
-        # Called without the forward's checkpoints (backend contract): rebuild them.
-        checkpoints = slif_forward_triton_with_checkpoints(
-            x2d, w, theta, v_init, w_channels, w_inner, theta_channels, theta_inner, v_reset,
-            surrogate_id, alpha, detach_reset, decay_input)[2]
-    if checkpoints is None or checkpoints.numel() == 0:
-        checkpoints = grad_w  # never read: a single chunk starts from v_init
-    grid = (triton.cdiv(N, BACKWARD_BLOCK),)
-    slif_backward_kernel[grid](
-        grad_spikes, grad_v_final if grad_v_final is not None else grad_w, x2d, w, theta,
-        v_init if v_init is not None else grad_w, checkpoints,
-        _scalars(v_reset, alpha, cdtype, device), grad_x, grad_w, grad_theta, grad_v_init,
-        T, N, x2d.stride(0), w_channels, w_inner, theta_channels, theta_inner,
+    if grad_spikes.stride(-1) != 1 or grad_spikes.stride(0) != N:
+        grad_spikes = grad_spikes.contiguous()
+    dummy = checkpoints if checkpoints.numel() else x2d  # never read when its flag is off
+    slif_backward_kernel[(plan.column_blocks, plan.rows)](
+        grad_spikes, grad_v_final if grad_v_final is not None else dummy, x2d, w, theta,
+        v_init if v_init is not None else dummy, dummy,
+        _scalars(plan.v_reset, plan.alpha, cdtype, device),
+        grad_x if grad_x is not None else dummy, grad_w if grad_w is not None else dummy,
+        grad_theta if grad_theta is not None else dummy,
+        grad_v_init if grad_v_init is not None else dummy,
+        T, N, x2d.stride(0), plan.row_len, plan.w_channels, plan.w_inner, plan.theta_channels,
+        plan.theta_inner,
         HAS_V_INIT=v_init is not None, HAS_GRAD_V_FINAL=grad_v_final is not None,
-        HARD_RESET=v_reset is not None, DECAY_INPUT=decay_input, DETACH_RESET=detach_reset,
-        SURROGATE=surrogate_id, COMPUTE_DTYPE=_triton_dtype(cdtype),
-        BLOCK=BACKWARD_BLOCK, num_warps=4, CHUNK=chunk_size(T),
+        HARD_RESET=plan.v_reset is not None, DECAY_INPUT=plan.decay_input,
+        DETACH_RESET=plan.detach_reset, SURROGATE=plan.surrogate_id, NEED_GRAD_X=need_x,
+        NEED_GRAD_W=need_w, NEED_GRAD_THETA=need_theta, W_PARTIAL=plan.w_partial,
+        THETA_PARTIAL=plan.theta_partial, CHUNK=plan.chunk,
+        COMPUTE_DTYPE=_triton_dtype(cdtype), BLOCK=plan.backward_block,
+        num_warps=BACKWARD_WARPS,
     )
     return grad_x, grad_w, grad_theta, grad_v_init
 
 
-# --------------------------------------------------------------------------- backends
-def _native_module():
-    from effst.ops import slif_native  # built on first use; imported lazily
-
-    return slif_native
+def _plan_args(plan: SLIFPlan) -> tuple:
+    return (plan.w_channels, plan.w_inner, plan.theta_channels, plan.theta_inner, plan.v_reset,
+            plan.surrogate_id, plan.alpha, plan.detach_reset, plan.decay_input)
 
 
-def _forward_impl(backend: str, x2d, w, theta, v_init, *config):
-    """Run a backend's forward; returns (spikes, v_final, saved) where saved is backend state."""
-    if backend == "triton":
-        return slif_forward_triton_with_checkpoints(x2d, w, theta, v_init, *config)
-    if backend == "native":
-        spikes, v_final = _native_module().slif_forward_native(x2d, w, theta, v_init, *config)
-        return spikes, v_final, v_final.new_empty((0, x2d.shape[1]))
-    raise ValueError(f"backend: expected 'triton' or 'native' for the fused op, got {backend!r}")
+def run_forward(x2d, w, theta, v_init, plan: SLIFPlan):
+    """The plan's backend forward: ``(spikes, v_final, saved)``, saved = backend state."""
+    if plan.backend == "triton":
+        return triton_forward(x2d, w, theta, v_init, plan)
+    spikes, v_final = torch.ops.effst_native.slif_forward(x2d, w, theta, v_init, *_plan_args(plan))
+    if plan.spike_dtype != spikes.dtype:
+        spikes = spikes.to(plan.spike_dtype)
+    return spikes, v_final, v_final[:0]  # no backend state: an empty view, no allocation
 
 
-def _backward_impl(backend: str, grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, *config):
-    if backend == "triton":
-        return slif_backward_triton(grad_spikes, grad_v_final, x2d, w, theta, v_init, *config,
-                                    checkpoints=saved)
-    if backend == "native":
-        return _native_module().slif_backward_native(grad_spikes, grad_v_final, x2d, w, theta,
-                                                     v_init, *config)
-    raise ValueError(f"backend: expected 'triton' or 'native' for the fused op, got {backend!r}")
+def run_backward(grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, plan: SLIFPlan,
+                 need_x: bool, need_w: bool, need_theta: bool):
+    """The plan's backend backward: ``(grad_x, grad_w, grad_theta, grad_v_init)``, reduced."""
+    if plan.backend == "triton":
+        grad_x, grad_w, grad_theta, grad_v_init = triton_backward(
+            grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, plan, need_x, need_w,
+            need_theta)
+        if grad_w is not None:
+            grad_w = reduce_parameter_gradient(grad_w, plan, plan.w_partial, plan.w_channels,
+                                               plan.w_inner)
+        if grad_theta is not None:
+            grad_theta = reduce_parameter_gradient(grad_theta, plan, plan.theta_partial,
+                                                   plan.theta_channels, plan.theta_inner)
+        return grad_x, grad_w, grad_theta, grad_v_init
+    grad_x, grad_w, grad_theta, grad_v_init = torch.ops.effst_native.slif_backward(
+        grad_spikes, grad_v_final, x2d, w, theta, v_init, *_plan_args(plan))
+    return (grad_x if need_x else None,
+            reduce_to_parameter(grad_w, plan.w_channels, plan.w_inner) if need_w else None,
+            reduce_to_parameter(grad_theta, plan.theta_channels, plan.theta_inner)
+            if need_theta else None,
+            grad_v_init if v_init is not None else None)
 
 
-# --------------------------------------------------------------------------- custom ops
-# Registered with torch.library so torch.compile(fullgraph=True) treats the kernels as opaque
-# nodes (fake implementations give it the output shapes) instead of breaking the graph.
+# The backend contract (every fused backend implements it; the tests call it directly):
+# per-neuron parameter gradients, no plan object.
+def slif_forward_triton(x2d: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
+                        v_init: Optional[torch.Tensor], w_channels: int, w_inner: int,
+                        theta_channels: int, theta_inner: int, v_reset: Optional[float],
+                        surrogate_id: int, alpha: float, detach_reset: bool,
+                        decay_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contract forward over ``x2d = [T, N]``: ``(spikes, v_final)``."""
+    plan = _contract_plan(x2d, w_channels, w_inner, theta_channels, theta_inner, v_reset,
+                          surrogate_id, alpha, detach_reset, decay_input)
+    spikes, v_final, _ = triton_forward(x2d, w, theta, v_init, plan)
+    return spikes, v_final
+
+
+def slif_backward_triton(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor],
+                         x2d: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
+                         v_init: Optional[torch.Tensor], w_channels: int, w_inner: int,
+                         theta_channels: int, theta_inner: int, v_reset: Optional[float],
+                         surrogate_id: int, alpha: float, detach_reset: bool, decay_input: bool):
+    """Contract backward: grad_x [T, N] and per-neuron grads of w, theta (and v_init, or a
+    [1] zero placeholder without v_init); rebuilds the forward's checkpoints itself."""
+    plan = _contract_plan(x2d, w_channels, w_inner, theta_channels, theta_inner, v_reset,
+                          surrogate_id, alpha, detach_reset, decay_input)
+    checkpoints = triton_forward(x2d, w, theta, v_init, plan)[2]
+    grad_x, grad_w, grad_theta, grad_v_init = triton_backward(
+        grad_spikes, grad_v_final, x2d, w, theta, v_init, checkpoints, plan)
+    if grad_v_init is None:
+        grad_v_init = x2d.new_zeros((1,), dtype=plan.compute_dtype)
+    return grad_x, grad_w, grad_theta, grad_v_init
+
+
+@dataclass(frozen=True)
+class _Layout:  # the (channels, inner) pair of a parameter, for plans built from raw ints
+    form: str
+    channels: int
+    inner: int
+
+
+def _contract_plan(x2d, w_channels, w_inner, theta_channels, theta_inner, v_reset,
+                   surrogate_id, alpha, detach_reset, decay_input) -> SLIFPlan:
+    return make_plan("triton", tuple(x2d.shape), x2d.dtype,
+                     _Layout("channel", int(w_channels), int(w_inner)),
+                     _Layout("channel", int(theta_channels), int(theta_inner)), v_reset,
+                     int(surrogate_id), float(alpha), bool(detach_reset), bool(decay_input),
+                     partials=False)
+
+
+# --------------------------------------------------------------------------- autograd
+class SLIFFunction(torch.autograd.Function):
+    """Fused sLIF over ``[T, N]``: forward and backward each one kernel launch.
+
+    Inputs are already flattened: ``w`` and ``theta`` are ``[channels]`` vectors in the
+    compute dtype, ``v_init`` is ``[N]`` or None, ``plan`` comes from :func:`make_plan`.
+    Returns ``(spikes [T, N], v_final [N])``. In eager mode the kernels are launched
+    directly; while torch.compile traces, the same launchers run behind the
+    ``effst::slif_forward`` / ``effst::slif_backward`` library ops (opaque graph nodes).
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, w, theta, v_init, plan: SLIFPlan):
+        if torch.compiler.is_compiling():
+            spikes, v_final, saved = torch.ops.effst.slif_forward(x2d, w, theta, v_init,
+                                                                  *_op_args(plan))
+        else:
+            spikes, v_final, saved = run_forward(x2d, w, theta, v_init, plan)
+        ctx.save_for_backward(x2d, w, theta, v_init, saved)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(saved)
+        if not spikes.is_floating_point():
+            ctx.mark_non_differentiable(spikes)
+        ctx.set_materialize_grads(False)  # an unused output needs no zero-filled gradient
+        return spikes, v_final
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_v_final):
+        x2d, w, theta, v_init, saved = ctx.saved_tensors
+        plan = ctx.plan
+        need_x, need_w, need_theta = ctx.needs_input_grad[:3]
+        if grad_spikes is None:  # only the final state was used
+            grad_spikes = torch.zeros_like(x2d)
+        if torch.compiler.is_compiling():
+            present = iter(torch.ops.effst.slif_backward(
+                grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, *_op_args(plan),
+                need_x, need_w, need_theta))
+            grad_x, grad_w, grad_theta, grad_v_init = (
+                next(present) if wanted else None
+                for wanted in (need_x, need_w, need_theta, v_init is not None))
+        else:
+            grad_x, grad_w, grad_theta, grad_v_init = run_backward(
+                grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, plan, need_x, need_w,
+                need_theta)
+        return grad_x, grad_w, grad_theta, grad_v_init, None
+
+
+# --------------------------------------------------------------------------- compile-time ops
+# While torch.compile traces, the launchers run inside these torch.library ops, so the graph
+# holds them as opaque nodes with fake (shape-only) implementations. Eager calls never pass
+# through them (a custom op's Python dispatch costs tens of microseconds per call).
+def _op_args(plan: SLIFPlan) -> tuple:
+    return (plan.backend, plan.spike_dtype, plan.w_channels, plan.w_inner, plan.theta_channels,
+            plan.theta_inner, plan.v_reset, plan.surrogate_id, plan.alpha, plan.detach_reset,
+            plan.decay_input)
+
+
+def _plan_from_op_args(x2d, backend, spike_dtype, w_channels, w_inner, theta_channels,
+                       theta_inner, v_reset, surrogate_id, alpha, detach_reset,
+                       decay_input) -> SLIFPlan:
+    def layout(channels, inner):
+        form = "neuron" if inner == 1 and channels == x2d.shape[1] else "channel"
+        return _Layout(form, channels, inner)
+
+    return make_plan(backend, tuple(x2d.shape), x2d.dtype, layout(w_channels, w_inner),
+                     layout(theta_channels, theta_inner), v_reset, surrogate_id, alpha,
+                     detach_reset, decay_input, spike_dtype)
+
+
 @torch.library.custom_op("effst::slif_forward", mutates_args=())
 def slif_forward_op(
     x2d: torch.Tensor, w: torch.Tensor, theta: torch.Tensor, v_init: Optional[torch.Tensor],
-    w_channels: int, w_inner: int, theta_channels: int, theta_inner: int,
-    v_reset: Optional[float], surrogate_id: int, alpha: float, detach_reset: bool,
-    decay_input: bool, backend: str,
+    backend: str, spike_dtype: torch.dtype, w_channels: int, w_inner: int, theta_channels: int,
+    theta_inner: int, v_reset: Optional[float], surrogate_id: int, alpha: float,
+    detach_reset: bool, decay_input: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = (w_channels, w_inner, theta_channels, theta_inner, v_reset, surrogate_id, alpha,
-              detach_reset, decay_input)
-    return _forward_impl(backend, x2d, w, theta, v_init, *config)
+    plan = _plan_from_op_args(x2d, backend, spike_dtype, w_channels, w_inner, theta_channels,
+                              theta_inner, v_reset, surrogate_id, alpha, detach_reset,
+                              decay_input)
+    return run_forward(x2d, w, theta, v_init, plan)
 
 
 @slif_forward_op.register_fake
-def _(x2d, w, theta, v_init, w_channels, w_inner, theta_channels, theta_inner, v_reset,
-      surrogate_id, alpha, detach_reset, decay_input, backend):
+def _(x2d, w, theta, v_init, backend, spike_dtype, *rest):
     T, N = x2d.shape
     cdtype = compute_dtype_for(x2d.dtype)
-    saved_shape = checkpoint_shape(T, N) if backend == "triton" else (0, N)
-    return (x2d.new_empty((T, N)), x2d.new_empty((N,), dtype=cdtype),
+    saved_shape = checkpoint_shape(T, N) if backend == "triton" else (0,)
+    return (x2d.new_empty((T, N), dtype=spike_dtype), x2d.new_empty((N,), dtype=cdtype),
             x2d.new_empty(saved_shape, dtype=cdtype))
 
 
@@ -349,64 +613,31 @@ def _(x2d, w, theta, v_init, w_channels, w_inner, theta_channels, theta_inner, v
 def slif_backward_op(
     grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor], x2d: torch.Tensor,
     w: torch.Tensor, theta: torch.Tensor, v_init: Optional[torch.Tensor], saved: torch.Tensor,
-    w_channels: int, w_inner: int, theta_channels: int, theta_inner: int,
-    v_reset: Optional[float], surrogate_id: int, alpha: float, detach_reset: bool,
-    decay_input: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = (w_channels, w_inner, theta_channels, theta_inner, v_reset, surrogate_id, alpha,
-              detach_reset, decay_input)
-    return _backward_impl(backend, grad_spikes, grad_v_final, x2d, w, theta, v_init, saved,
-                          *config)
+    backend: str, spike_dtype: torch.dtype, w_channels: int, w_inner: int, theta_channels: int,
+    theta_inner: int, v_reset: Optional[float], surrogate_id: int, alpha: float,
+    detach_reset: bool, decay_input: bool, need_x: bool, need_w: bool, need_theta: bool,
+) -> list[torch.Tensor]:
+    """The gradients that were asked for, in the order x, w, theta, v_init (None ones left out:
+    a library op cannot return None)."""
+    plan = _plan_from_op_args(x2d, backend, spike_dtype, w_channels, w_inner, theta_channels,
+                              theta_inner, v_reset, surrogate_id, alpha, detach_reset,
+                              decay_input)
+    grads = run_backward(grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, plan, need_x,
+                         need_w, need_theta)
+    return [g for g in grads if g is not None]
 
 
 @slif_backward_op.register_fake
-def _(grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, w_channels, w_inner,
-      theta_channels, theta_inner, v_reset, surrogate_id, alpha, detach_reset, decay_input,
-      backend):
+def _(grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, backend, spike_dtype,
+      w_channels, w_inner, theta_channels, theta_inner, v_reset, surrogate_id, alpha,
+      detach_reset, decay_input, need_x, need_w, need_theta):
     T, N = x2d.shape
     cdtype = compute_dtype_for(x2d.dtype)
-    return (x2d.new_empty((T, N)), x2d.new_empty((N,), dtype=cdtype),
-            x2d.new_empty((N,), dtype=cdtype),
-            x2d.new_empty((N,) if v_init is not None else (1,), dtype=cdtype))
-
-
-# --------------------------------------------------------------------------- autograd
-class SLIFFunction(torch.autograd.Function):
-    """Fused sLIF over ``[T, N]``: forward and backward each one kernel launch.
-
-    Inputs are already flattened by :func:`slif`: ``w`` and ``theta`` are the parameter
-    vectors in the compute dtype, ``w_layout``/``theta_layout`` say which entry each neuron
-    uses, ``v_init`` is ``[N]`` or None. Returns ``(spikes [T, N], v_final [N])``.
-    """
-
-    @staticmethod
-    def forward(ctx, x2d, w, theta, v_init, w_layout: ParameterLayout,
-                theta_layout: ParameterLayout, v_reset, surrogate_id, alpha, detach_reset,
-                decay_input, backend):
-        config = (w_layout.channels, w_layout.inner, theta_layout.channels, theta_layout.inner,
-                  v_reset, surrogate_id, alpha, detach_reset, decay_input)
-        spikes, v_final, saved = torch.ops.effst.slif_forward(x2d, w, theta, v_init, *config,
-                                                              backend)
-        ctx.save_for_backward(x2d, w, theta, v_init, saved)
-        ctx.config = config
-        ctx.layouts = (w_layout, theta_layout)
-        ctx.backend = backend
-        ctx.mark_non_differentiable(saved)
-        ctx.set_materialize_grads(False)  # an unused final state needs no zero-filled gradient
-        return spikes, v_final
-
-    @staticmethod
-    def backward(ctx, grad_spikes, grad_v_final):
-        x2d, w, theta, v_init, saved = ctx.saved_tensors
-        if grad_spikes is None:
-            grad_spikes = torch.zeros_like(x2d)
-        grad_x, grad_w, grad_theta, grad_v_init = torch.ops.effst.slif_backward(
-            grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, *ctx.config, ctx.backend)
-        w_layout, theta_layout = ctx.layouts
-        return (grad_x, reduce_to_parameter(grad_w, w_layout),
-                reduce_to_parameter(grad_theta, theta_layout),
-                grad_v_init if v_init is not None else None,
-                None, None, None, None, None, None, None, None)
+    grads = (x2d.new_empty((T, N)) if need_x else None,
+             x2d.new_empty((w_channels,), dtype=cdtype) if need_w else None,
+             x2d.new_empty((theta_channels,), dtype=cdtype) if need_theta else None,
+             x2d.new_empty((N,), dtype=cdtype) if v_init is not None else None)
+    return [g for g in grads if g is not None]
 
 
 # --------------------------------------------------------------------------- public API
@@ -445,21 +676,42 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         ok, reason = _native_status()
         if not ok:
             raise RuntimeError(f"backend='native': the native extension is unavailable: {reason}")
+        from effst.ops import slif_native
+
+        slif_native.require_device_support(device)
     return backend
 
 
 def _native_status() -> tuple[bool, str]:
     try:
-        module = _native_module()
+        from effst.ops import slif_native
     except Exception as error:  # the module itself failing to import is a reason too
         return False, f"{type(error).__name__}: {error}"
-    return module.native_status()
+    return slif_native.native_status()
 
 
 def _check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return value
+
+
+def check_spike_dtype(spike_dtype) -> None:
+    """``spike_dtype`` must be None (x's dtype), torch.uint8 or torch.bool."""
+    if spike_dtype not in SPIKE_DTYPES:
+        raise ValueError(f"spike_dtype: expected None (x's dtype), torch.uint8 or torch.bool, "
+                         f"got {spike_dtype!r}")
+
+
+def check_integer_spikes_need_no_grad(spike_dtype, tensors) -> None:
+    """Integer spikes carry no gradient: refuse them where autograd would need one."""
+    if spike_dtype is None or not torch.is_grad_enabled():
+        return
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise ValueError(
+            f"spike_dtype={spike_dtype}: integer spikes carry no gradient, but an input requires "
+            "grad; use spike_dtype=None (spikes in x's dtype) for training, or run under "
+            "torch.no_grad() / torch.inference_mode()")
 
 
 def _as_parameter(value, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -472,6 +724,21 @@ def _as_parameter(value, name: str, x: torch.Tensor) -> torch.Tensor:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float or a floating-point tensor, got {type(value).__name__}")
     return torch.tensor(float(value), dtype=compute_dtype_for(x.dtype), device=x.device)
+
+
+def slif_with_plan(x: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
+                   v_init: Optional[torch.Tensor], plan: SLIFPlan):
+    """Run a fused backend on validated inputs; returns ``(spikes [T, N], v_final [N])``.
+
+    The modules call this with a plan cached per input shape; ``v_init`` is ``[N]`` in the
+    compute dtype or None.
+    """
+    x2d = x.reshape(plan.T, plan.N)
+    if plan.N > 1 and x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    cdtype = plan.compute_dtype
+    return SLIFFunction.apply(x2d, w.to(cdtype).reshape(-1), theta.to(cdtype).reshape(-1),
+                              v_init, plan)
 
 
 def slif(
@@ -488,8 +755,9 @@ def slif(
     channel_dim: int = -1,
     backend: str = "auto",
     return_state: bool = False,
+    spike_dtype: Optional[torch.dtype] = None,
 ):
-    """sLIF neuron over ``x = [T, *]`` (SPEC section 2) with learnable decay and threshold.
+    """sLIF neuron over ``x = [T, *]`` (docs/slif.md) with learnable decay and threshold.
 
     Args:
         x: input current, time first, float16/bfloat16/float32/float64.
@@ -504,9 +772,12 @@ def slif(
         channel_dim: dim of the per-step shape a ``(C,)`` parameter indexes.
         backend: 'auto', 'reference', 'triton' or 'native'.
         return_state: also return the final membrane potential (per-step shape, fp32/fp64).
+        spike_dtype: None (spikes in x's dtype, differentiable), or torch.uint8 / torch.bool
+            (1 byte per spike, for inference: no gradient path, so refused while an input
+            requires grad).
 
     Returns:
-        Spikes in ``x.dtype`` with ``x``'s shape, and the final state if ``return_state``.
+        Spikes with ``x``'s shape, and the final state if ``return_state``.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a tensor [T, *], got {type(x).__name__}")
@@ -521,6 +792,7 @@ def slif(
     for flag, name in ((detach_reset, "detach_reset"), (decay_input, "decay_input"),
                        (return_state, "return_state")):
         _check_bool(flag, name)
+    check_spike_dtype(spike_dtype)
     surrogate_id, alpha = resolve_surrogate(surrogate, alpha)
     w = _as_parameter(w, "w", x)
     theta = _as_parameter(v_threshold, "v_threshold", x)
@@ -534,26 +806,28 @@ def slif(
         except RuntimeError:
             raise ValueError(f"v_init: expected a shape broadcastable to the per-step shape "
                              f"{tuple(step_shape)}, got {tuple(v_init.shape)}") from None
+    check_integer_spikes_need_no_grad(spike_dtype, (x, w, theta, v_init))
     chosen = resolve_backend(backend, x.device)
     if chosen == "reference":
-        return slif_reference(x, w, theta, v_reset=v_reset, v_init=v_init, surrogate=surrogate,
-                              alpha=alpha, detach_reset=detach_reset, decay_input=decay_input,
-                              channel_dim=channel_dim, return_state=return_state)
-    T = x.shape[0]
-    cdtype = compute_dtype_for(x.dtype)
-    x2d = x.reshape(T, -1)
-    if x2d.shape[1] > 1 and x2d.stride(1) != 1:
-        x2d = x2d.contiguous()
+        out = slif_reference(x, w, theta, v_reset=v_reset, v_init=v_init, surrogate=surrogate,
+                             alpha=alpha, detach_reset=detach_reset, decay_input=decay_input,
+                             channel_dim=channel_dim, return_state=return_state)
+        if spike_dtype is None:
+            return out
+        if return_state:
+            return out[0].to(spike_dtype), out[1]
+        return out.to(spike_dtype)
+    plan = make_plan(chosen, tuple(x.shape), x.dtype, w_layout, theta_layout, v_reset,
+                     surrogate_id, alpha, detach_reset, decay_input, spike_dtype)
+    cdtype = plan.compute_dtype
     v_init_flat = v_init.to(cdtype).reshape(-1).contiguous() if v_init is not None else None
-    spikes, v_final = SLIFFunction.apply(
-        x2d, w.to(cdtype).reshape(-1).contiguous(), theta.to(cdtype).reshape(-1).contiguous(),
-        v_init_flat, w_layout, theta_layout, v_reset, surrogate_id, alpha, detach_reset,
-        decay_input, chosen)
+    spikes, v_final = slif_with_plan(x, w, theta, v_init_flat, plan)
     spikes = spikes.reshape(x.shape)
     if return_state:
         return spikes, v_final.reshape(step_shape)
     return spikes
 
 
-__all__ = ["slif", "SLIFFunction", "slif_forward_triton", "slif_backward_triton",
-           "resolve_backend", "SURROGATE_NAMES"]
+__all__ = ["slif", "slif_with_plan", "make_plan", "SLIFPlan", "SLIFFunction",
+           "slif_forward_triton", "slif_backward_triton", "resolve_backend", "SURROGATE_NAMES",
+           "SPIKE_DTYPES"]

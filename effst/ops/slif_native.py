@@ -134,13 +134,66 @@ def _build_on_first_use(config) -> None:
         _build(config, with_cuda=False)
 
 
+def ninja_dir() -> Optional[Path]:
+    """The folder of the ninja that builds the extension, preferring this interpreter's own.
+
+    Order: the bin folder next to ``sys.executable`` (a venv used without activation), the
+    ``ninja`` Python package's binary, then whatever PATH offers. None when there is none.
+    """
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja  # the pip package; its BIN_DIR holds the binary
+
+        candidates.append(Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for folder in candidates:
+        found = shutil.which("ninja", path=str(folder))
+        if found:
+            return Path(found).parent
+    found = shutil.which("ninja")
+    return Path(found).parent if found else None
+
+
+class _NinjaOnPath:
+    """Put :func:`ninja_dir` first on PATH while torch's build runs (it calls plain ``ninja``)."""
+
+    def __enter__(self):
+        self.saved = os.environ.get("PATH")
+        folder = ninja_dir()
+        if folder is not None:
+            os.environ["PATH"] = os.pathsep.join([str(folder)] + ([self.saved] if self.saved else []))
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = self.saved
+
+
 def _build(config, with_cuda: bool) -> None:
+    import time
+
     from torch.utils import cpp_extension
 
     sources = list(config.CPU_SOURCES) + (list(config.CUDA_SOURCES) if with_cuda else [])
     build_dir = cache_dir(with_cuda)
     build_dir.mkdir(parents=True, exist_ok=True)
     defines = config.defines(with_cuda=with_cuda, python_module=False)
+    fresh = not any(build_dir.glob("effst_native*.so"))
+    if fresh:  # a first build takes a minute or two: say so once, instead of going quiet
+        print(f"effst: compiling the native sLIF extension ({'CPU + CUDA' if with_cuda else 'CPU'}"
+              f" kernels) into {build_dir} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    with _NinjaOnPath():
+        _load_with_cpp_extension(cpp_extension, config, sources, build_dir, defines, with_cuda)
+    if fresh:
+        print(f"effst: native sLIF extension built in {time.perf_counter() - started:.0f} s",
+              file=sys.stderr, flush=True)
+
+
+def _load_with_cpp_extension(cpp_extension, config, sources, build_dir, defines, with_cuda):
     cpp_extension.load(
         name="effst_native",
         sources=[str(config.ROOT / s) for s in sources],
@@ -167,10 +220,9 @@ def _missing_tool() -> Optional[str]:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler found (looked for {compiler!r} on PATH; set CXX or install g++)"
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if not is_ninja_available():
-        return "ninja is not installed (pip install ninja)"
+    if ninja_dir() is None:
+        return (f"ninja is not installed (looked next to {sys.executable}, in the ninja Python "
+                "package and on PATH; pip install ninja)")
     return None
 
 
@@ -225,21 +277,38 @@ def _require() -> None:
         raise RuntimeError(f"effst native sLIF extension unavailable: {reason}")
 
 
+_build_info: Optional[dict] = None
+
+
 def native_build_info() -> dict[str, str]:
-    """Facts about the loaded library: source_hash, cuda ('0'/'1'), cpu_isa ('avx2'/'baseline')."""
-    _require()
-    info = torch.ops.effst_native.build_info()
-    return dict(item.split("=", 1) for item in info.split(";"))
+    """Facts about the loaded library: source_hash, cuda ('0'/'1'), cpu_isa ('avx2'/'baseline').
+
+    Read from the library once per process (it cannot change while loaded).
+    """
+    global _build_info
+    if _build_info is None:
+        _require()
+        info = torch.ops.effst_native.build_info()
+        _build_info = dict(item.split("=", 1) for item in info.split(";"))
+    return dict(_build_info)
+
+
+def require_device_support(device: torch.device) -> None:
+    """Raise unless the loaded library has kernels for ``device`` (CPU always; CUDA if built)."""
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if native_build_info()["cuda"] != "1":
+            raise RuntimeError(
+                "backend='native' on a CUDA tensor: the extension was built without CUDA "
+                f"kernels ({_cuda_note or 'the ahead-of-time build was made without CUDA'}); "
+                "use backend='triton'")
+        return
+    raise RuntimeError(f"backend='native': expected a CPU or CUDA tensor, got {device}")
 
 
 def _check_device(x2d: torch.Tensor) -> None:
-    if x2d.device.type == "cuda" and native_build_info()["cuda"] != "1":
-        raise RuntimeError(
-            "backend='native' on a CUDA tensor: the extension was built without CUDA kernels "
-            f"({_cuda_note or 'the ahead-of-time build was made without CUDA'}); use "
-            "backend='triton'")
-    if x2d.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"backend='native': expected a CPU or CUDA tensor, got {x2d.device}")
+    require_device_support(x2d.device)
 
 
 def slif_forward_native(
