@@ -1,0 +1,176 @@
+"""Token kernels (effst/ops/token_select.py) against float64 / integer torch references, under
+Triton's interpreter on the CPU (or on CUDA with EFFST_TEST_DEVICE=cuda), and AOT-compiled for
+sm_80 / sm_90 without a GPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from effst.ops import token_select as ts
+
+AOT = Path(__file__).with_name("aot_compile.py")
+DTYPES = [torch.float32, torch.float16, torch.float64]
+
+
+def _spikes(*shape, p=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(*shape, generator=g) < p).float()
+
+
+def _argsort_reference(scores, k):
+    """Independent oracle: rank = number of tokens with a higher score or an equal score and a
+    lower index; keep rank < k; ascending indices."""
+    out = []
+    for row in scores.tolist():
+        n = len(row)
+        rank = [sum(1 for j in range(n) if row[j] > row[i] or (row[j] == row[i] and j < i)) for i in range(n)]
+        out.append([i for i in range(n) if rank[i] < k])
+    return torch.tensor(out, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("R,N,W,C,k", [(6, 17, 24, 10, 7), (3, 64, 96, 33, 44), (2, 5, 3, 4, 5), (4, 9, 70, 130, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_anchor_topk_gather_matches_reference(device, R, N, W, C, k, dtype):
+    query, keys = _spikes(R, W, seed=1), _spikes(R, N, W, p=0.3, seed=2)
+    x = torch.randn(R, N, C, generator=torch.Generator().manual_seed(3)).to(dtype)
+    scores, index, compact = ts.anchor_topk_gather(query.to(device), keys.to(device), x.to(device), k, backend="triton")
+    expected_scores = (query[:, None, :].double() * keys.double()).sum(-1)          # float64 dot of spikes
+    assert torch.equal(scores.cpu().double(), expected_scores)
+    expected_index = _argsort_reference(expected_scores, k)
+    assert torch.equal(index.cpu(), expected_index)
+    assert torch.equal(compact.cpu(), torch.stack([x[r, expected_index[r]] for r in range(R)]))
+
+
+def test_anchor_topk_ties_prefer_lower_index(device):
+    # Every token ties: the first k tokens win. Then a unique best token at the end wins first.
+    query = torch.ones(2, 4)
+    keys = torch.zeros(2, 8, 4)
+    keys[:, :, 0] = 1
+    keys[1, 7] = 1
+    x = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(2, 8, 3)
+    _, index, _ = ts.anchor_topk_gather(query.to(device), keys.to(device), x.to(device), 3, backend="triton")
+    assert index.cpu().tolist() == [[0, 1, 2], [0, 1, 7]]
+
+
+def test_anchor_topk_gather_gradient_scatters_back(device):
+    query, keys = _spikes(3, 16, seed=4), _spikes(3, 12, 16, seed=5)
+    x = torch.randn(3, 12, 5, dtype=torch.float64, device=device, requires_grad=True)
+    _, index, compact = ts.anchor_topk_gather(query.to(device), keys.to(device), x, 4, backend="triton")
+    weight = torch.randn_like(compact)
+    (compact * weight).sum().backward()
+    expected = torch.zeros(3, 12, 5, dtype=torch.float64)
+    for r in range(3):
+        expected[r, index[r].cpu()] = weight[r].cpu()
+    assert torch.equal(x.grad.cpu(), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_scatter_are_exact_and_each_others_gradient(device, dtype):
+    g = torch.Generator().manual_seed(6)
+    R, N, K, C = 5, 20, 7, 140
+    index = torch.stack([torch.sort(torch.randperm(N, generator=g)[:K]).values for _ in range(R)]).to(device)
+    x = torch.randn(R, N, C, generator=g).to(dtype).to(device).requires_grad_(dtype == torch.float64)
+    out = ts.gather_tokens(x, index, backend="triton")
+    assert torch.equal(out, ts.gather_tokens(x, index, backend="torch"))
+    full = ts.scatter_tokens(out.detach(), index, N, backend="triton")
+    assert torch.equal(full, ts.scatter_tokens(out.detach(), index, N, backend="torch"))
+    dropped = torch.ones(R, N, dtype=torch.bool, device=device).scatter(1, index, False)
+    assert torch.all(full[dropped] == 0)
+    if dtype == torch.float64:
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        assert torch.equal(x.grad, ts.scatter_tokens(grad, index, N, backend="torch"))
+        compact = out.detach().requires_grad_()
+        ts.scatter_tokens(compact, index, N, backend="triton").backward(full)
+        assert torch.equal(compact.grad, out.detach())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_masked_mean_matches_float64_reference(device, dtype, tol):
+    g = torch.Generator().manual_seed(7)
+    T, B, N, C = 3, 4, 37, 150
+    x = torch.randn(T, B, N, C, generator=g)
+    mask = torch.rand(T, B, N, generator=g) < 0.4
+    mask[:, :, 0] = True
+    expected = (x.double() * mask.double()[..., None]).sum((0, 2)) / mask.double().sum((0, 2))[:, None]
+    xd = x.to(dtype).to(device).requires_grad_(dtype != torch.float16)
+    out = ts.masked_mean(xd, mask.to(device), backend="triton")
+    assert out.dtype == dtype
+    assert torch.allclose(out.double().cpu(), expected, atol=tol, rtol=tol)
+    if xd.requires_grad:
+        out.sum().backward()
+        expected_grad = mask.double()[..., None] / mask.double().sum((0, 2))[None, :, None, None]
+        assert torch.allclose(xd.grad.double().cpu(), expected_grad.expand(T, B, N, C), atol=tol)
+    # [B, N] masks mean the same set at every timestep.
+    same = ts.masked_mean(x.to(device), mask[0].to(device), backend="triton")
+    assert torch.allclose(same.cpu().double(), ts.masked_mean_reference(x.double(), mask[0].expand(T, B, N)), atol=1e-5)
+
+
+def test_neuron_membrane_follows_token_identity():
+    """Per-timestep token sets: the neuron sees zero current for a dropped (token, t)."""
+    from effst.nn import LIF
+    T, B, N, K, C = 4, 2, 6, 3, 5
+    g = torch.Generator().manual_seed(8)
+    index = torch.stack([torch.stack([torch.sort(torch.randperm(N, generator=g)[:K]).values for _ in range(B)])
+                         for _ in range(T)])
+    current = torch.rand(T, B, K, C, generator=g, dtype=torch.float64) * 2
+    out = ts.run_neuron_on_tokens(LIF(tau=2.0, backend="reference"), current, index, N, backend="torch")
+    # Oracle: step the LIF by hand on the full token axis.
+    v = torch.zeros(B, N, C, dtype=torch.float64)
+    for t in range(T):
+        x = torch.zeros(B, N, C, dtype=torch.float64)
+        for b in range(B):
+            x[b, index[t, b]] = current[t, b]
+        h = v + (x - v) / 2.0
+        s = (h >= 1.0).double()
+        v = h * (1 - s)
+        for b in range(B):
+            assert torch.equal(out[t, b], s[b, index[t, b]])
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="k: expected"):
+        ts.anchor_topk_gather(torch.ones(2, 4), torch.ones(2, 5, 4), torch.ones(2, 5, 3), 6)
+    with pytest.raises(ValueError, match="anchor_query"):
+        ts.anchor_topk_gather(torch.ones(2, 3), torch.ones(2, 5, 4), torch.ones(2, 5, 3), 2)
+    with pytest.raises(TypeError, match="index: expected int64"):
+        ts.gather_tokens(torch.ones(2, 5, 3), torch.zeros(2, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="index: token indices"):
+        ts.gather_tokens(torch.ones(2, 5, 3), torch.full((2, 2), 5))
+    with pytest.raises(ValueError, match="mask: expected shape"):
+        ts.masked_mean(torch.ones(2, 3, 4, 5), torch.ones(3, 5))
+    with pytest.raises(ValueError, match="backend"):
+        ts.gather_tokens(torch.ones(2, 5, 3), torch.zeros(2, 2, dtype=torch.int64), backend="cuda")
+
+
+def _aot_entries(arch):
+    mod = "effst.ops.token_select"
+    entries = []
+    for x_type in ("fp16", "bf16", "fp32"):
+        entries.append({"module": mod, "kernel": "_anchor_topk_gather_kernel", "arch": arch,
+                        "signature": {"query_ptr": "*fp16", "key_ptr": "*fp16", "x_ptr": f"*{x_type}",
+                                      "score_ptr": "*i32", "index_ptr": "*i64", "out_ptr": f"*{x_type}",
+                                      "N": "i32", "W": "i32", "C": "i32", "K": "i32"},
+                        "constexprs": {"BLOCK_N": 256, "BLOCK_W": 64, "BLOCK_C": 64}})
+        for scatter in (False, True):
+            entries.append({"module": mod, "kernel": "_move_tokens_kernel", "arch": arch,
+                            "signature": {"src_ptr": f"*{x_type}", "index_ptr": "*i64", "dst_ptr": f"*{x_type}",
+                                          "N": "i32", "K": "i32", "C": "i32"},
+                            "constexprs": {"SCATTER": scatter, "BLOCK_K": 32, "BLOCK_C": 128}})
+        entries.append({"module": mod, "kernel": "_masked_mean_kernel", "arch": arch,
+                        "signature": {"x_ptr": f"*{x_type}", "mask_ptr": f"*{x_type}", "out_ptr": f"*{x_type}",
+                                      "T": "i32", "B": "i32", "N": "i32", "C": "i32"},
+                        "constexprs": {"ACC_DTYPE": "tl.float32", "BLOCK_N": 32, "BLOCK_C": 128}})
+    return entries
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_aot_compile(arch):
+    result = subprocess.run([sys.executable, str(AOT), json.dumps(_aot_entries(arch))], capture_output=True,
+                            text=True, timeout=600, cwd=Path(__file__).parents[1])
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    failed = [line for line in lines if not line["ok"]]
+    assert result.returncode == 0 and not failed and len(lines) == len(_aot_entries(arch)), (failed, result.stderr[-2000:])
