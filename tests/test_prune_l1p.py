@@ -292,3 +292,88 @@ def test_apply_mask_errors():
         prune.apply_mask(layer, torch.full((4, 8), 0.5))
     with pytest.raises(TypeError, match="not nn.Linear"):
         prune.apply_mask(nn.ReLU(), torch.ones(1, dtype=torch.bool))
+
+
+def test_block_pruning_never_keeps_nothing():
+    """A tile too large for a matrix at the requested sparsity is halved (warning); a matrix
+    that even 16x16 tiles would empty keeps its single best tile (warning); 0 blocks never."""
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 128), nn.Linear(256, 256))
+    with pytest.warns(UserWarning) as caught:
+        prune.block_l1p(net, 0.8)  # DEFAULT_BLOCK_SIZE
+    messages = " ".join(str(w.message) for w in caught)
+    assert "0: even 16x16" in messages and "1: (32, 32) tiles cannot express" in messages
+    assert "2:" not in messages  # 64 tiles of 32x32: 12 kept, nothing to adapt
+    masks = [m.parametrizations.weight[0] for m in net]
+    assert prune.DEFAULT_BLOCK_SIZE == (32, 32) and masks[2].block_size == (32, 32)
+    assert masks[0].block_size == (16, 16) and int(masks[0].mask.sum()) == 256  # 1 of 4 tiles
+    # (128, 32) weight: 32x32 -> 4 tiles, 0 kept; 16x32 -> 8 tiles, 8 - ceil(6.4) = 1 kept.
+    assert masks[1].block_size == (16, 32) and int(masks[1].mask.sum()) == 16 * 32
+    rep = prune.report(net)
+    assert all(layer.kept > 0 for layer in rep.layers) and math.isfinite(rep.compression_ratio)
+    converted = prune.to_block_sparse(net, backend="torch")  # each layer with the tile it was pruned with
+    assert [m.block_size for m in converted] == [(16, 16), (16, 32), (32, 32)]
+    # Random block pruning follows the same rule.
+    with pytest.warns(UserWarning, match="cannot express"):
+        prune.random(nn.Linear(32, 32), 0.9, structure="block", seed=0)
+    assert prune.fit_block_pruning(torch.zeros(64, 64), 0.5, 32) == ((32, 32), 0.5)
+
+
+def oracle_two_four(w: torch.Tensor) -> torch.Tensor:
+    """Per group of 4 inputs: keep the two largest |w|; on equal |w| the lower index first."""
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    for o in range(w.shape[0]):
+        for g in range(0, w.shape[1], 4):
+            ranked = sorted(range(4), key=lambda i: (-abs(float(w[o, g + i])), i))
+            for i in ranked[:2]:
+                keep[o, g + i] = True
+    return keep
+
+
+def test_two_four_mask_and_its_errors():
+    torch.manual_seed(10)
+    w = torch.randn(6, 16)
+    w[0, :4] = torch.tensor([0.5, -0.5, 0.5, 0.1])  # ties: indices 0 and 1 kept
+    w[1, 4:8] = 0.0  # all equal: the first two
+    net = nn.Sequential(nn.Linear(16, 6), nn.ReLU(), nn.Conv1d(16, 8, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(w)
+    prune.l1p(net, 0.5, pattern="2:4")
+    keep = prune.get_mask(net[0])
+    assert torch.equal(keep, oracle_two_four(w))
+    assert keep[0, :4].tolist() == [True, True, False, False] and keep[1, 4:8].tolist() == [True, True, False, False]
+    assert int(keep.sum()) == w.numel() // 2 and prune.is_two_four(net[0].weight)
+    assert net[0].parametrizations.weight[0].structure == "2:4"
+    assert torch.equal(prune.get_mask(net[2]).squeeze(-1), oracle_two_four(net[2].weight.detach().squeeze(-1)))
+    with pytest.raises(ValueError, match="sparsity 0.5"):
+        prune.l1p(nn.Linear(8, 4), 0.6, pattern="2:4")
+    with pytest.raises(ValueError, match="pattern"):
+        prune.l1p(nn.Linear(8, 4), 0.5, pattern="1:4")
+    odd = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 6), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match=r"2: .*multiple of 4, got 6"):
+        prune.l1p(odd, 0.5, pattern="2:4")
+    assert not any(prune.is_pruned(m) for m in odd)  # nothing changed before the error
+
+
+def test_to_semi_structured_errors_on_cpu():
+    net = nn.Sequential(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="pattern='2:4'"):
+        prune.to_semi_structured(net)
+    prune.l1p(net, 0.5, pattern="2:4")
+    with pytest.raises(RuntimeError, match="only on CUDA"):
+        prune.to_semi_structured(net)
+    assert prune.is_pruned(net[0])  # left as it was
+
+
+@pytest.mark.gpu
+def test_to_semi_structured_matches_masked_dense_on_gpu(device):
+    torch.manual_seed(11)
+    net = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128)).to(device=device, dtype=torch.float16)
+    prune.l1p(net, 0.5, pattern="2:4")
+    x = torch.randn(64, 128, device=device, dtype=torch.float16)
+    with torch.no_grad():
+        expected = net(x).float()
+        prune.to_semi_structured(net)
+        got = net(x).float()
+    assert not prune.is_pruned(net[0]) and type(net[0].weight.data).__name__.startswith("SparseSemiStructured")
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)

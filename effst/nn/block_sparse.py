@@ -21,6 +21,7 @@ from torch import nn
 
 from effst.ops.block_sparse_linear import (
     BACKENDS,
+    DEFAULT_BLOCK_SIZE,
     BlockSize,
     block_grid_shape,
     block_sparse_linear_unchecked,
@@ -60,7 +61,7 @@ class BlockSparseLinear(nn.Module):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        block_size: BlockSize = (32, 32),
+        block_size: BlockSize = DEFAULT_BLOCK_SIZE,
         block_mask: Optional[torch.Tensor] = None,
         backend: str = "auto",
         device: Any = None,
@@ -149,7 +150,7 @@ class BlockSparseLinear(nn.Module):
         cls,
         linear: nn.Linear,
         sparsity: Optional[float] = None,
-        block_size: BlockSize = (32, 32),
+        block_size: BlockSize = DEFAULT_BLOCK_SIZE,
         mask: Optional[torch.Tensor] = None,
         backend: str = "auto",
     ) -> "BlockSparseLinear":

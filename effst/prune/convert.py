@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from effst.nn.block_sparse import BlockSparseLinear
-from effst.ops.block_sparse_linear import BlockSize, check_block_size, expand_block_mask, tiles_with_any
+from effst.ops.block_sparse_linear import DEFAULT_BLOCK_SIZE, BlockSize, check_block_size, expand_block_mask, tiles_with_any
 from effst.prune.l1p import Targets, resolve_targets
 from effst.prune.masks import _mask_parametrization
 
@@ -23,7 +23,7 @@ def to_block_sparse(
 ) -> nn.Module:
     """Replace every pruned ``nn.Linear`` (or the ``targets``) by an equal ``BlockSparseLinear``.
 
-    ``block_size`` defaults to the one block L1P / block random pruning used (else (32, 32)).
+    ``block_size`` defaults to the one block L1P / block random pruning used (else ``DEFAULT_BLOCK_SIZE``).
     A layer's mask must be block-aligned for that block size (every tile fully kept or fully
     pruned): a ``BlockSparseLinear`` trains every entry of its kept tiles, so converting an
     element-pruned layer would let its pruned entries move. Returns the model (modified in
@@ -38,7 +38,7 @@ def to_block_sparse(
         if not isinstance(module, nn.Linear):
             raise ValueError(f"targets: {name or '<root>'!r} is a {type(module).__name__}; only nn.Linear converts to BlockSparseLinear")
         p = _mask_parametrization(module)
-        block = check_block_size(block_size if block_size is not None else (p.block_size if p is not None and p.block_size else (32, 32)))
+        block = check_block_size(block_size if block_size is not None else (p.block_size if p is not None and p.block_size else DEFAULT_BLOCK_SIZE))
         if p is not None:
             tiles = tiles_with_any(p.mask, block)
             if not torch.equal(expand_block_mask(tiles, block, p.mask.shape), p.mask):

@@ -20,6 +20,8 @@ entries score 0) and the new mask is combined with the old one.
 from __future__ import annotations
 
 import fnmatch
+import math
+import warnings
 import numbers
 from typing import Optional, Sequence, Union
 
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from effst.ops.block_sparse_linear import (
+    DEFAULT_BLOCK_SIZE,
     BlockSize,
     block_grid_shape,
     check_block_size,
@@ -36,6 +39,11 @@ from effst.ops.block_sparse_linear import (
 # ceil_count / floor_count are re-exported: DSP and callers import them from here.
 from effst.ops.magnitude import ceil_count, floor_count, keep_above_kth, tile_l1_norms as _tile_norms  # noqa: F401
 from effst.prune.masks import apply_mask, get_mask, is_prunable, why_not_prunable
+from effst.prune.semi_structured import PATTERN as TWO_FOUR, two_four_mask
+
+# DEFAULT_BLOCK_SIZE: the tile of block L1P / block random pruning wherever none is given (CLI,
+# pipeline, to_block_sparse, BlockSparseLinear, the sparse benchmark's Spikformer rows), so that
+# accuracy and speed are reported for the same layout. Defined in ops (nn needs it too).
 
 Target = Union[str, type]
 Targets = Optional[Union[Target, Sequence[Target]]]
@@ -120,10 +128,48 @@ def tile_l1_norms(weight: torch.Tensor, block_size: BlockSize) -> torch.Tensor:
     return _tile_norms(_matrix(weight), *check_block_size(block_size))
 
 
-def block_l1p_mask(weight: torch.Tensor, sparsity: float, block_size: BlockSize = (32, 32)) -> torch.Tensor:
+def block_l1p_mask(weight: torch.Tensor, sparsity: float, block_size: BlockSize = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
     """Block L1P keep-mask over tiles, bool ``[ceil(out/bm), ceil(in/bk)]``."""
     sparsity = check_sparsity(sparsity)
     return keep_above_kth(tile_l1_norms(weight, block_size), sparsity)
+
+
+def fit_block_pruning(weight: torch.Tensor, sparsity: float, block_size: BlockSize, name: str = "") -> tuple[tuple[int, int], float]:
+    """``(tile, sparsity)`` that block pruning uses on ``weight``, so it never keeps nothing.
+
+    ``block_size`` and ``sparsity`` as given if they keep at least one tile (``n - ceil(p*n) >= 1``
+    of the ``n`` tiles); else the larger tile side (rows on a tie) is halved step by step down to
+    16x16 until one does; if even 16x16 keeps nothing, 16x16 with the sparsity lowered to
+    ``(n-1)/n`` (the single highest-scoring tile kept). Each adaptation warns, naming the layer.
+    """
+    block = check_block_size(block_size)
+    shape = tuple(_matrix(weight).shape)
+    label = name or "<root>"
+
+    def tiles(b):
+        n = math.prod(block_grid_shape(*shape, b))
+        return n - ceil_count(sparsity * n), n
+
+    candidate = block
+    while tiles(candidate)[0] < 1 and candidate != (16, 16):
+        bm, bk = candidate
+        candidate = (bm // 2, bk) if (bm >= bk and bm > 16) or bk == 16 else (bm, bk // 2)
+    kept, n = tiles(candidate)
+    if kept >= 1:
+        if candidate != block:
+            warnings.warn(
+                f"{label}: {block} tiles cannot express sparsity {sparsity} on its {shape} weight "
+                f"({tiles(block)[1]} tile(s), none would be kept); using {candidate} tiles ({kept} of {n} kept)",
+                UserWarning, stacklevel=4,
+            )
+        return candidate, sparsity
+    lowered = (n - 1) / n
+    warnings.warn(
+        f"{label}: even 16x16 tiles cannot express sparsity {sparsity} on its {shape} weight ({n} tiles, "
+        f"none would be kept); keeping its highest-scoring tile: sparsity {lowered:.4g} on this layer",
+        UserWarning, stacklevel=4,
+    )
+    return candidate, lowered
 
 
 def _random_keep(num: int, sparsity: float, already_pruned: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -147,27 +193,51 @@ def _combine(module: nn.Module, keep: torch.Tensor) -> torch.Tensor:
     return keep if old is None else keep & old
 
 
-def l1p(model_or_module: nn.Module, sparsity: float, targets: Targets = None) -> nn.Module:
-    """Element L1P at ``sparsity`` on every target matrix; masks become module state. Returns the model."""
+def l1p(model_or_module: nn.Module, sparsity: float, targets: Targets = None, pattern: Optional[str] = None) -> nn.Module:
+    """Element L1P at ``sparsity`` on every target matrix; masks become module state. Returns the model.
+
+    ``pattern="2:4"`` (sparsity must be 0.5): keep the 2 largest ``|w|`` of every 4 consecutive
+    inputs instead of a global threshold (:mod:`effst.prune.semi_structured`: groups, tie rule,
+    and :func:`effst.prune.to_semi_structured` for PyTorch's sparse kernels).
+    """
     sparsity = check_sparsity(sparsity)
-    for _, module in resolve_targets(model_or_module, targets):
-        keep = l1p_mask(module.weight, sparsity)
-        apply_mask(module, _combine(module, keep), structure="element")
+    if pattern not in (None, TWO_FOUR):
+        raise ValueError(f"pattern: expected None (unstructured) or {TWO_FOUR!r}, got {pattern!r}")
+    if pattern == TWO_FOUR and sparsity != 0.5:
+        raise ValueError(f"sparsity: pattern='2:4' keeps 2 of every 4 weights, i.e. sparsity 0.5, got {sparsity!r}")
+    chosen = resolve_targets(model_or_module, targets)
+    keeps = []  # every mask is computed (and validated) before any layer changes
+    for name, module in chosen:
+        if pattern == TWO_FOUR:
+            try:
+                keeps.append(two_four_mask(module.weight))
+            except ValueError as err:
+                raise ValueError(f"{name or '<root>'}: {err}") from None
+        else:
+            keeps.append(l1p_mask(module.weight, sparsity))
+    for (_, module), keep in zip(chosen, keeps):
+        apply_mask(module, _combine(module, keep), structure=pattern or "element")
     return model_or_module
 
 
 def block_l1p(
-    model_or_module: nn.Module, sparsity: float, targets: Targets = None, block_size: BlockSize = (32, 32)
+    model_or_module: nn.Module, sparsity: float, targets: Targets = None, block_size: BlockSize = DEFAULT_BLOCK_SIZE
 ) -> nn.Module:
     """Block L1P: prune the lowest-L1 ``sparsity`` fraction of ``block_size`` tiles per matrix.
+
+    A matrix too small for ``block_size`` at this sparsity gets a smaller tile, with a warning
+    (:func:`fit_block_pruning`; a layer that even 16x16 tiles would empty keeps its best tile);
+    the tile used is recorded with the mask.
 
     The result converts to ``BlockSparseLinear`` with :func:`effst.prune.to_block_sparse`.
     """
     sparsity = check_sparsity(sparsity)
-    block = check_block_size(block_size)
-    for _, module in resolve_targets(model_or_module, targets):
+    requested = check_block_size(block_size)
+    chosen = resolve_targets(model_or_module, targets)
+    fits = [fit_block_pruning(module.weight, sparsity, requested, name) for name, module in chosen]
+    for (_, module), (block, layer_sparsity) in zip(chosen, fits):
         weight = module.weight
-        keep = expand_block_mask(block_l1p_mask(weight, sparsity, block), block, weight.shape)
+        keep = expand_block_mask(block_l1p_mask(weight, layer_sparsity, block), block, weight.shape)
         apply_mask(module, _combine(module, keep), structure="block", block_size=block)
     return model_or_module
 
@@ -178,11 +248,12 @@ def random(
     structure: str = "element",
     seed: Optional[int] = None,
     targets: Targets = None,
-    block_size: BlockSize = (32, 32),
+    block_size: BlockSize = DEFAULT_BLOCK_SIZE,
 ) -> nn.Module:
     """Random pruning control: exactly ``ceil(p*n)`` random entries (or tiles) per matrix.
 
     ``structure``: ``'element'`` or ``'block'``; ``seed`` makes it reproducible (any device).
+    Block tiles too large for a matrix are adapted as in :func:`block_l1p`.
     """
     sparsity = check_sparsity(sparsity)
     if structure not in ("element", "block"):
@@ -192,8 +263,10 @@ def random(
     generator = None
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
-    block = check_block_size(block_size) if structure == "block" else None
-    for _, module in resolve_targets(model_or_module, targets):
+    requested = check_block_size(block_size) if structure == "block" else None
+    chosen = resolve_targets(model_or_module, targets)
+    fits = [fit_block_pruning(m.weight, sparsity, requested, n) if requested else (None, sparsity) for n, m in chosen]
+    for (_, module), (block, layer_sparsity) in zip(chosen, fits):
         weight = module.weight
         old = get_mask(module)
         if structure == "element":
@@ -205,7 +278,7 @@ def random(
                 pruned_tiles = torch.zeros(grid, dtype=torch.bool)
             else:  # a tile counts as pruned when none of its entries is kept
                 pruned_tiles = ~tiles_with_any(_matrix(old).cpu(), block)
-            tiles = _random_keep(pruned_tiles.numel(), sparsity, pruned_tiles, generator).reshape(grid)
+            tiles = _random_keep(pruned_tiles.numel(), layer_sparsity, pruned_tiles, generator).reshape(grid)
             keep = expand_block_mask(tiles, block, weight.shape)
         keep = keep.to(weight.device)
         apply_mask(module, _combine(module, keep), structure=structure, block_size=block)
