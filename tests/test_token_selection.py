@@ -1,0 +1,210 @@
+"""Token selectors (STS, STATA, random controls) in Spikformer: the math against float64
+references, compact vs masked forwards, checkpoints, MAC counts."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effst.models import build_model, build_model_from_spec, CONFIGS
+from effst.models.flops import spikformer_macs, token_schedule
+from effst.models.token_selection import (
+    TokenSelection,
+    align_blocks_default,
+    distillation_loss,
+    inter_alignment_loss,
+    intra_alignment_loss,
+    keep_count,
+    ratio_loss,
+    stata_blocks_default,
+    sts_blocks_default,
+)
+
+TINY = dict(depth=4, dim=32, heads=4, hidden=64, backend="reference")
+
+
+def _images(batch=6, seed=0):
+    return torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _model(selector, ratio=None, seed=0, **options):
+    torch.manual_seed(seed)
+    return build_model("spikformer-tiny", token_selector=selector, keep_ratio=ratio,
+                       token_options=options or None, **TINY)
+
+
+def test_schedules_and_rounding():
+    assert sts_blocks_default(4) == (1, 2, 3) and sts_blocks_default(2) == (1,)
+    assert stata_blocks_default(4) == (1,) and stata_blocks_default(8) == (2, 5)
+    assert align_blocks_default(4) == (0, 2, 3) and align_blocks_default(8) == (0, 3, 7)
+    assert [keep_count(64, 0.7 ** i) for i in (1, 2, 3)] == [44, 31, 21]
+    assert [keep_count(64, 0.5 ** i) for i in (1, 2, 3)] == [32, 16, 8]
+    assert keep_count(10, 0.3) == 3 and keep_count(3, 0.1) == 1
+
+
+def test_mac_counts_match_sparsespikformer_table():
+    config = CONFIGS["spikformer-4-384"]
+    paper = {1.0: 3.74, 0.9: 3.44, 0.8: 3.24, 0.7: 3.04, 0.6: 2.88, 0.5: 2.75}
+    for rho, gmacs in paper.items():
+        selection = None if rho == 1.0 else TokenSelection("sts", rho)
+        total = spikformer_macs(config, selection)["total"] / 1e9
+        assert abs(total - gmacs) / gmacs < 0.01, (rho, total)
+    assert token_schedule(config, TokenSelection("sts", 0.7)) == [(64, 64), (44, 44), (31, 31), (21, 21)]
+    # STATA gamma=0.5 on 4 blocks: anchor + 64 tokens until block 1's SSA, then anchor + 32.
+    assert token_schedule(config, TokenSelection("stata", 0.5)) == [(65, 65), (65, 33), (33, 33), (33, 33)]
+    # Hand count of one dense block: 4 D^2 n + 2 n^2 D + 2 D F n, times T = 4, four blocks.
+    n, d, f = 64, 384, 1536
+    assert spikformer_macs(config)["blocks"] == 4 * 4 * (4 * d * d * n + 2 * n * n * d + 2 * d * f * n)
+
+
+def test_ratio_loss_float64_reference():
+    g = torch.Generator().manual_seed(1)
+    decisions = [(torch.rand(5, 16, generator=g) < p).double() for p in (0.8, 0.6, 0.4)]
+    targets = [0.7, 0.49, 0.343]
+    expected = sum(sum((float(d[b].sum()) / 16 - t) ** 2 for b in range(5)) / 5
+                   for d, t in zip(decisions, targets)) / 3
+    assert math.isclose(float(ratio_loss(decisions, targets)), expected, rel_tol=1e-12)
+
+
+def test_distillation_is_kl_teacher_student():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(4, 10, generator=g, dtype=torch.float64), torch.randn(4, 10, generator=g, dtype=torch.float64)
+    p, q = t.softmax(-1), s.softmax(-1)
+    assert math.isclose(float(distillation_loss(s, t)), float((p * (p.log() - q.log())).sum() / 4), rel_tol=1e-10)
+
+
+def test_intra_alignment_float64_reference():
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(3, 5, 7, generator=g, dtype=torch.float64).requires_grad_()
+    maps.data[0, 1] = maps.data[0, 3]        # a tie in norm: the lower index ranks first
+    loss = intra_alignment_loss(maps)
+    total, pairs = 0.0, 0
+    for b in range(3):
+        norms = [float(maps[b, i].detach().norm()) for i in range(5)]
+        order = sorted(range(5), key=lambda i: (-norms[i], i))
+        for r in range(2):
+            total += float((maps[b, order[r + 2]] - maps[b, order[r]]).detach().norm())
+            pairs += 1
+    assert math.isclose(float(loss), total / pairs, rel_tol=1e-12)
+    loss.backward()
+    # The top half is the detached teacher: only the bottom ranks receive gradient.
+    for b in range(3):
+        norms = maps[b].detach().norm(dim=1)
+        top = torch.sort(norms, descending=True, stable=True).indices[:2]
+        assert torch.all(maps.grad[b, top] == 0)
+
+
+def test_inter_alignment_float64_reference():
+    g = torch.Generator().manual_seed(4)
+    maps = [torch.rand(2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    expected = sum(float((maps[i][b] - maps[j][b]).norm()) for i in range(3) for j in range(i + 1, 3)
+                   for b in range(2)) / 2 / 3
+    loss = inter_alignment_loss(maps)
+    assert math.isclose(float(loss), expected, rel_tol=1e-12)
+    loss.backward()
+    assert maps[2].grad is None or torch.all(maps[2].grad == 0)   # the deepest map only teaches
+
+
+def test_gumbel_straight_through_gradient():
+    """Hard Gumbel-Softmax: forward exactly one-hot, backward the soft sample's gradient."""
+    logits = torch.randn(5, 9, 2, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 9, dtype=torch.float64)
+    torch.manual_seed(5)
+    hard = F.gumbel_softmax(logits, tau=1.0, hard=True)[..., 0]
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+    (hard * weight).sum().backward()
+    grad_hard = logits.grad.clone()
+    logits.grad = None
+    torch.manual_seed(5)
+    soft = F.gumbel_softmax(logits, tau=1.0, hard=False)[..., 0]
+    (soft * weight).sum().backward()
+    assert torch.allclose(grad_hard, logits.grad, atol=1e-12)
+
+
+def test_stata_scores_are_the_anchor_rows_of_attention():
+    """Eq. 9: the head-mean anchor row of q k^T * s equals s/H * popcount(q0 & k_i)."""
+    model = _model("stata", 0.5)
+    model.eval()
+    x = model.patch_embed(model.time_major(_images()))
+    T, B, N, D = x.shape
+    x = torch.cat([model.selector.anchor[:, None, None, :].expand(T, B, 1, D), x], dim=2)
+    model.reset()
+    _, scores, queries, keys = model.blocks[0].attn.attend(x)
+    heads = model.config.heads
+    anchor_row = scores[:, :, :, 0, 1:].double().mean(dim=2)
+    popcount = ((queries[:, :, :1, :] != 0) & (keys[:, :, 1:, :] != 0)).sum(-1).double()
+    assert torch.allclose(anchor_row, model.blocks[0].attn.scale / heads * popcount, atol=1e-12)
+
+
+def test_sts_training_masks_attention_and_reports_ratio_loss():
+    model = _model("sts", 0.7)
+    model.train()
+    torch.manual_seed(0)
+    logits = model(_images())
+    losses = model.auxiliary_losses()
+    assert set(losses) == {"ratio"} and losses["ratio"].requires_grad
+    (logits.sum() + losses["ratio"]).backward()
+    for predictor in model.selector.predictors:
+        assert predictor[0].weight.grad is not None and predictor[0].weight.grad.abs().sum() > 0
+    assert model.tokens_per_block()[0] == 16.0
+
+
+def test_sts_compact_equals_masked_on_kept_tokens():
+    """Eval: the compact forward (gather kept tokens) gives the logits of the mask-mode forward
+    with the same exact top-k decisions (kept queries only see kept keys, the head pools the
+    kept tokens)."""
+    model = _model("sts", 0.6)
+    model.eval()
+    x = _images(seed=1)
+    compact = model(x)
+    assert model.tokens_per_block() == [16.0, 9.0, 5.0, 3.0]
+    model.selector.selection = TokenSelection.from_dict({**model.selector.selection.to_dict(), "mode": "mask"})
+    masked = model(x)
+    assert model.tokens_per_block() == [16.0, 9.0, 5.0, 3.0]
+    assert torch.allclose(compact, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_stata_drops_tokens_in_training_and_adds_alignment_losses():
+    model = _model("stata", 0.5)
+    model.train()
+    logits = model(_images())
+    assert model.tokens_per_block() == [16.0, 16.0, 8.0, 8.0]
+    losses = model.auxiliary_losses()
+    assert set(losses) == {"intra_alignment", "inter_alignment"}
+    (logits.sum() + sum(losses.values())).backward()
+    assert model.selector.anchor.grad is not None
+
+
+def test_random_controls_have_no_auxiliary_losses():
+    for selector, tokens in (("sts-random", [16.0, 11.0, 7.0, 5.0]), ("stata-random", [16.0, 16.0, 8.0, 8.0])):
+        model = _model(selector, 0.7 if selector == "sts-random" else 0.5)
+        model.eval()
+        model(_images())
+        assert model.auxiliary_losses() == {} and model.tokens_per_block() == tokens
+
+
+@pytest.mark.parametrize("selector", ["sts", "stata"])
+def test_spec_round_trip_rebuilds_the_same_model(selector):
+    model = _model(selector, 0.6, sts_blocks=[1, 3] if selector == "sts" else None)
+    model.eval()
+    rebuilt = build_model_from_spec(model.spec())
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.eval()
+    assert rebuilt.token_selection == model.token_selection
+    x = _images(seed=2)
+    assert torch.equal(model(x), rebuilt(x))
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="token_selector"):
+        build_model("spikformer-tiny", token_selector="topk")
+    with pytest.raises(ValueError, match="keep_ratio"):
+        build_model("spikformer-tiny", depth=4, token_selector="sts", keep_ratio=1.5)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        build_model("spikformer-tiny", keep_ratio=0.5)
+    with pytest.raises(ValueError, match="sts_blocks"):
+        build_model("spikformer-tiny", token_selector="sts")       # depth 1: no block to select in
+    with pytest.raises(ValueError, match="token layout"):
+        build_model("spikformer-2-256", token_selector="stata")
+    with pytest.raises(ValueError, match="unknown fields"):
+        build_model("spikformer-tiny", depth=4, token_selector="sts", token_options={"rho": 0.5})
