@@ -21,10 +21,10 @@ from effst.benchmarks.peers import PEERS, STAMP
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The documented top-level JSON fields (effst/benchmarks/__init__.py docstring, bench/RESULTS.md).
+# The documented top-level JSON fields (effst/benchmarks/schema.py docstring).
 TOP_FIELDS = {"schema", "created", "command", "argv", "cwd", "device", "quick", "suites", "threads",
               "triton_interpret", "machine", "versions", "copy_bandwidth", "peers", "train_step_peers", "rows",
-              "comparisons", "neuron", "suite_seconds", "plots", "errors"}
+              "comparisons", "neuron", "suite_seconds", "suite_budgets", "plots", "errors"}
 MACHINE_FIELDS = {"hostname", "platform", "cpu_model", "cpu_count", "torch_threads", "device", "cpu_cache_bytes",
                   "load_average_1m"}
 VERSION_FIELDS = {"effst", "python", "torch", "torch_cuda", "triton", "numpy", "spikingjelly", "cupy"}
@@ -63,7 +63,7 @@ def neuron_run(tmp_path_factory):
 def test_json_has_documented_fields(neuron_run):
     out, _, result, _ = neuron_run
     assert TOP_FIELDS <= result.keys(), TOP_FIELDS - result.keys()
-    assert result["schema"] == "effst-bench/1"
+    assert result["schema"] == "effst-bench/2"
     assert result["device"] == "cpu" and result["quick"] is True and result["suites"] == ["neuron"]
     assert "effst.benchmarks" in result["command"] and "--quick" in result["argv"]
     assert MACHINE_FIELDS <= result["machine"].keys()
@@ -123,6 +123,16 @@ def test_neuron_rows_effst_and_sj2_peer(neuron_run):
         (run,) = info["runs"]
         assert run["ok"] and run["spikingjelly_file"].startswith(str(peers_dir / name))
         assert run["versions"]["spikingjelly"] == version
+    # 0.0.0.0.14 gets numpy.int back in its own subprocess only (this numpy has none), and says so
+    import numpy
+
+    assert "int" not in vars(numpy)
+    assert result["peers"]["sj014"]["runs"][0]["numpy_int_compat_applied"] is True
+    assert result["peers"]["sj2"]["runs"][0]["numpy_int_compat_applied"] is False
+    for row in old_rows:
+        assert "numpy.int = int" in row["note"] and row["implementation"] == "torch"
+    for row in peer_rows:
+        assert "note" not in row and row["implementation"] == "torch"
     # LIF and PLIF have the same math in all three and saw the same inputs: equal firing rates
     for T in (2, 3):
         for kind in ("LIF", "PLIF"):
@@ -193,29 +203,43 @@ def test_broken_and_uninstallable_peers_are_reported(tmp_path):
     assert "ERROR" in done.stdout and "deliberately broken" in (out / "bench.md").read_text()
 
 
-def test_external_suites_missing_raising_and_returning_rows(tmp_path):
-    bench_dir = tmp_path / "bench"
-    bench_dir.mkdir()
-    (bench_dir / "bench_sparse.py").write_text(
+def test_module_suites_missing_raising_and_returning_rows(tmp_path, monkeypatch, capsys):
+    """The harness with stand-in suite modules: one raises, one is missing, one returns rows and
+    runs SpikingJelly 0.0.0.0.14 as a peer through add_peer_rows and bench/peers/sj_train_step.py."""
+    from effst.benchmarks import harness
+
+    package = tmp_path / "fake_suites"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "exploding.py").write_text(
         "def run(device, quick):\n    raise RuntimeError('sparse suite exploded on purpose')\n")
-    # a train-step suite: its own rows, and time_train_step, which the harness calls inside the
-    # SpikingJelly 0.0.0.0.14 peer environment (the runner imports this file by path)
-    (bench_dir / "bench_train_step.py").write_text(
-        "def run(device, quick):\n"
+    # its own rows, and time_train_step, which the harness calls inside the SpikingJelly 0.0.0.0.14
+    # peer environment (the runner imports this file by path)
+    (package / "training.py").write_text(
+        "from pathlib import Path\n"
+        "def run(device, quick, *, rows, log, peers):\n"
+        "    from effst.benchmarks.train_step import add_peer_rows\n"
         "    assert device == 'cpu' and quick is True\n"
-        "    return [{'impl': 'effst', 'library': 'effst', 'ms': 2.5},\n"
-        "            {'impl': 'sj', 'library': 'spikingjelly 2.0.0', 'neuron': 'spikingjelly', 'ms': 3.5,\n"
-        "             'batch': 3, 'T': 2, 'dtype': 'fp32', 'reps': 4, 'warmup': 2, 'model': 'tiny'},\n"
-        "            {'impl': 'broken', 'status': 'error', 'error': 'x'}]\n"
+        "    rows += [{'impl': 'effst', 'library': 'effst', 'ms': 2.5},\n"
+        "             {'impl': 'sj', 'library': 'spikingjelly 2.0.0', 'neuron': 'spikingjelly', 'ms': 3.5,\n"
+        "              'batch': 3, 'T': 2, 'dtype': 'fp32', 'reps': 4, 'warmup': 2, 'model': 'tiny'},\n"
+        "             {'impl': 'broken', 'status': 'error', 'error': 'x'}]\n"
+        "    peers['info'] = add_peer_rows(rows, device=device, peer_names=tuple(peers['names']),\n"
+        "        peers_dir=peers['peers_dir'], wheels=peers['wheels'], runner_dir=peers['runner_dir'],\n"
+        "        suite_path=Path(__file__), timeout=300, quick=quick, log=log)\n"
+        "    return rows\n"
         "def time_train_step(**kwargs):\n"
         "    from importlib import metadata\n"
         "    return {'ms': 7.0, 'library': 'spikingjelly ' + metadata.version('spikingjelly'), 'kwargs': kwargs}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(harness.SUITE_MODULES, "sparse", "fake_suites.exploding")
+    monkeypatch.setitem(harness.SUITE_MODULES, "train-step", "fake_suites.training")
+    monkeypatch.setitem(harness.SUITE_MODULES, "native-cpu", "fake_suites.missing")
     out = tmp_path / "out"
     peers_dir = tmp_path / "peers"
-    done = _bench(["sparse", "train-step", "native-cpu", "--device", "cpu", "--quick", "--bench-dir",
-                   str(bench_dir), "--out", str(out), "--peers", "sj2,sj014", "--peers-dir", str(peers_dir)],
-                  timeout=300)
-    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    status = bench_main(["sparse", "train-step", "native-cpu", "--device", "cpu", "--quick", "--out", str(out),
+                         "--peers", "sj2,sj014", "--peers-dir", str(peers_dir), "--copy-bytes", str(1 << 20)])
+    assert status == 3, capsys.readouterr()
     result = json.loads((out / "bench.json").read_text())
     by_suite = {}
     for row in result["rows"]:
@@ -233,12 +257,13 @@ def test_external_suites_missing_raising_and_returning_rows(tmp_path):
     assert peer["library"] == "spikingjelly 0.0.0.0.14" and peer["peer"] == "sj014" and peer["ms"] == 7.0
     assert peer["kwargs"] == {"batch": 3, "T": 2, "dtype": "fp32", "reps": 1, "warmup": 1, "model": "tiny",
                               "neuron": "spikingjelly", "device": "cpu", "sj_backend": "torch"}
+    assert "numpy.int = int" in peer["note"]  # the shim, applied in the peer's process only
     assert train[0]["speedup_vs_sj014"] == pytest.approx(7.0 / 2.5)
     info = result["train_step_peers"]
     assert list(info) == ["sj014"] and info["sj014"]["status"] == "ok"
     assert info["sj014"]["spikingjelly_file"].startswith(str(peers_dir / "sj014"))
     (native,) = by_suite["native-cpu"]
-    assert native["status"] == "error" and "bench_native_cpu.py" in native["error"] and "not found" in native["error"]
+    assert native["status"] == "error" and native["error"] == "suite module fake_suites.missing not found"
     assert result["errors"] == 3 and "train_step.png" in result["plots"]
 
 
@@ -264,7 +289,8 @@ def test_bad_arguments_are_clear_errors(args, message, capsys, monkeypatch):
 
 def test_unknown_suite_is_an_argument_error(capsys):
     assert bench_main(["bogus"]) == 2
-    assert "SUITE: expected some of neuron, sparse, train-step, native-cpu, all; got bogus" in capsys.readouterr().err
+    assert ("SUITE: expected some of neuron, overhead, sparse, train-step, native-cpu, all; got bogus"
+            in capsys.readouterr().err)
 
 
 def test_merge_rounds_takes_the_median_of_round_medians_and_keeps_failures():
@@ -294,7 +320,7 @@ def test_gpu_check_dry_run(tmp_path):
     for step in ("install: ok", "versions: ok", "gpu-tests: ok", "bench: ok", "render: ok"):
         assert step in log, log[-4000:]
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert result["suites"] == ["neuron", "sparse", "train-step", "native-cpu"]
+    assert result["suites"] == ["neuron", "overhead", "sparse", "train-step", "native-cpu"]
     suites_seen = {r["suite"] for r in result["rows"]}
     assert suites_seen == set(result["suites"])
     # a suite that could not even run (missing module, exception) is a defect of the tree
@@ -304,3 +330,139 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(r["status"] == "ok" for r in result["rows"] if r.get("library") == "effst")
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8 and "bench.md" in files and "neuron_time_vs_T.png" in files
+    assert {"overhead.png", "train_step.png"} <= set(files)
+    # the train-step suite's token-selection rows ran through effst.models.build_model
+    tokens = [r for r in result["rows"] if r["suite"] == "train-step" and r.get("token_selector")]
+    assert {r["token_selector"] for r in tokens} == {"sts", "stata"} and all(r["status"] == "ok" for r in tokens)
+
+
+def _load_peer_script(name: str, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "bench" / "peers"))
+    spec = importlib.util.spec_from_file_location(f"peer_{name}_under_test", REPO / "bench" / "peers" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_numpy_int_compat_sets_only_the_missing_int_alias(monkeypatch):
+    import numpy
+
+    common = _load_peer_script("peer_common", monkeypatch)
+    bool_before = numpy.bool
+    if "int" in vars(numpy):  # an old NumPy still has it: nothing to do, nothing done
+        assert common.apply_numpy_int_compat() is False
+        return
+    try:
+        assert common.apply_numpy_int_compat() is True and numpy.int is int
+        assert common.apply_numpy_int_compat() is False  # already there: left alone
+        assert numpy.bool is bool_before  # NumPy 2's real numpy.bool is never replaced
+    finally:
+        vars(numpy).pop("int", None)
+
+
+def test_sj2_missing_native_operators_is_unavailable_not_an_error(monkeypatch):
+    runner = _load_peer_script("sj_neuron", monkeypatch)
+    missing = RuntimeError("No available sj_plif CUDA implementation. cuda: Native operators for "
+                           "spikingjelly._ops.plif were not built. Install from source with SJ_BUILD_NATIVE=1")
+    fields = runner.failure_fields(missing)
+    assert fields["status"] == "unavailable" and "wheel ships without" in fields["note"]
+    assert "were not built" in fields["error"]
+    other = runner.failure_fields(ValueError("shapes do not match"))
+    assert other["status"] == "error" and "ValueError: shapes do not match" in other["error"]
+    from effst.benchmarks import schema
+
+    rows = [schema.normalise_row({"status": "unavailable"}, "neuron"), schema.normalise_row({"status": "bogus"}, "x")]
+    assert rows[0]["status"] == "unavailable" and rows[1]["status"] == "error" and "bogus" in rows[1]["error"]
+    assert schema.count_errors(rows) == 1
+
+
+def test_peer_variants_on_cuda_use_defaults_for_half_and_the_shim_for_cupy():
+    from effst.benchmarks.neuron import _peer_variants
+
+    default, native = _peer_variants("sj2", "cuda")
+    assert default.kernel == "default" and default.dtypes is None and not default.extra_env
+    assert native.kernel == "cuda" and native.dtypes == ("float32",)
+    assert native.extra_env == {"SJ_LIF_CUDA_IMPLEMENTATION": "cuda", "SJ_PLIF_CUDA_IMPLEMENTATION": "cuda"}
+    (cupy,) = _peer_variants("sj014", "cuda")
+    assert cupy.backend == "cupy" and cupy.numpy_int_compat and cupy.dtypes == ("float32", "float16")
+    assert all(not v.numpy_int_compat for v in _peer_variants("sj2", "cpu"))
+
+
+def test_derive_gives_eager_and_kernel_bandwidth_fractions():
+    from effst.benchmarks.neuron import derive
+
+    row = {"status": "ok", "T": 4, "neurons_per_step": 1000, "dtype": "float16", "ms": 2.0, "kernel_ms": 0.5}
+    derive([row], copy_bytes_per_s=1e9)
+    assert row["bytes_per_neuron_step"] == 10
+    assert row["copy_bandwidth_fraction"] == pytest.approx(4 * 1000 * 10 / 2e-3 / 1e9)
+    assert row["kernel_copy_bandwidth_fraction"] == pytest.approx(4 * row["copy_bandwidth_fraction"])
+
+
+def test_kernel_time_is_cuda_only():
+    from effst.benchmarks import timing
+
+    assert timing.kernel_time(lambda: None, "cpu") == {} and timing.kernel_time_profiled(lambda: None, "cpu") == {}
+
+
+def test_overhead_suite_on_cpu_one_thread():
+    import torch
+
+    from effst.benchmarks import overhead
+
+    threads = torch.get_num_threads()
+    rows = overhead.run("cpu", quick=True, log=lambda msg: None)
+    assert torch.get_num_threads() == threads  # restored after the one-thread measurement
+    ops = [(r["library"].split()[0], r["op"]) for r in rows]
+    assert ops == [("torch", "baseline sigmoid(x*w+b)"), ("effst", "SLIF"), ("effst", "PLIF"), ("effst", "LIF"),
+                   ("effst", "BlockSparseLinear"), ("spikingjelly", "PLIF")]
+    base = rows[0]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["threads"] == 1 and row["us_min"] <= row["us"] and row["ms"] == pytest.approx(row["us"] / 1e3)
+        assert row["ratio_to_baseline"] == pytest.approx(row["us"] / base["us"])
+    slif = rows[1]
+    assert slif["kernel"] == "native" and slif["target"] == "<= 1x baseline"
+    assert slif["target_met"] == (slif["ratio_to_baseline"] <= 1.0)
+
+
+def test_train_step_rejects_bad_mode_and_dtype():
+    from effst.benchmarks.train_step import time_train_step
+
+    with pytest.raises(ValueError, match="mode"):
+        time_train_step("lif", mode="graph")
+    with pytest.raises(ValueError, match="dtype"):
+        time_train_step("lif", dtype="fp16")
+    with pytest.raises(ValueError, match="cuda-graph"):
+        time_train_step("lif", device="cpu", mode="cuda-graph")
+
+
+@pytest.mark.gpu
+def test_kernel_time_graph_replay_and_profiler_fallback_on_cuda():
+    import torch
+
+    from effst.benchmarks import timing
+
+    x = torch.randn(1 << 20, device="cuda")
+    graphed = timing.kernel_time(lambda: (x * 2 + 1,), "cuda", reps=5)
+    assert graphed["kernel_method"].startswith("CUDA graph") and 0 < graphed["kernel_ms"] < 5
+
+    def syncing():  # a host synchronisation cannot be captured: the profiler measures it instead
+        y = x * 2
+        float(y[0])
+        return (y,)
+
+    profiled = timing.kernel_time(syncing, "cuda", reps=8)
+    assert profiled["kernel_method"].startswith("torch.profiler") and profiled["kernel_graph_error"]
+    assert 0 < profiled["kernel_ms"] < 5
+
+
+@pytest.mark.gpu
+def test_train_step_eager_and_cuda_graph_on_cuda():
+    from effst.benchmarks.train_step import time_train_step
+
+    for mode in ("eager", "cuda-graph"):
+        row = time_train_step("lif", device="cuda", batch=2, T=2, model="spikformer-tiny", reps=2, warmup=2,
+                              backend="triton", mode=mode)
+        assert row["status"] == "ok" and row["mode"] == mode and row["ms"] > 0 and row["kernel_ms"] > 0

@@ -39,12 +39,34 @@ def load_module(path, name):
     return module
 
 
+NUMPY_INT_NOTE = ("numpy.int = int set in this peer's subprocess only (NumPy >= 1.24 removed the alias; "
+                  "SpikingJelly 0.0.0.0.14's cupy kernels use it)")
+
+
+def apply_numpy_int_compat():
+    """Give NumPy back ``numpy.int`` (= ``int``) where it is missing; returns whether it was set.
+
+    Only this alias: NumPy 2 has a real ``numpy.bool`` and replacing it breaks CuPy's import.
+    """
+    import numpy
+
+    if "int" in vars(numpy):
+        return False
+    numpy.int = int
+    return True
+
+
 def import_spikingjelly(request):
     """Import spikingjelly and check it is the expected version from the expected directory.
 
-    Returns ``(spikingjelly_module, version, None)`` or ``(None, None, error_payload)``.
+    With ``request['numpy_int_compat']`` the ``numpy.int`` alias is restored first (see
+    :func:`apply_numpy_int_compat`); ``request['numpy_int_compat_applied']`` records whether it
+    was needed. Returns ``(spikingjelly_module, version, None)`` or ``(None, None, error_payload)``.
     """
+    request["numpy_int_compat_applied"] = False
     try:
+        if request.get("numpy_int_compat"):
+            request["numpy_int_compat_applied"] = apply_numpy_int_compat()
         import spikingjelly
         from spikingjelly.activation_based import functional, neuron, surrogate  # noqa: F401
     except BaseException as exc:  # an import failure is the result, not a crash

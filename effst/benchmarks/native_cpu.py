@@ -1,12 +1,12 @@
 """``native-cpu`` suite: effst's native C++ sLIF kernel on the CPU vs SpikingJelly 2.0.0 (issue 3).
 
 Run through the harness (``effst bench native-cpu --device cpu [--quick]``, which calls
-``run(quick)``), or directly:
+``run(device, quick)``), or directly from a clone:
 
-    .venv/bin/python bench/bench_native_cpu.py [--quick] [--write-results]
+    .venv/bin/python -m effst.benchmarks.native_cpu [--quick] [--write-results]
 
-``--write-results`` rewrites the "## Native CPU sLIF (issue 3)" section of bench/RESULTS.md
-with this run's table, machine, date, command and thread count.
+``--write-results`` rewrites the "## Native CPU sLIF (issue 3)" section of the clone's
+bench/RESULTS.md with this run's table, machine, date, command and thread count.
 
 What is timed (one call = reset the state, forward over T steps, ``torch.autograd.grad`` of
 the spikes w.r.t. x and every learnable parameter; :func:`effst.benchmarks.timing.time_neuron`,
@@ -49,7 +49,7 @@ import torch
 
 from effst.benchmarks import timing
 
-RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS_MD = Path(__file__).resolve().parents[2] / "bench" / "RESULTS.md"  # in a clone
 SECTION = "## Native CPU sLIF (issue 3)"
 SHAPES = ((4, (64, 64, 384)), (16, (16, 64, 256)))
 QUICK_SHAPES = ((4, (2, 16, 384)), (16, (2, 8, 256)))
@@ -100,7 +100,8 @@ def _sj_version() -> Optional[str]:
         return None
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(device: str = "cpu", quick: bool = False, *, rows: Optional[list] = None,
+        log: Callable[[str], None] = print) -> list[dict]:
     """Time every implementation at both shapes; one row per (implementation, shape)."""
     from effst.ops.slif_native import native_status
 
@@ -113,7 +114,7 @@ def run(quick: bool = False) -> list[dict]:
     common = {"device": "cpu", "dtype": "float32", "surrogate": "atan", "detach_reset": True,
               "threads": torch.get_num_threads(), "date": date,
               "load_average_1m": round(os.getloadavg()[0], 2)}
-    rows = []
+    rows = [] if rows is None else rows  # filled as the cases are planned, so a stopped suite keeps them
     for T, step_shape in shapes:
         neurons = math.prod(step_shape)
         plan = []
@@ -256,10 +257,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--write-results", action="store_true",
                         help=f"rewrite the '{SECTION[3:]}' section of {RESULTS_MD}")
     args = parser.parse_args(argv)
-    rows = run(quick=args.quick)
+    rows = run("cpu", quick=args.quick)
     print(format_table(rows))
     if args.write_results:
-        command = shlex.join([".venv/bin/python", "bench/bench_native_cpu.py", *(argv if argv is not None else sys.argv[1:])])
+        command = shlex.join([".venv/bin/python", "-m", "effst.benchmarks.native_cpu", *(argv if argv is not None else sys.argv[1:])])
         write_results(rows, command)
         print(f"wrote the '{SECTION[3:]}' section of {RESULTS_MD}")
     return 0 if all(r["status"] == "ok" for r in rows) else 3

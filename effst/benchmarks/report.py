@@ -13,10 +13,12 @@ NEURON_COLUMNS = [
     ("dtype", "dtype", "{}", 1),
     ("T", "T", "{}", 1),
     ("N/step", "neurons_per_step", "{}", 1),
-    ("ms", "ms", "{:.3f}", 1),
+    ("eager ms", "ms", "{:.3f}", 1),
+    ("kernel ms", "kernel_ms", "{:.3f}", 1),
     ("G n-steps/s", "gneuron_steps_per_s", "{:.3f}", 1),
-    ("GB/s", "achieved_bytes_per_s", "{:.1f}", 1e9),
-    ("of copy BW", "copy_bandwidth_fraction", "{:.1%}", 1),
+    ("eager GB/s", "achieved_bytes_per_s", "{:.1f}", 1e9),
+    ("eager of copy BW", "copy_bandwidth_fraction", "{:.1%}", 1),
+    ("kernel of copy BW", "kernel_copy_bandwidth_fraction", "{:.1%}", 1),
     ("peak MiB", "peak_memory_bytes", "{:.0f}", 2**20),
 ]
 NEURON_KEYS = ("library", "neuron", "kernel", "dtype", "T", "neurons_per_step")  # shown on error rows too
@@ -24,7 +26,8 @@ NEURON_KEYS = ("library", "neuron", "kernel", "dtype", "T", "neurons_per_step") 
 HIDDEN = {"suite", "traceback", "stderr_tail", "note", "method", "id", "step_shape", "ms_q1", "ms_q3",
           "ms_min", "warmup", "first_call_ms", "input_sets", "parameters", "device", "peer",
           "backend_requested", "bytes_per_neuron_step", "neuron_steps", "error", "date", "machine",
-          "command", "timing_method"}
+          "command", "timing_method", "kernel_graph_error", "kernel_method", "kernel_requested",
+          "kernel_achieved_bytes_per_s"}
 HIDDEN_SUFFIXES = ("_q1", "_q3", "_reps", "_method", "_error")  # spread and bookkeeping: in the JSON
 
 
@@ -47,7 +50,7 @@ def neuron_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         ok = row.get("status") == "ok"
         line = [_cell(row.get(key), fmt, divisor) if ok or key in NEURON_KEYS else "-"
                 for _, key, fmt, divisor in NEURON_COLUMNS]
-        line.append("ok" if ok else "ERROR: " + _short(row.get("error"), 160))
+        line.append("ok" if ok else f"{str(row.get('status')).upper()}: " + _short(row.get("error"), 160))
         cells.append(line)
     return header, cells
 
@@ -96,16 +99,24 @@ def suite_table(suite: str, rows: list[dict]) -> tuple[list[str], list[list[str]
 
 
 def comparisons_table(comparisons: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["effst", "vs", "dtype", "T", "effst ms", "peer ms", "speedup / fraction", "target", "met"]
+    header = ["effst", "vs", "dtype", "T", "effst ms", "peer ms", "speedup / fraction", "effst kernel ms",
+              "peer kernel ms", "kernel speedup", "target", "met"]
     cells = []
     for c in comparisons:
         value = c.get("speedup")
-        shown = f"{value:.2f}x" if value is not None else (
-            f"{c['copy_bandwidth_fraction']:.1%}" if c.get("copy_bandwidth_fraction") is not None else "-")
+        if value is not None:
+            shown, target_fmt = f"{value:.2f}x", "{:.1f}x"
+        elif c.get("eager_over_kernel") is not None:
+            shown, target_fmt = f"{c['eager_over_kernel']:.2f}x (eager/kernel)", "<= {:.1f}x"
+        elif c.get("copy_bandwidth_fraction") is not None:
+            shown, target_fmt = f"{c['copy_bandwidth_fraction']:.1%}", "{:.0%}"
+        else:
+            shown, target_fmt = "-", "{}"
         target = c.get("target")
-        target_text = "-" if target is None else (f"{target:.0%}" if value is None else f"{target:.1f}x")
         cells.append([c["effst"], c["peer"], c["dtype"], str(c["T"]), _cell(c.get("effst_ms"), "{:.3f}"),
-                      _cell(c.get("peer_ms"), "{:.3f}"), shown, target_text,
+                      _cell(c.get("peer_ms"), "{:.3f}"), shown, _cell(c.get("effst_kernel_ms"), "{:.3f}"),
+                      _cell(c.get("peer_kernel_ms"), "{:.3f}"), _cell(c.get("kernel_speedup"), "{:.2f}x"),
+                      "-" if target is None else target_fmt.format(target),
                       "-" if c.get("met") is None else ("yes" if c["met"] else "NO")])
     return header, cells
 
@@ -234,3 +245,55 @@ def iter_suites(report: dict) -> Iterable[tuple[str, list[dict]]]:
             order.append(row.get("suite"))
     for suite in order:
         yield suite, [r for r in report["rows"] if r.get("suite") == suite]
+
+
+# ---------------------------------------------------------------------------- writing the files
+
+#: suite -> (PNG file, plotter); every suite's plot is one file (the device tool returns <= 8)
+PLOTS = {"neuron": ("neuron_time_vs_T.png", plot_neuron),
+         "overhead": ("overhead.png", plot_bars),
+         "sparse": ("sparse_vs_sparsity.png", plot_sparse),
+         "train-step": ("train_step.png", plot_bars)}
+
+
+def write_tables_and_plots(result: dict, out: Path, no_plots: bool = False, log=print) -> None:
+    """Print every suite's table, write ``bench.md`` and the plots next to ``bench.json``."""
+    title = (f"{result['machine'].get('gpu_name') or result['machine']['cpu_model']} "
+             f"({result['device']}, {result['threads']} threads), {result['created'][:10]}, "
+             f"torch {result['versions']['torch']}")
+    versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v)
+    peer_versions = ", ".join(f"{info.get('label')} ({info.get('source') or info.get('status')})"
+                              for info in result["peers"].values())
+    md = [f"# effst bench — {title}", "", f"Command: `{result['command']}` ({result['created']})", "",
+          f"Versions: {versions}" + (f"; peers: {peer_versions}" if peer_versions else ""), "",
+          f"Copy bandwidth (measured, read+write): {result['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s; "
+          f"machine load (1-min average at start): {result['machine'].get('load_average_1m')}", ""]
+    if result.get("suite_seconds"):
+        md += ["Suite seconds: " + ", ".join(f"{k} {v}" for k, v in result["suite_seconds"].items()), ""]
+    for suite, rows in iter_suites(result):
+        header, cells = suite_table(suite, rows)
+        log(f"\n== {suite} ==\n" + format_text(header, cells))
+        md += [f"## {suite}", "", format_markdown(header, cells), ""]
+        notes = sorted({str(r["note"]) for r in rows if r.get("note")})
+        md += [f"Note: {n}" for n in notes] + ([""] if notes else [])
+    if result["comparisons"]:
+        header, cells = comparisons_table(result["comparisons"])
+        log("\n== effst vs peers ==\n" + format_text(header, cells))
+        md += ["## effst vs peers", "", format_markdown(header, cells), ""]
+    if result["neuron"]:
+        md += ["Bytes model: " + result["neuron"]["bytes_formula"], ""]
+    for name, info in result["peers"].items():
+        if info.get("status") != "ok":
+            md += [f"Peer {name} ({info.get('label')}): ERROR {info.get('error')}", ""]
+    (out / "bench.md").write_text("\n".join(md))
+    if no_plots:
+        return
+    for suite, rows in iter_suites(result):
+        if suite not in PLOTS:
+            continue
+        name, plot = PLOTS[suite]
+        try:
+            if plot(rows, out / name, f"{suite}: {title}") and name not in result["plots"]:
+                result["plots"].append(name)
+        except Exception as exc:  # a plot must not lose the measurements
+            log(f"effst bench: plot {name} failed: {type(exc).__name__}: {exc}")

@@ -11,6 +11,12 @@ Method (issue 6, item 3):
   allocation before the call.
 - CPU: ``time.perf_counter`` around each call, median of the calls after warm-up, inputs
   rotated when one set fits in the last-level cache; the torch thread count is recorded.
+- Kernel time (CUDA only, :func:`kernel_time`): the same call captured once in a CUDA graph
+  and replayed (no Python, no launch overhead; L2 flushed before each replay), accepted only
+  when the replay reproduces the eager call's outputs; where the call cannot be captured (host
+  synchronisation, kernels on another stream), the sum of the device times of its kernels
+  recorded by ``torch.profiler``. Eager wall and kernel time together say how host-bound a
+  call is.
 """
 from __future__ import annotations
 
@@ -173,6 +179,110 @@ def copy_bandwidth(device: str, nbytes: int, *, warmup: int = 3, reps: int = 10)
     }
 
 
+def _outputs(value) -> list:
+    """The tensors of a call's result (a tensor, or a tuple/list of them; None entries dropped)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _graph_kernel_time(call: Callable[[], Any], reps: int) -> dict:
+    """Capture ``call`` in a CUDA graph, check the replay against an eager call, time replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # autograd and allocators warm up outside the capture
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _outputs(call())
+    if not captured:
+        raise RuntimeError("the call returned no tensors to check the graph replay against")
+    for tensor in captured:  # poison, so a replay that computes nothing cannot pass the check
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+    graph.replay()
+    expected = _outputs(call())
+    torch.cuda.synchronize()
+    for got, want in zip(captured, expected):
+        if not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3, equal_nan=False):
+            raise RuntimeError("the graph replay does not reproduce the eager call (work outside the "
+                               "captured stream?)")
+    flush = _L2Flush("cuda")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    graph.replay()  # first replay uploads the graph
+    for i in range(reps):
+        flush()
+        starts[i].record()
+        graph.replay()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    del graph
+    return {"kernel_ms": statistics.median(times), "kernel_ms_min": times[0], "kernel_reps": reps,
+            "kernel_method": "CUDA graph replay of the same call (checked against eager), L2 flushed, median"}
+
+
+def _profiler_kernel_time(call: Callable[[], Any], reps: int) -> dict:
+    """Sum of the device times of the kernels ``call`` launches, per call, from torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            call()
+        torch.cuda.synchronize()
+    total_us = sum(event.time_range.elapsed_us() for event in prof.events()
+                   if getattr(event, "device_type", None) == DeviceType.CUDA)
+    if total_us <= 0:
+        raise RuntimeError("the profiler recorded no CUDA kernels for the call")
+    return {"kernel_ms": total_us / reps / 1e3, "kernel_ms_min": None, "kernel_reps": reps,
+            "kernel_method": "torch.profiler: sum of the call's kernel durations / calls (not capturable "
+                             "in a CUDA graph); L2 not flushed between calls"}
+
+
+def kernel_time_profiled(call: Callable[[], Any], device: str, *, reps: int = 3) -> dict:
+    """Profiler device time of ``call()`` alone (for calls that must not be captured); ``{}`` on the CPU."""
+    if not device.startswith("cuda"):
+        return {}
+    try:
+        return _profiler_kernel_time(call, reps)
+    except Exception as exc:
+        return {"kernel_ms": None, "kernel_method": None, "kernel_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def kernel_time(call: Callable[[], Any], device: str, *, reps: int = 20) -> dict:
+    """Device time of one ``call()`` without host overhead (see the module docstring).
+
+    Returns ``kernel_ms``, ``kernel_ms_min``, ``kernel_reps``, ``kernel_method`` and, when the
+    graph capture was refused, ``kernel_graph_error``; on the CPU (no such split) ``{}``.
+    """
+    if not device.startswith("cuda"):
+        return {}
+    try:
+        return _graph_kernel_time(call, reps)
+    except Exception as exc:  # not capturable: the profiler sees every kernel wherever it runs
+        graph_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # a failed capture is not sticky; if it were, say so below
+            pass
+    try:
+        result = _profiler_kernel_time(call, max(3, reps // 4))
+    except Exception as exc:
+        return {"kernel_ms": None, "kernel_method": None, "kernel_graph_error": graph_error,
+                "kernel_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    result["kernel_graph_error"] = graph_error
+    return result
+
+
 # ---------------------------------------------------------------------------- neuron inputs
 
 
@@ -211,6 +321,8 @@ def time_neuron(
 
     One call = ``reset()``, ``spikes = module(x)``, then ``torch.autograd.grad`` of the spikes
     with respect to x and every trainable parameter (no gradient accumulation, nothing to zero).
+    ``ms`` is the eager wall time of a call; on CUDA ``kernel_ms`` is its device time
+    (:func:`kernel_time`).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     set_bytes = 2 * T * math.prod(step_shape) * itemsize
@@ -227,6 +339,7 @@ def time_neuron(
     result = time_function(call, device=device, warmup=warmup, reps=reps, max_seconds=max_seconds)
     result["input_sets"] = sets
     result["peak_memory_bytes"] = peak_memory_bytes(lambda: call(0), device)
+    result.update(kernel_time(lambda: call(0), device, reps=min(reps, 20)))
     spikes = None
     with torch.no_grad():
         reset()
