@@ -143,6 +143,7 @@ def test_backend_contract_backward_without_checkpoints(device):
     assert compute_dtype_for(torch.float16) == torch.float32
 
 
+@pytest.mark.gpu  # under the interpreter programs run one after another: it could not fail
 def test_parameter_gradient_is_deterministic(device):
     torch.manual_seed(3)
     x = (torch.randn(6, 8, 300) + 0.5).to(device)

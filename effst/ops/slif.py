@@ -451,6 +451,8 @@ def run_forward(x2d, w, theta, v_init, plan: SLIFPlan):
 def run_backward(grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, plan: SLIFPlan,
                  need_x: bool, need_w: bool, need_theta: bool):
     """The plan's backend backward: ``(grad_x, grad_w, grad_theta, grad_v_init)``, reduced."""
+    if grad_v_final is not None and not grad_v_final.is_contiguous():
+        grad_v_final = grad_v_final.contiguous()  # e.g. the stride-0 gradient of v.sum()
     if plan.backend == "triton":
         grad_x, grad_w, grad_theta, grad_v_init = triton_backward(
             grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, plan, need_x, need_w,
