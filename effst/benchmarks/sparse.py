@@ -1,320 +1,318 @@
-"""``sparse`` suite: effst BlockSparseLinear vs dense ``F.linear`` vs PyTorch BSR.
+"""``sparse`` suite: effst BlockSparseLinear and PyTorch 2:4 semi-structured weights vs dense
+cuBLAS ``nn.Linear``, per layer and in whole Spikformers.
 
 Run through the harness (``effst bench sparse --device cuda|cpu [--quick]``), which calls
-``run(device, quick)`` and writes the rows to bench.json / bench.md / sparse_vs_sparsity.png.
+``run(device, quick, rows=..., log=...)``; each row is appended to ``rows`` as soon as it is
+measured, so a suite stopped by its budget (``--suite-timeout``) keeps what it finished.
 
-What is timed, per (shape, block sparsity, block, dtype, input kind), for each implementation,
-forward (no autograd) and forward+backward (``y.backward(dy)``: dX when the input is a float
-tensor that needs it, dW and db):
+Layer rows (``kind='layer'``), per (shape, block, sparsity, input): M = 32768 tokens on CUDA
+(Spikformer activations, 384->1536 and 1536->384), bf16; on the CPU small M (quick: 256) and
+the torch implementation (no Triton outside the interpreter).
 
-* ``effst``  -- ``effst.nn.BlockSparseLinear`` (Triton kernels on CUDA; on the CPU the torch
-  gather-based implementation, backend ``'torch'``, which also touches only the kept tiles).
-  Spike inputs are passed as uint8 (read as one byte, no dX).
-* ``dense``  -- ``F.linear`` on the dense weight with the pruned tiles zeroed (cuBLAS / MKL).
-  Spike inputs are given as 0/1 floats in the compute dtype (F.linear cannot read bytes);
-  no dX is computed for them either.
-* ``bsr``    -- what PyTorch itself offers: ``W.to_sparse_bsr(block)``; forward
-  ``(W_bsr @ X^T)^T + b``; backward ``dX = (W^T_bsr @ dY^T)^T`` (a second BSR of W^T),
-  ``dW = torch.sparse.sampled_addmm(W_bsr, dY^T, X)`` on W's block pattern (falling back to
-  ``torch.sparse._triton_ops.sampled_addmm``, PyTorch's own BSR Triton kernel, on CUDA when the
-  public op refuses BSR), ``db = dY.sum(0)``. Any step PyTorch does not support on that device
-  / dtype is reported in ``bsr_error`` and its times are left empty.
+* ``effst_*``: ``BlockSparseLinear`` (block L1P at ``sparsity`` of a random ``nn.Linear``).
+  Input ``dense`` (bf16, gets dX) or ``spike uint8`` (read as bytes, no dX).
+* ``dense_*``: ``F.linear`` with the same (masked) weight; spike inputs as 0/1 bf16, no dX.
+* ``fwd`` = forward without autograd; ``fwd_bwd`` = forward + ``autograd.grad`` of what needs
+  one (dX for dense inputs, dW, db). ``*_ms``: eager wall per call (CUDA events, L2 flushed,
+  median); ``*_kernel_ms``: the same call replayed from a CUDA graph (device time only).
+* ``speedup_*`` = dense / effst (wall; ``_kernel``: kernel time); ``tflops_kept_*`` = FLOPs on
+  the kept tiles / effst kernel time; ``tflops_ratio_*`` = that / dense TFLOP/s.
+* ``floor_ms_*``: bytes that must move (every tensor read or written once: X, kept W, Y, b;
+  + dY, dX, dW, db for fwd_bwd) / measured copy bandwidth; ``floor_fraction_*`` = floor /
+  effst kernel time (1.0 = at the memory floor).
+* ``break_even_sparsity_fwd_bwd``: per (shape, block, input), the lowest sparsity at which
+  effst fwd+bwd wall time matches dense, interpolated between measured sparsities (None if
+  never, or if it is already faster at the lowest one measured).
 
-Derived columns: ``speedup_fwd`` / ``speedup_fwd_bwd`` = dense ms / effst ms;
-``speedup_vs_bsr_*`` = bsr ms / effst ms; ``tflops_kept_fwd_bwd`` = FLOPs on the kept tiles /
-effst time; ``tflops_dense_fwd_bwd`` = dense FLOPs / dense time; ``tflops_ratio`` = their ratio
-(docs/benchmarks.md). FLOPs: 2*M*N*K per product (x3 with dX, x2 without; kept tiles: N*K replaced
-by nnz_tiles*bm*bk). ``target``/``target_met``: the issue's H100 targets, checked on CUDA bf16
-forward+backward rows (>= 3x at 90 %, >= 1.5x at 75 %, >= 0.9x at 50 %, faster than BSR).
+2:4 rows (``kind='2:4'``, CUDA only): ``l1p(pattern='2:4')`` + ``prune.to_semi_structured``
+(cuSPARSELt/CUTLASS through ``torch.sparse.to_sparse_semi_structured``), forward only
+(inference weights), beside dense.
 
-Timing (:mod:`effst.benchmarks.timing`): CUDA events per call with the L2 flushed before each
-call, median of ``reps`` calls after warm-up (the first call, which compiles, is not timed);
-on the CPU ``time.perf_counter`` per call, median. Shapes: M = 32768 tokens on CUDA (the
-Spikformer activations: CIFAR 384<->1536, ImageNet 512<->2048); on the CPU M is smaller
-(4096, quick 512) so the suite finishes, and every row records its M.
-
-Time budget: rows are measured in priority order (bf16, block 32, spike inputs, CIFAR shapes
-first) until ``budget_s`` runs out (env ``EFFST_SPARSE_BUDGET_S``; default 50 s on CUDA so the
-suite ends inside gpu_check.sh's limit; on the CPU 40 s quick, 240 s full); the rest are reported as
-``status='skipped'`` rows that say so, never dropped silently.
+Spikformer rows (``kind='model'``, CUDA): Spikformer-4-384 and -8-512 at the ImageNet token
+count (224x224 images, 196 tokens), batch 64 (quick 16), T = 4, bf16 autocast: dense vs
+block L1P 90 % on q/k/v/proj/fc1/fc2 converted with ``prune.to_block_sparse``, at
+``effst.prune.DEFAULT_BLOCK_SIZE``: inference images/s and training step (AdamW) ms.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import itertools
-import os
 import platform
-import sys
-import time
-import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from effst.benchmarks import timing
-from effst.nn.block_sparse import BlockSparseLinear
 
-SPARSITIES = (0.5, 0.75, 0.9, 0.95)
-BLOCKS = (32, 16, 64)  # priority order
-DTYPES = ("bfloat16", "float32")
-INPUTS = ("spike", "dense")
-SHAPES = (  # (model, in_features, out_features)
-    ("spikformer-cifar", 384, 1536),
-    ("spikformer-cifar", 1536, 384),
-    ("spikformer-imagenet", 512, 2048),
-    ("spikformer-imagenet", 2048, 512),
-)
-TARGETS = {0.9: 3.0, 0.75: 1.5, 0.5: 0.9}  # minimum speedup over dense, H100 bf16 fwd+bwd
+SPARSITIES = (0.9, 0.75, 0.5, 0.95, 0.0)  # priority order
+SHAPES = ((384, 1536), (1536, 384))  # (in_features, out_features): Spikformer-4-384 MLP
 SPIKE_RATE = 0.2  # fraction of ones in the spike inputs
+MODELS = ("spikformer-4-384", "spikformer-8-512")
+MODEL_SPARSITY = 0.9
 
 
 def _plan(device: str, quick: bool) -> tuple[int, list[tuple]]:
-    """Token count M and the configurations in priority order."""
-    if device == "cuda":
-        m = 32768
-        if quick:
-            configs = [(shape, p, 32, "bfloat16", inp) for shape in SHAPES[:2] for inp in INPUTS for p in SPARSITIES]
-            return m, configs
-        configs = []
-        # Most informative first: bf16 block 32 on the CIFAR shapes, then the other blocks,
-        # then ImageNet, then fp32.
-        for dtype, shapes, block, inp in itertools.product(DTYPES, (SHAPES[:2], SHAPES[2:]), BLOCKS, INPUTS):
-            for shape in shapes:
-                for p in SPARSITIES:
-                    configs.append((shape, p, block, dtype, inp))
-        return m, configs
-    # CPU: fp32 only (PyTorch has no CPU BSR matmul for bf16).
-    if quick:
-        return 512, [(SHAPES[0], p, 32, "float32", inp) for inp in INPUTS for p in SPARSITIES]
-    configs = [(shape, p, block, "float32", inp)
-               for block in BLOCKS for shape in SHAPES for inp in INPUTS for p in SPARSITIES]
-    return 4096, configs
+    """Token count M and the layer configurations ``(shape, block, sparsity, input)`` in priority order."""
+    if device != "cuda":
+        m = 256 if quick else 2048
+        blocks = (32,) if quick else (32, 64)
+        sparsities = (0.9, 0.5) if quick else SPARSITIES
+        return m, [(s, b, p, i) for b in blocks for s in SHAPES[:1 if quick else 2] for i in ("dense", "spike")
+                   for p in sparsities]
+    m = 32768
+    configs = []
+    sparsities = (0.9, 0.75, 0.5) if quick else SPARSITIES
+    for block in ((64,) if quick else (64, 32, 128)):
+        configs += [(s, block, p, "dense") for s in SHAPES for p in sparsities]
+        configs += [(s, block, p, "spike") for s in SHAPES for p in ((0.9, 0.0) if block != 128 else (0.9,))]
+    return m, configs
 
 
-def _default_budget(device: str, quick: bool) -> float:
-    env = os.environ.get("EFFST_SPARSE_BUDGET_S")
-    if env:
-        try:
-            value = float(env)
-        except ValueError:
-            raise ValueError(f"EFFST_SPARSE_BUDGET_S: expected seconds > 0, got {env!r}")
-        if value <= 0:
-            raise ValueError(f"EFFST_SPARSE_BUDGET_S: expected seconds > 0, got {env!r}")
-        return value
-    if device == "cuda":
-        return 50.0
-    return 40.0 if quick else 240.0
+def _stamp(device: str, quick: bool) -> dict:
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "machine": torch.cuda.get_device_name(0) if device == "cuda" else (platform.processor() or platform.machine()),
+        "command": "effst bench sparse --device " + device + (" --quick" if quick else ""),
+    }
 
 
-class _Case:
-    """Tensors of one configuration, shared by the three implementations."""
+def _time(fn: Callable, device: str, quick: bool) -> dict:
+    reps = 5 if quick or device != "cuda" else 15
+    return timing.time_function(fn, device=device, warmup=3, reps=reps, min_reps=3, max_seconds=1.0)
 
-    def __init__(self, m, in_features, out_features, sparsity, block, dtype, input_kind, device, seed=0):
+
+class _LayerCase:
+    """One layer configuration: the block-sparse layer, the dense weight, the inputs."""
+
+    def __init__(self, m, in_features, out_features, sparsity, block, input_kind, device, dtype, seed=0):
+        from effst.nn.block_sparse import BlockSparseLinear
+
         torch.manual_seed(seed)
         linear = nn.Linear(in_features, out_features, device=device, dtype=dtype)
-        # On the CPU the torch implementation, never the Triton interpreter.
-        self.layer = BlockSparseLinear.from_dense(
-            linear, sparsity=sparsity, block_size=(block, block), backend="torch" if device == "cpu" else "triton"
-        )
+        backend = "auto" if device == "cuda" else "torch"  # never the interpreter in a benchmark
+        self.layer = BlockSparseLinear.from_dense(linear, sparsity=sparsity, block_size=(block, block), backend=backend)
         self.weight = self.layer.to_dense().detach().clone().requires_grad_()
         self.bias = self.layer.bias.detach().clone().requires_grad_()
         generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.spikes = input_kind == "spike"
         if self.spikes:
             bits = torch.rand((m, in_features), generator=generator, device=device) < SPIKE_RATE
-            self.x_effst = bits.to(torch.uint8)
-            self.x_float = bits.to(dtype)
+            self.x_effst, self.x_dense = bits.to(torch.uint8), bits.to(dtype)
         else:
-            self.x_float = torch.randn((m, in_features), generator=generator, device=device, dtype=dtype)
-            self.x_effst = self.x_float
-        self.x_float.requires_grad_(not self.spikes)
+            self.x_dense = torch.randn((m, in_features), generator=generator, device=device, dtype=dtype)
+            self.x_effst = self.x_dense.detach().clone().requires_grad_()
+            self.x_dense.requires_grad_()
         self.grad_y = torch.randn((m, out_features), generator=generator, device=device, dtype=dtype)
-        self.nnz = self.layer.nnz_blocks
-        self.tiles = self.layer.block_mask.numel()
 
-    def effst_fwd(self, i):
+    def effst_fwd(self, i=0):
         with torch.no_grad():
             return self.layer(self.x_effst)
 
-    def effst_fwd_bwd(self, i):
-        self.layer.values.grad = self.layer.bias.grad = self.x_float.grad = None
-        x = self.x_effst
-        self.layer(x).backward(self.grad_y)
+    def effst_fwd_bwd(self, i=0):
+        inputs = [self.layer.values, self.layer.bias] + ([] if self.spikes else [self.x_effst])
+        return torch.autograd.grad(self.layer(self.x_effst), inputs, self.grad_y)
 
-    def dense_fwd(self, i):
+    def dense_fwd(self, i=0):
         with torch.no_grad():
-            return F.linear(self.x_float, self.weight, self.bias)
+            return F.linear(self.x_dense, self.weight, self.bias)
 
-    def dense_fwd_bwd(self, i):
-        self.weight.grad = self.bias.grad = self.x_float.grad = None
-        F.linear(self.x_float, self.weight, self.bias).backward(self.grad_y)
-
-
-class _BSR:
-    """PyTorch's BSR path for one case (built once; construction is not timed)."""
-
-    def __init__(self, case: _Case, block: int):
-        w = case.weight.detach()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
-            self.w_bsr = w.to_sparse_bsr((block, block))
-            self.wt_bsr = w.t().contiguous().to_sparse_bsr((block, block))
-        self.bias = case.bias.detach()
-        self.x = case.x_float.detach()
-        self.grad_y = case.grad_y
-        self.need_dx = not case.spikes
-        self.sampled, self.sampled_name = torch.sparse.sampled_addmm, "torch.sparse.sampled_addmm"
-
-    def fwd(self, i):
-        return (self.w_bsr @ self.x.t()).t() + self.bias
-
-    def _dw(self):
-        return self.sampled(self.w_bsr, self.grad_y.t(), self.x, beta=0.0)
-
-    def probe_dw(self) -> None:
-        """Pick a dW product PyTorch supports here, or raise with its message."""
-        try:
-            self._dw()
-            return
-        except (RuntimeError, NotImplementedError, TypeError, ValueError) as first:
-            if self.x.device.type != "cuda":
-                raise
-            try:
-                from torch.sparse import _triton_ops
-
-                self.sampled = _triton_ops.sampled_addmm
-                self.sampled_name = "torch.sparse._triton_ops.sampled_addmm"
-                self._dw()
-            except Exception as second:  # noqa: BLE001 - reported in the row
-                raise RuntimeError(f"sampled_addmm: {first}; _triton_ops.sampled_addmm: {second}") from None
-
-    def fwd_bwd(self, i):
-        y = (self.w_bsr @ self.x.t()).t() + self.bias
-        dx = (self.wt_bsr @ self.grad_y.t()).t() if self.need_dx else None
-        dw = self._dw()
-        db = self.grad_y.sum(0)
-        return y, dx, dw, db
+    def dense_fwd_bwd(self, i=0):
+        inputs = [self.weight, self.bias] + ([] if self.spikes else [self.x_dense])
+        return torch.autograd.grad(F.linear(self.x_dense, self.weight, self.bias), inputs, self.grad_y)
 
 
-def _time(fn, device: str, quick: bool) -> dict:
-    reps = 5 if quick else (20 if device == "cuda" else 7)
-    return timing.time_function(fn, device=device, warmup=2 if device == "cpu" else 3, reps=reps, min_reps=3,
-                                max_seconds=2.0 if device == "cpu" else 1.0)
+def _floor_bytes(m, k, n, nnz_elems, x_bytes, elem, spikes) -> tuple[float, float]:
+    """Bytes that must move for fwd and fwd+bwd (each tensor once)."""
+    fwd = m * k * x_bytes + nnz_elems * elem + m * n * elem + n * elem
+    bwd = m * n * elem + nnz_elems * elem + n * elem + (0 if spikes else m * k * elem)  # dY, dW, db, dX
+    return fwd, fwd + bwd
 
 
-def _row_base(device, m, shape, p, block, dtype, inp) -> dict:
-    model, k, n = shape
-    return {
-        "shape": f"M={m} {k}->{n}",
-        "model": model,
-        "M": m,
-        "in_features": k,
-        "out_features": n,
-        "sparsity": p,
-        "block": block,
-        "dtype": dtype,
-        "input": "spike uint8" if inp == "spike" else "dense",
-        "device": device,
-    }
-
-
-def _measure(case: _Case, device: str, quick: bool, row: dict) -> None:
-    m, k, n = row["M"], row["in_features"], row["out_features"]
-    row["effst_backend"] = "triton" if device == "cuda" else "torch (CPU gather over kept tiles)"
-    row["block_sparsity"] = 1.0 - case.nnz / case.tiles
-    row["kept_tiles"] = case.nnz
-    products = 2 if case.spikes else 3  # no dX for spike inputs
-    dense_flops = 2.0 * m * n * k
-    kept_flops = 2.0 * m * case.nnz * row["block"] * row["block"]
-    for impl, fns in (("effst", (case.effst_fwd, case.effst_fwd_bwd)), ("dense", (case.dense_fwd, case.dense_fwd_bwd))):
-        for name, fn in zip(("fwd", "fwd_bwd"), fns):
+def _measure_layer(case: _LayerCase, device: str, quick: bool, row: dict, bandwidth: Optional[float]) -> None:
+    m, k, n, block = row["M"], row["in_features"], row["out_features"], row["block"]
+    nnz = case.layer.nnz_blocks
+    row["kept_tiles"] = nnz
+    row["block_sparsity"] = case.layer.block_sparsity
+    for impl in ("effst", "dense"):
+        for name in ("fwd", "fwd_bwd"):
+            fn = getattr(case, f"{impl}_{name}")
             result = _time(fn, device, quick)
             row[f"{impl}_{name}_ms"] = result["ms"]
-            row[f"{impl}_{name}_ms_q1"] = result["ms_q1"]
-            row[f"{impl}_{name}_ms_q3"] = result["ms_q3"]
-            row[f"{impl}_{name}_reps"] = result["reps"]
+            row[f"{impl}_{name}_ms_q1"], row[f"{impl}_{name}_ms_q3"] = result["ms_q1"], result["ms_q3"]
+            row["reps"] = result["reps"]
+            kernel = timing.kernel_time(fn, device, reps=10 if quick else 20)
+            row[f"{impl}_{name}_kernel_ms"] = kernel.get("kernel_ms")
+            if kernel.get("kernel_graph_error"):
+                row[f"{impl}_{name}_kernel_graph_error"] = kernel["kernel_graph_error"]
+            row["kernel_method"] = kernel.get("kernel_method")
     row["timing_method"] = result["method"]
-    try:
-        bsr = _BSR(case, row["block"])
-        row["bsr_fwd_ms"] = _time(bsr.fwd, device, quick)["ms"]
-        bsr.probe_dw()
-        row["bsr_dw_op"] = bsr.sampled_name
-        row["bsr_fwd_bwd_ms"] = _time(bsr.fwd_bwd, device, quick)["ms"]
-    except Exception as exc:  # noqa: BLE001 - PyTorch's BSR coverage varies; say what failed
-        row["bsr_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-    row["speedup_fwd"] = row["dense_fwd_ms"] / row["effst_fwd_ms"]
-    row["speedup_fwd_bwd"] = row["dense_fwd_bwd_ms"] / row["effst_fwd_bwd_ms"]
-    for name in ("fwd", "fwd_bwd"):
-        if f"bsr_{name}_ms" in row:
-            row[f"speedup_vs_bsr_{name}"] = row[f"bsr_{name}_ms"] / row[f"effst_{name}_ms"]
-    row["tflops_kept_fwd"] = kept_flops / (row["effst_fwd_ms"] * 1e9)
-    row["tflops_dense_fwd"] = dense_flops / (row["dense_fwd_ms"] * 1e9)
-    row["tflops_ratio_fwd"] = row["tflops_kept_fwd"] / row["tflops_dense_fwd"]
-    row["tflops_kept_fwd_bwd"] = products * kept_flops / (row["effst_fwd_bwd_ms"] * 1e9)
-    row["tflops_dense_fwd_bwd"] = products * dense_flops / (row["dense_fwd_bwd_ms"] * 1e9)
-    row["tflops_ratio"] = row["tflops_kept_fwd_bwd"] / row["tflops_dense_fwd_bwd"]
-    if device == "cuda" and row["dtype"] == "bfloat16":
-        need = TARGETS.get(row["sparsity"])
-        parts = []
-        met = True
-        if need is not None:
-            parts.append(f"fwd+bwd >= {need}x dense")
-            met = met and row["speedup_fwd_bwd"] >= need
-        parts.append("faster than BSR")
-        if "speedup_vs_bsr_fwd_bwd" in row:
-            met = met and row["speedup_vs_bsr_fwd_bwd"] > 1.0
-        row["target"] = ", ".join(parts)
-        row["target_met"] = bool(met)
+    products = 2 if case.spikes else 3
+    dense_flops, kept_flops = 2.0 * m * n * k, 2.0 * m * nnz * block * block
+    elem = case.weight.element_size()
+    floors = _floor_bytes(m, k, n, nnz * block * block, case.x_effst.element_size(), elem, case.spikes)
+    for name, factor, floor_bytes in (("fwd", 1, floors[0]), ("fwd_bwd", products, floors[1])):
+        row[f"speedup_{name}"] = row[f"dense_{name}_ms"] / row[f"effst_{name}_ms"]
+        effst_t = row[f"effst_{name}_kernel_ms"] or row[f"effst_{name}_ms"]  # wall where no kernel time (CPU)
+        dense_t = row[f"dense_{name}_kernel_ms"] or row[f"dense_{name}_ms"]
+        if row[f"effst_{name}_kernel_ms"] and row[f"dense_{name}_kernel_ms"]:
+            row[f"speedup_{name}_kernel"] = dense_t / effst_t
+        row[f"tflops_kept_{name}"] = factor * kept_flops / (effst_t * 1e9)
+        row[f"tflops_dense_{name}"] = factor * dense_flops / (dense_t * 1e9)
+        row[f"tflops_ratio_{name}"] = row[f"tflops_kept_{name}"] / row[f"tflops_dense_{name}"]
+        row[f"floor_bytes_{name}"] = floor_bytes
+        if bandwidth:
+            row[f"floor_ms_{name}"] = floor_bytes / bandwidth * 1e3
+            row[f"floor_fraction_{name}"] = row[f"floor_ms_{name}"] / effst_t
 
 
-def run(device: str, quick: bool, budget_s: Optional[float] = None, tokens: Optional[int] = None) -> list[dict]:
-    """Measure the configurations of ``device`` ('cuda' or 'cpu'); one row per configuration.
+def _break_even(rows: list[dict]) -> None:
+    """Fill ``break_even_sparsity_fwd_bwd`` into every measured layer row of each group."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("kind") == "layer" and r.get("status") == "ok":
+            groups.setdefault((r["in_features"], r["out_features"], r["block"], r["input"]), []).append(r)
+    for members in groups.values():
+        points = sorted((r["sparsity"], r["speedup_fwd_bwd"]) for r in members)
+        value = None
+        if len(points) >= 2 and points[0][1] < 1.0:
+            for (p0, s0), (p1, s1) in zip(points, points[1:]):
+                if s0 < 1.0 <= s1:
+                    value = p0 + (1.0 - s0) * (p1 - p0) / (s1 - s0)
+                    break
+        for r in members:
+            r["break_even_sparsity_fwd_bwd"] = value
 
-    ``budget_s``: time budget (see the module doc); ``tokens``: override M (smoke tests).
-    """
+
+def _two_four_row(m, k, n, device, dtype, quick, stamp) -> dict:
+    from effst import prune
+
+    row = {"kind": "2:4", "M": m, "in_features": k, "out_features": n, "sparsity": 0.5, "dtype": str(dtype).split(".")[-1],
+           "input": "dense", "shape": f"M={m} {k}->{n}", **stamp}
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n, device=device, dtype=dtype)
+    prune.l1p(linear, 0.5, pattern="2:4")
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    weight = linear.weight.detach().clone()
+    bias = linear.bias.detach().clone()
+    sparse = nn.Sequential(linear)
+    prune.to_semi_structured(sparse)
+
+    def dense(i=0):
+        with torch.no_grad():
+            return F.linear(x, weight, bias)
+
+    def semi(i=0):
+        with torch.no_grad():
+            return sparse(x)
+
+    torch.testing.assert_close(semi().float(), dense().float(), rtol=5e-2, atol=5e-2)
+    for name, fn in (("dense", dense), ("semi_structured", semi)):
+        row[f"{name}_fwd_ms"] = _time(fn, device, quick)["ms"]
+        row[f"{name}_fwd_kernel_ms"] = timing.kernel_time(fn, device, reps=10).get("kernel_ms")
+    row["speedup_fwd"] = row["dense_fwd_ms"] / row["semi_structured_fwd_ms"]
+    if row["dense_fwd_kernel_ms"] and row["semi_structured_fwd_kernel_ms"]:
+        row["speedup_fwd_kernel"] = row["dense_fwd_kernel_ms"] / row["semi_structured_fwd_kernel_ms"]
+    row["note"] = "forward only: to_semi_structured makes inference weights"
+    return row
+
+
+def _model_rows(name: str, device: str, quick: bool, stamp: dict) -> list[dict]:
+    """Dense vs block-L1P-90 % BlockSparseLinear Spikformer: inference and training step."""
+    from effst import prune
+    from effst.models import build_model
+    from effst.models.spikformer import prune_targets
+    from effst.nn import reset
+
+    batch = 16 if quick else 64
+    overrides = {"image_size": 224, "variant": "imagenet", "num_classes": 1000}  # 196 tokens
+    out = []
+    results = {}
+    for variant in ("dense", "block-sparse"):
+        torch.manual_seed(0)
+        net = build_model(name, neuron="lif", T=4, **overrides).to(device)
+        if variant == "block-sparse":
+            prune.block_l1p(net, MODEL_SPARSITY, targets=prune_targets(net), block_size=prune.DEFAULT_BLOCK_SIZE)
+            prune.to_block_sparse(net)
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def infer(i=0):
+            reset(net)
+            with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
+                return net(x)
+
+        def train_step(i=0):
+            reset(net)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16):
+                logits = net(x)
+            F.cross_entropy(logits.float(), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for step, fn in (("inference", infer), ("train", train_step)):
+            net.train(step == "train")
+            t = timing.time_function(fn, device=device, warmup=2, reps=3 if quick else 8, min_reps=3, max_seconds=4.0)
+            results[(variant, step)] = t["ms"]
+            row = {"kind": "model", "model": name, "variant": variant, "step": step, "batch": batch, "T": 4,
+                   "tokens": 196, "dtype": "bfloat16 (autocast)", "ms": t["ms"], "ms_q1": t["ms_q1"], "ms_q3": t["ms_q3"],
+                   "images_per_s": batch / (t["ms"] * 1e-3), "timing_method": t["method"], "status": "ok", **stamp}
+            if variant == "block-sparse":
+                row.update(sparsity=MODEL_SPARSITY, block=list(prune.DEFAULT_BLOCK_SIZE),
+                           speedup_vs_dense=results[("dense", step)] / t["ms"])
+            out.append(row)
+        del net, optimizer
+        torch.cuda.empty_cache()
+    return out
+
+
+def run(device: str, quick: bool, *, rows: Optional[list] = None, log: Callable[[str], None] = print,
+        tokens: Optional[int] = None) -> list[dict]:
+    """Measure the plan of ``device`` ('cuda' or 'cpu'); rows are appended to ``rows`` as measured."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda': no CUDA device is available")
-    budget = budget_s if budget_s is not None else _default_budget(device, quick)
+    rows = [] if rows is None else rows
     m, configs = _plan(device, quick)
-    if tokens is not None:
-        m = int(tokens)
-    start = time.perf_counter()
-    stamp = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
-        "machine": torch.cuda.get_device_name(0) if device == "cuda" else (platform.processor() or platform.machine()),
-        "command": "effst bench sparse --device " + device + (" --quick" if quick else ""),
-    }
-    rows: list[dict] = []
-    for shape, p, block, dtype, inp in configs:
-        row = _row_base(device, m, shape, p, block, dtype, inp)
-        row.update(stamp)
-        if rows and time.perf_counter() - start > budget:  # the first configuration always runs
-            row["status"] = "skipped"
-            row["reason"] = f"time budget of {budget:.0f} s used up (EFFST_SPARSE_BUDGET_S raises it)"
-            rows.append(row)
-            continue
+    m = int(tokens) if tokens is not None else m
+    stamp = _stamp(device, quick)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bandwidth = timing.copy_bandwidth(device, 256 << 20)["bytes_per_s"] if device == "cuda" else None
+    plan = [("layer", c) for c in configs]
+    if device == "cuda":
+        # After the 64x64 rows (the first len(SHAPES) * (sparsities + spikes) configs): 2:4, models.
+        first = sum(1 for c in configs if c[1] == 64)
+        plan = plan[:first] + [("2:4", s) for s in SHAPES] + [("model", n) for n in MODELS[:1 if quick else 2]] + plan[first:]
+    for kind, what in plan:
         try:
-            case = _Case(m, shape[1], shape[2], p, block, getattr(torch, dtype), inp, device)
-            _measure(case, device, quick, row)
-            row["status"] = "ok"
+            if kind == "layer":
+                (k, n), block, p, inp = what
+                row = {"kind": "layer", "shape": f"M={m} {k}->{n}", "M": m, "in_features": k, "out_features": n,
+                       "sparsity": p, "block": block, "dtype": str(dtype).split(".")[-1],
+                       "input": "spike uint8" if inp == "spike" else "dense", "device": device, **stamp}
+                row["effst_backend"] = "triton" if device == "cuda" else "torch (CPU: kept tiles only)"
+                case = _LayerCase(m, k, n, p, block, inp, device, dtype)
+                _measure_layer(case, device, quick, row, bandwidth)
+                row["status"] = "ok"
+                new = [row]
+            elif kind == "2:4":
+                new = [dict(_two_four_row(m, what[0], what[1], device, dtype, quick, stamp), status="ok")]
+            else:
+                new = _model_rows(what, device, quick, stamp)
         except Exception as exc:  # noqa: BLE001 - one failing configuration must not hide the others
-            row["status"] = "error"
-            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            new = [{"kind": kind, "what": repr(what), "status": "error", "error": f"{type(exc).__name__}: {exc}"[:500], **stamp}]
         finally:
             case = None
             if device == "cuda":
                 torch.cuda.empty_cache()
-        rows.append(row)
+        rows.extend(new)
+        for r in new:
+            log(f"sparse {r.get('kind')} {r.get('shape', r.get('model', ''))} p={r.get('sparsity')} "
+                f"block={r.get('block')} {r.get('input', r.get('step', ''))}: {r['status']}"
+                + (f" speedup fwd {r['speedup_fwd']:.2f}x fwd+bwd {r.get('speedup_fwd_bwd', float('nan')):.2f}x"
+                   if r["status"] == "ok" and "speedup_fwd" in r else "")
+                + (f" {r.get('error', '')}" if r["status"] == "error" else ""))
+        _break_even(rows)
     return rows
-
-
-if __name__ == "__main__":  # a quick look without the harness: python bench/bench_sparse.py [cuda|cpu] [--quick]
-    dev = next((a for a in sys.argv[1:] if a in ("cuda", "cpu")), "cuda" if torch.cuda.is_available() else "cpu")
-    for r in run(dev, "--quick" in sys.argv):
-        keys = ("shape", "sparsity", "block", "dtype", "input", "status", "effst_fwd_bwd_ms", "dense_fwd_bwd_ms",
-                "bsr_fwd_bwd_ms", "speedup_fwd_bwd", "tflops_ratio", "bsr_error", "error")
-        print({k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in keys if k in r})
