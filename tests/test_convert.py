@@ -58,10 +58,12 @@ def test_gradients_match_the_spikingjelly_model():
     ours(x).square().sum().backward()
     peer_grads = {n: p.grad for n, p in peer.named_parameters()}
     for name, p in ours.named_parameters():
+        assert p.grad is not None, name
         if name in peer_grads:
             torch.testing.assert_close(p.grad, peer_grads[name], rtol=1e-9, atol=1e-12)
         else:  # the new intrinsic parameters learn
-            assert name.endswith((".w", ".v_threshold")) and p.grad is not None
+            assert name.endswith((".w", ".v_threshold")) and p.grad.abs().sum() > 0, name
+    assert ours.blocks[0].attn.q_linear.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("target", ["slif", "stl", "plif", "lif"])
@@ -140,7 +142,9 @@ def test_foreign_gradients_match():
         functional.reset_net(model)
         model(x).sum().backward()
     theirs = dict(net.named_parameters())
+    assert set(theirs) <= {name for name, _ in ours.named_parameters()}
     for name, p in ours.named_parameters():
+        assert p.grad is not None, name
         if name == "4.w":  # per channel now: the channels' gradients add up to the scalar's
             torch.testing.assert_close(p.grad.sum(), theirs[name].grad, rtol=1e-9, atol=1e-12)
         elif name in theirs:

@@ -53,7 +53,7 @@ def test_spikformer_4_384_shapes_at_every_paper_sparsity():
             assert m.fc2.weight.shape == (384, hidden) and m.fc2_bn.num_features == 384
         counts = count_parameters(pruned)
         assert counts["blocks"] == 4 * (4 * width * 384 + 2 * hidden * 384)
-    # The paper's 80 % / 90 % block sizes (1.46 M / 0.77 M with biases... 0.76 M weights).
+    # The paper's block parameters at 80 %: 4 * (4*84*384 + 2*307*384) weights = 1.46 M.
     assert round(count_parameters(dsp(model, 0.8))["blocks"] / 1e6, 2) == 1.46
     assert model.blocks[0].attn.q_linear.weight.shape == (384, 384)  # the input model is untouched
 
