@@ -1,16 +1,22 @@
 """The ``effst`` command: train, prune, finetune, eval, pipeline, bench.
 
 Every training subcommand takes its settings from, lowest precedence first: per-dataset defaults
-(SPEC §5 for fine-tuning), a ``--config`` file (YAML or JSON, keys = the long flag names), and
+(docs/pruning.md for fine-tuning), a ``--config`` file (YAML or JSON, keys = the long flag names), and
 the flags. Several processes / GPUs: ``torchrun --nproc_per_node N -m effst.cli train ...``.
-Errors a user can fix (bad flag values, a missing dataset or checkpoint, a corrupt checkpoint)
-print one line ``effst: error: ...`` and exit with status 2; an interrupted run exits 130 after
-writing a checkpoint that ``--resume`` continues from.
+Errors a user can fix (bad flag values, a missing dataset or checkpoint, a corrupt checkpoint,
+an output folder that cannot be written) print one line ``effst: error: ...`` and exit with
+status 2, before any work starts where they can be known then. A folder that already holds a run
+is never overwritten silently: ``--resume`` continues it (with the settings saved in its
+checkpoint; flags given again override them and are reported), ``--overwrite`` replaces it
+atomically. An interrupted run exits 130 after writing a checkpoint that ``--resume`` continues.
+This module imports only the standard library at start-up, so ``--help`` and ``--version`` are
+instant; torch and the rest load when a command runs.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,6 +42,7 @@ def _add_settings_flags(p: argparse.ArgumentParser, *, training: bool = True) ->
     g.add_argument("--eval-batch-size", type=int)
     g.add_argument("--measure-batches", type=int, help="test batches used for firing rates and energy (default all)")
     g.add_argument("--seed", type=int)
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out (atomically, when done)")
     if training:
         t = p.add_argument_group("training")
         t.add_argument("--epochs", type=int)
@@ -48,7 +55,8 @@ def _add_settings_flags(p: argparse.ArgumentParser, *, training: bool = True) ->
         t.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
         t.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no tqdm bars")
         t.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False)
-        t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt where it stopped")
+        t.add_argument("--resume", action="store_true",
+                       help="continue OUT/checkpoint.pt where it stopped, with its saved settings (flags given override)")
         t.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # simulate Ctrl-C (tests)
 
 
@@ -64,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune a spiking transformer (L1P / block L1P / DSP), swap LIF for sLIF, fine-tune, report.",
         epilog="Main command: `effst pipeline` (embedded digits data, no download, about 6 minutes on 2 CPU cores).",
     )
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train (pretrain) a Spikformer from scratch")
@@ -76,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=("l1p", "block-l1p", "dsp", "random", "random-block", "dsp-random"))
     p.add_argument("--sparsity", type=float, required=True, help="fraction p in [0, 1) of weights (or dims) removed")
     p.add_argument("--block-size", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
-                   help="tile of block-l1p / random-block (default 32 32)")
+                   help="tile of block-l1p / random-block (default: effst.prune.DEFAULT_BLOCK_SIZE)")
     _add_settings_flags(p, training=False)
     p.add_argument("--out", type=Path)
 
@@ -101,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", type=float, nargs="+", help="default 0.5 0.8 0.9")
     p.add_argument("--methods", nargs="+", choices=("l1p", "dsp"), help="default l1p dsp")
     p.add_argument("--random-sparsity", type=float, help="sparsity of the random-pruning control (default 0.9)")
-    p.add_argument("--block-size", type=int, nargs=2, metavar=("ROWS", "COLS"), help="block L1P tile (default 16 16)")
+    p.add_argument("--block-size", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                   help="block L1P tile (default: effst.prune.DEFAULT_BLOCK_SIZE)")
     p.add_argument("--no-block", dest="block", action="store_false", default=None, help="skip block L1P")
     p.add_argument("--pretrain-epochs", type=int)
     p.add_argument("--finetune-epochs", type=int)
@@ -110,11 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=Path, help="a trained checkpoint used as the baseline of every seed instead of pretraining")
     p.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>-pipeline)")
     p.add_argument("--resume", action="store_true", help="reuse finished stages in --out, resume unfinished ones")
-    p.add_argument("--progress", action="store_const", const=True, help="tqdm bars of every stage (off by default: parallel runs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pipeline run in --out (atomically)")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="no overall progress bar (stage results are still printed as they finish)")
 
     p = sub.add_parser("bench", help="benchmarks (effst.benchmarks); `effst bench --help` lists them", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``effst --version``: the package version, read without importing torch."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from effst import __version__
+
+        print(f"effst {__version__}")
+        parser.exit()
 
 
 def default_out(kind: str) -> Path:
@@ -127,21 +152,38 @@ def _flag_values(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in SETTINGS_FLAGS if hasattr(args, k) and getattr(args, k) is not None}
 
 
-def _settings(stage: str, args: argparse.Namespace, extra: Optional[dict] = None, data: Optional[str] = None):
-    """Settings and the names given explicitly; ``data`` picks the per-dataset defaults when
-    neither flags nor the file name a dataset (a checkpoint's own dataset)."""
-    from effst.train.config import load_config_file, resolve
+def _settings(stage: str, args: argparse.Namespace, extra: Optional[dict] = None, data: Optional[str] = None,
+              saved: Optional[dict] = None):
+    """Settings and the names given explicitly. Precedence, lowest first: the dataset's defaults,
+    ``saved`` (a resumed run's own settings), the ``--config`` file, the flags. ``data`` picks the
+    per-dataset defaults when nothing else names a dataset (a source checkpoint's dataset)."""
+    from effst.train.config import SETTING_NAMES, load_config_file, resolve
 
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    flags = {**_flag_values(args), **(extra or {})}
-    return resolve(stage, data=data, file_values=file_values, flag_values=flags), frozenset(flags) | frozenset(
-        k.replace("-", "_") for k in file_values)
+    flags = {**_flag_values(args), **{k: v for k, v in (extra or {}).items() if v is not None}}
+    restored = {k: v for k, v in (saved or {}).items() if k in SETTING_NAMES and k not in RESUME_NOT_RESTORED}
+    given = frozenset(flags) | frozenset(str(k).replace("-", "_") for k in file_values)
+    settings = resolve(stage, data=data, file_values={**restored, **file_values}, flag_values=flags)
+    return settings, given
 
 
-def _checkpoint(args: argparse.Namespace) -> dict:
+# A resumed run gets back every saved setting except the test-only stop hook.
+RESUME_NOT_RESTORED = ("stop_after_steps",)
+
+
+def _resumed_settings(stage: str, args: argparse.Namespace, out: Path, extra: Optional[dict] = None,
+                      data: Optional[str] = None):
+    """Settings of ``--resume``: the checkpoint's own, with what was given again reported."""
     from effst.train.checkpoint import load_checkpoint
 
-    return load_checkpoint(args.checkpoint)
+    saved = load_checkpoint(out / "checkpoint.pt").get("settings") or {}
+    settings, given = _settings(stage, args, extra, data=data, saved=saved)
+    now = settings.to_dict()
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(given)
+               if k in saved and k in now and saved[k] != now[k] and k not in RESUME_NOT_RESTORED]
+    print(f"effst: resuming {out} with the settings saved in its checkpoint"
+          + (f"; overridden here: {', '.join(changed)}" if changed else ""), file=sys.stderr)
+    return settings, given
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -154,19 +196,47 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from effst.train.checkpoint import CheckpointError
-    from effst.train.loop import Interrupted
+    print(f"effst {args.command}: starting (loading torch)", file=sys.stderr, flush=True)
+    previous_sigterm = _sigterm_as_interrupt()
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
+
+def _sigterm_as_interrupt():
+    """SIGTERM stops a command the way Ctrl-C does (the training loop installs its own while it trains)."""
+    def handle(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        return signal.getsignal(signal.SIGTERM)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        from effst.train.checkpoint import CheckpointError
+        from effst.train.loop import Interrupted, interrupted_message
+    except ImportError as error:  # torch or a training dependency missing: one line
+        print(f"effst: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return _dispatch(args)
     except Interrupted as stop:
         print(f"effst: {stop}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("effst: aborted; the last epoch's checkpoint (if any) is intact — continue with --resume",
-              file=sys.stderr)
+        where = getattr(args, "out", None)
+        print(f"effst: {interrupted_message(where) if where else 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CheckpointError, FileNotFoundError, ValueError, TypeError, ImportError, RuntimeError) as error:
+    except OSError as error:  # a filesystem error: one line with the path
+        if os.environ.get("EFFST_DEBUG"):
+            raise
+        print(f"effst: error: {_os_error_text(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CheckpointError, ValueError, TypeError, ImportError, RuntimeError) as error:
         if os.environ.get("EFFST_DEBUG"):
             raise
         print(f"effst: error: {error}", file=sys.stderr)
@@ -177,48 +247,90 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         teardown()
 
 
+def _os_error_text(error: OSError) -> str:
+    """``path: reason`` for errors the OS raised, the message itself for effst's own."""
+    if error.filename is None:
+        return str(error)
+    text = f"{error.filename}: {error.strerror or error}"
+    if error.filename2 is not None:
+        text += f" (and {error.filename2})"
+    return text
+
+
+def _in_folder(folder, work):
+    """Run ``work(path)`` in a RunFolder: committed when it finishes or stops resumably, else discarded."""
+    from effst.train.loop import CHECKPOINT_NAME, Interrupted
+
+    folder.create()
+    try:
+        result = work(folder.work)
+    except Interrupted:
+        folder.commit()
+        raise Interrupted(folder.path / CHECKPOINT_NAME) from None
+    except BaseException:
+        folder.discard()
+        raise
+    folder.commit()
+    return result
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from effst.train import runs
+    from effst.train.run_folder import RunFolder, check_writable_location
 
     if args.command == "train":
-        settings, _ = _settings("train", args)
-        out = args.out or default_out("train")
+        out = args.out = args.out or default_out("train")
+        folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite)
+        settings, _ = (_resumed_settings("train", args, out) if args.resume else _settings("train", args))
         runs.configure_threads(settings)
-        summary = runs.pretrain(settings, out, resume=args.resume)
+        summary = _in_folder(folder, lambda work: runs.pretrain(settings, work, resume=args.resume))
         _print_summary(summary, out)
         return 0
     if args.command == "prune":
+        out = args.out = args.out or default_out(f"prune-{args.method}-{args.sparsity}")
+        folder = RunFolder(out, overwrite=args.overwrite, marker=None)
+        block = tuple(args.block_size) if args.block_size else runs.default_block_size()
+        runs.prune_step(args.method, args.sparsity, block_size=block)  # bad values fail before any work
         ckpt = _checkpoint(args)
         settings, given = _settings("finetune", args, data=runs.checkpoint_dataset(ckpt))
-        out = args.out or default_out(f"prune-{args.method}-{args.sparsity}")
         runs.configure_threads(settings)
-        block = tuple(args.block_size) if args.block_size else (32, 32)
-        summary = runs.prune(ckpt, args.method, args.sparsity, out, settings, given=given,
-                             block_size=block, seed=settings.seed)
+        summary = _in_folder(folder, lambda work: runs.prune(ckpt, args.method, args.sparsity, work, settings,
+                                                             given=given, block_size=block, seed=settings.seed))
         _print_summary(summary, out)
         return 0
     if args.command == "finetune":
+        out = args.out = args.out or default_out(f"finetune-{args.neuron or 'slif'}")
+        folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite)
         ckpt = _checkpoint(args)
-        settings, given = _settings("finetune", args, {"neuron": args.neuron or "slif"}, data=runs.checkpoint_dataset(ckpt))
-        out = args.out or default_out(f"finetune-{settings.neuron}")
+        source_data = runs.checkpoint_dataset(ckpt)
+        if args.resume:
+            settings, given = _resumed_settings("finetune", args, out, {"neuron": args.neuron}, data=source_data)
+        else:
+            settings, given = _settings("finetune", args, {"neuron": args.neuron or "slif"}, data=source_data)
         runs.configure_threads(settings)
-        summary = runs.finetune(ckpt, settings, out, given=given, resume=args.resume,
-                                channels=not args.per_layer)
+        summary = _in_folder(folder, lambda work: runs.finetune(ckpt, settings, work, given=given, resume=args.resume,
+                                                                channels=not args.per_layer))
         _print_summary(summary, out)
         return 0
     if args.command == "eval":
+        folder = RunFolder(args.out, overwrite=args.overwrite, marker=None) if args.out is not None else None
         ckpt = _checkpoint(args)
         settings, given = _settings("finetune", args, data=runs.checkpoint_dataset(ckpt))
         runs.configure_threads(settings)
-        summary = runs.evaluate_checkpoint(ckpt, settings, given=given, out=args.out)
+        if folder is None:
+            summary = runs.evaluate_checkpoint(ckpt, settings, given=given, out=None)
+        else:
+            summary = _in_folder(folder, lambda work: runs.evaluate_checkpoint(ckpt, settings, given=given, out=work))
         _print_summary(summary, args.out)
         return 0
     if args.command == "pipeline":
         from effst.train.pipeline import PipelineOptions, run_pipeline
 
+        out = args.out = args.out or default_out("pipeline")
+        check_writable_location(out)
+        folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite, marker="plan.json")
         options = PipelineOptions.from_args(args)
-        out = args.out or default_out("pipeline")
-        result = run_pipeline(options, out, resume=args.resume)
+        result = _in_folder(folder, lambda work: run_pipeline(options, work, resume=args.resume, shown_as=out))
         print(f"effst: pipeline report: {Path(out) / 'report.md'} ({result['wall_time_s']:.0f} s)")
         for line in result["conclusions"]["statements"]:
             print(f"  - {line}")
@@ -226,14 +338,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _checkpoint(args: argparse.Namespace) -> dict:
+    from effst.train.checkpoint import load_checkpoint
+
+    return load_checkpoint(args.checkpoint)
+
+
 def _print_summary(summary: dict, out: Optional[Path]) -> None:
     if not summary:  # not the main rank of a distributed run
         return
     params = summary["parameters"]
     act = summary["activity"]
+    blocks = summary["compression"]["blocks"]
+    compression = "nothing kept in the blocks" if blocks is None or blocks == float("inf") else f"{blocks:.2f}×"
     print(f"effst: {summary['stage']}: test accuracy {100 * summary['accuracy']:.2f} % "
           f"({summary['test']['samples']} samples); params {params['total_nonzero']:,} non-zero of {params['total']:,} "
-          f"(blocks {params['blocks_nonzero']:,}); compression {summary['compression']['blocks']:.2f}×; "
+          f"(blocks {params['blocks_nonzero']:,}); compression (blocks) {compression}; "
           f"firing rate {act['mean_firing_rate']:.4f}; energy {act['energy_uj']:.4f} µJ/sample")
     if out is not None:
         print(f"effst: report: {Path(out) / 'report.md'}")

@@ -44,8 +44,11 @@ def test_resume_after_interruption_gives_the_same_weights(uninterrupted, tmp_pat
     assert (ckpt["progress"]["epoch"], ckpt["progress"]["step"]) == divmod(stop_after, steps_per_epoch)
     assert not ckpt["progress"]["finished"]
     model_from_checkpoint(ckpt)
-    resumed = run_cli(*args, "--resume")
+    # Issue 13 (7): --resume alone restores the run's own settings (epochs, data, batch size, seed,
+    # …) instead of falling back to the defaults.
+    resumed = run_cli("train", "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out} with the settings saved in its checkpoint" in resumed.stderr
     final, expected = state_of(out / "checkpoint.pt"), state_of(reference / "checkpoint.pt")
     assert final["progress"]["finished"]
     assert_same_weights(final["model"], expected["model"])
@@ -85,7 +88,8 @@ def test_resume_from_a_corrupt_or_missing_checkpoint_is_a_clear_error(uninterrup
     assert main(args + ["--out", str(out)]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
     assert main(args + ["--out", str(tmp_path / "empty")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()  # issue 13 (8): a failed --resume leaves no empty folder
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 FORMAT = "effst-checkpoint"
+SOURCE_KEY = "source"  # set by load_checkpoint: the file a checkpoint dict was read from
 VERSION = 1
 
 
@@ -148,6 +149,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     for key in ("recipe", "model", "progress"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint {path}: incomplete, the '{key}' entry is missing")
+    ckpt[SOURCE_KEY] = str(path)  # for error messages; never saved again (make_checkpoint builds anew)
     return ckpt
 
 
@@ -211,13 +213,28 @@ def model_from_checkpoint(ckpt: dict, *, backend: Optional[str] = None) -> torch
     if backend is not None:
         recipe[0]["backend"] = backend
     model = build_from_recipe(recipe)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint: weights do not fit the model its recipe builds: {exc}") from exc
+    mismatch = weight_mismatch(model.state_dict(), ckpt["model"])
+    if mismatch:
+        raise CheckpointError(f"checkpoint {ckpt.get(SOURCE_KEY, '(in memory)')}: its weights do not fit the model its "
+                              f"recipe builds ({mismatch})")
+    model.load_state_dict(ckpt["model"], strict=True)
     if backend is not None:
         set_backend(model, backend)
     return model.eval()
+
+
+def weight_mismatch(expected: dict, stored: dict, show: int = 2) -> str:
+    """A one-line summary of how ``stored`` differs from ``expected`` ('' when they fit)."""
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    reshaped = [f"{k} {tuple(stored[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+                if k in stored and tuple(stored[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("with another shape", reshaped)):
+        if names:
+            more = f", … {len(names) - show} more" if len(names) > show else ""
+            parts.append(f"{len(names)} {label}: {', '.join(names[:show])}{more}")
+    return "; ".join(parts)
 
 
 def set_backend(model: torch.nn.Module, backend: str) -> None:

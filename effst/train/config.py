@@ -2,8 +2,8 @@
 
 Precedence, lowest first: built-in defaults for the dataset and stage (pretraining ``train`` or
 ``finetune``) < the config file < command-line flags. Fine-tuning defaults are the paper's
-Table I (SPEC §5). Pretraining defaults for CIFAR-10 / CIFAR10-DVS follow Spikformer's published
-training configs (Zhou et al. 2023; they are not in SPEC). The ``digits`` and ``synthetic``
+Table I (docs/pruning.md). Pretraining defaults for CIFAR-10 / CIFAR10-DVS follow Spikformer's published
+training configs (Zhou et al. 2023; they are not in docs/pruning.md). The ``digits`` and ``synthetic``
 defaults are effst's own, chosen so that ``effst pipeline`` finishes in under 10 minutes on a
 2-core CPU.
 """
@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 STAGES = ("train", "finetune")
+# The neurons a run can train with (effst.models.NEURONS, less the CUDA-only SpikingJelly variant;
+# spelled out here so that validating settings does not import the models).
+NEURON_NAMES = ("lif", "plif", "slif", "stl", "spikingjelly")
 AMP_MODES = ("auto", "bf16", "off")
 
 
@@ -57,8 +60,8 @@ class Settings:
 
         if self.data not in DATASET_NAMES:
             raise ValueError(f"data: expected one of {list(DATASET_NAMES)}, got {self.data!r}")
-        if self.neuron not in ("lif", "plif", "slif", "spikingjelly"):
-            raise ValueError(f"neuron: expected 'lif', 'plif', 'slif' or 'spikingjelly', got {self.neuron!r}")
+        if self.neuron not in NEURON_NAMES:
+            raise ValueError(f"neuron: expected one of {list(NEURON_NAMES)}, got {self.neuron!r}")
         if self.backend not in ("auto", "reference", "triton", "native"):
             raise ValueError(f"backend: expected 'auto', 'reference', 'triton' or 'native', got {self.backend!r}")
         if self.amp not in AMP_MODES:
@@ -125,9 +128,11 @@ def load_config_file(path: str | Path) -> dict:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
+            from effst.data.optional import require
 
-            data = yaml.safe_load(text)
+            data = require("yaml", f"reading the YAML config {path}").safe_load(text)
+    except ImportError:
+        raise
     except Exception as exc:
         raise ValueError(f"config {path}: cannot be parsed ({exc})") from exc
     if data is None:

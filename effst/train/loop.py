@@ -35,12 +35,21 @@ LOG_NAME = "log.csv"
 LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s")
 
 
+def interrupted_message(where: Path | str) -> str:
+    """The one "interrupted" message of every effst command (CLI stages and the pipeline)."""
+    return f"interrupted; the run in {where} is kept — continue it with --resume --out {where}"
+
+
 class Interrupted(Exception):
     """Training stopped on request (Ctrl-C, SIGTERM, ``stop_after_steps``); a checkpoint was written."""
 
     def __init__(self, checkpoint: Path):
-        super().__init__(f"training interrupted; checkpoint written to {checkpoint} — continue with --resume")
+        super().__init__(interrupted_message(Path(checkpoint).parent))
         self.checkpoint = checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint written (if any) is the last good one."""
 
 
 @dataclass
@@ -78,7 +87,13 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 
 # ----------------------------------------------------------------------------- stop requests
 class StopRequest:
-    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second SIGINT aborts."""
+    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second SIGINT aborts.
+
+    Pipeline workers set ``interactive = False``: they print nothing (their parent prints the one
+    message) and a repeated SIGINT (the terminal's and the parent's) still only asks them to stop.
+    """
+
+    interactive = True
 
     def __init__(self):
         self.requested = False
@@ -99,11 +114,12 @@ class StopRequest:
         self.requested = True
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self.requested and signum == signal.SIGINT and self.interactive:
             raise KeyboardInterrupt
         self.requested = True
-        print("\neffst: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)
+        if self.interactive:
+            print("\neffst: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -128,7 +144,11 @@ def fit(
     """Train ``model`` (built from ``recipe``) and return its history and final test metrics.
 
     ``metrics`` (e.g. the accuracy of earlier stages) is stored in every checkpoint next to the
-    latest test metrics. Raises :class:`Interrupted` after writing a checkpoint when stopped early.
+    latest test metrics. Raises :class:`Interrupted` after writing a checkpoint when stopped early,
+    and :class:`TrainingDiverged` (writing nothing more) when the loss stops being finite.
+
+    A model with a callable ``auxiliary_losses()`` returning ``{name: scalar tensor}`` (computed
+    in its last forward pass) trains on cross-entropy plus their sum; each is logged per epoch.
     """
     out = Path(out)
     env = env or dist_utils.setup(settings.device)
@@ -150,7 +170,7 @@ def fit(
     scheduler = warmup_cosine(optimizer, round(settings.warmup_epochs * steps_per_epoch), total_steps, settings.min_lr_ratio)
 
     start_epoch, start_step, history = 0, 0, []
-    running = {"loss": 0.0, "correct": 0.0, "count": 0.0, "time": 0.0}
+    running = _fresh_running()
     if resume:
         path = Path(resume) if not isinstance(resume, bool) else ckpt_path
         ckpt = load_checkpoint(path)
@@ -199,7 +219,7 @@ def fit(
                 model.train()
                 first = start_step if epoch == start_epoch else 0
                 if first == 0:
-                    running = {"loss": 0.0, "correct": 0.0, "count": 0.0, "time": 0.0}
+                    running = _fresh_running()
                 t_epoch = time.perf_counter()
                 bar = _progress(settings.progress and env.is_main, steps_per_epoch, first, f"{stage} {epoch + 1}/{settings.epochs}")
                 for step, (x, y) in enumerate(
@@ -211,6 +231,9 @@ def fit(
                     with autocast_context(device, settings.amp):
                         logits = train_model(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
+                    auxiliary = _auxiliary_losses(model)
+                    if auxiliary:
+                        loss = loss + sum(auxiliary.values())
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -223,6 +246,8 @@ def fit(
                     else:
                         running["loss"] += float(batch_loss)
                         running["correct"] += float(batch_correct)
+                    for name, value in auxiliary.items():
+                        running["auxiliary"][name] = running["auxiliary"].get(name, 0.0) + float(value.detach()) * y.numel()
                     running["count"] += y.numel()
                     global_step += 1
                     if bar is not None:
@@ -235,10 +260,16 @@ def fit(
                     # Under DDP all ranks must agree to stop at the same step: on the GPU that
                     # all-reduce is a host sync, so it is done every 20 steps and at epoch ends.
                     check = not (on_gpu and env.distributed) or step % 20 == 19 or step + 1 == steps_per_epoch
+                    # The finiteness check reads the GPU-side sum: every 20 steps there, every step on the CPU.
+                    if (not on_gpu or step % 20 == 19) and dist_utils.any_rank(
+                            not math.isfinite(running["loss"] + float(pending[0])), env):
+                        _diverged(ckpt_path, epoch, step, bar)
                     if check and dist_utils.any_rank(want_stop, env):
                         stopping = True
                         if step + 1 < steps_per_epoch:  # mid-epoch: save the position and leave
                             pending = _flush(running, pending)
+                            if dist_utils.any_rank(not math.isfinite(running["loss"]), env):
+                                _diverged(ckpt_path, epoch, step, bar)
                             running["time"] += time.perf_counter() - t_epoch
                             if bar is not None:
                                 bar.close()
@@ -250,6 +281,8 @@ def fit(
                     bar.close()
                 pending = _flush(running, pending)
                 running["time"] += time.perf_counter() - t_epoch
+                if dist_utils.any_rank(not math.isfinite(running["loss"]), env):
+                    _diverged(ckpt_path, epoch, steps_per_epoch - 1, None)
 
                 row = _epoch_row(epoch, global_step, scheduler, running, env)
                 if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == settings.epochs:
@@ -258,10 +291,13 @@ def fit(
                     row["test_loss"], row["test_accuracy"] = test["loss"], test["accuracy"]
                     result.test = test
                 history.append(row)
+                if env.is_main and settings.progress:
+                    print(_epoch_line(stage, row, settings.epochs), file=sys.stderr, flush=True)
                 if env.is_main:
                     _write_csv(out / LOG_NAME, history)
                     if writer is not None:
-                        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "epoch_time_s"):
+                        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "epoch_time_s",
+                                    *(k for k in row if k.startswith("aux_"))):
                             if row.get(key) is not None:
                                 writer.add_scalar(f"{stage}/{key}", row[key], epoch + 1)
                         writer.flush()
@@ -277,6 +313,38 @@ def fit(
             writer.close()
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _fresh_running() -> dict:
+    return {"loss": 0.0, "correct": 0.0, "count": 0.0, "time": 0.0, "auxiliary": {}}
+
+
+def _auxiliary_losses(model: torch.nn.Module) -> dict:
+    """The model's extra loss terms of its last forward pass ({} when it has none)."""
+    hook = getattr(unwrap(model), "auxiliary_losses", None)
+    if not callable(hook):
+        return {}
+    losses = hook() or {}
+    if not isinstance(losses, dict) or not all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in losses.values()):
+        raise TypeError("auxiliary_losses(): expected a dict of name -> scalar tensor, "
+                        f"got {type(losses).__name__}")
+    return {str(k): v.reshape(()).float() for k, v in losses.items()}
+
+
+def _diverged(ckpt_path: Path, epoch: int, step: int, bar) -> None:
+    if bar is not None:
+        bar.close()
+    kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written"
+    raise TrainingDiverged(f"training diverged: the loss is not finite at epoch {epoch + 1}, step {step + 1}; {kept} "
+                           "— lower --lr or check the data")
+
+
+def _epoch_line(stage: str, row: dict, epochs: int) -> str:
+    """One console line per epoch: loss, accuracies, time."""
+    test = "" if row.get("test_accuracy") is None else f", test accuracy {100 * row['test_accuracy']:.2f} %"
+    extra = "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("aux_"))
+    return (f"effst: {stage} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}, train accuracy "
+            f"{100 * row['train_accuracy']:.2f} %{test}{extra} ({row['epoch_time_s']:.1f} s)")
 
 
 def _zero_pending(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,7 +381,11 @@ def _warn_if_changed(saved: dict, settings: Settings, path: Path) -> None:
 
 
 def _epoch_row(epoch: int, global_step: int, scheduler, running: dict, env) -> dict:
-    loss_sum, correct, count = dist_utils.all_sum([running["loss"], running["correct"], running["count"]], env)
+    names = sorted(running.get("auxiliary", {}))
+    sums = dist_utils.all_sum([running["loss"], running["correct"], running["count"]]
+                              + [running["auxiliary"][n] for n in names], env)
+    loss_sum, correct, count = sums[:3]
+    auxiliary = {f"aux_{n}": s / max(count, 1) for n, s in zip(names, sums[3:])}
     return {
         "epoch": epoch + 1,
         "step": global_step,
@@ -323,23 +395,27 @@ def _epoch_row(epoch: int, global_step: int, scheduler, running: dict, env) -> d
         "test_loss": None,
         "test_accuracy": None,
         "epoch_time_s": running["time"],
+        **auxiliary,
     }
 
 
 def _write_csv(path: Path, history: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        extra = sorted({k for row in history for k in row if k.startswith("aux_")})
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS + tuple(extra))
         writer.writeheader()
         for row in history:
-            writer.writerow({k: row.get(k) for k in LOG_FIELDS})
+            writer.writerow({k: row.get(k) for k in LOG_FIELDS + tuple(extra)})
     tmp.replace(path)
 
 
 def _progress(enabled: bool, total: int, initial: int, desc: str):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from effst.data.optional import require
+
+    tqdm = require("tqdm", "progress bars (or pass --no-progress)").tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
@@ -349,6 +425,7 @@ def _tensorboard(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        print("effst: tensorboard is not installed; writing the CSV log only (pip install tensorboard)", file=sys.stderr)
+        print("effst: tensorboard is not installed; writing the CSV log only (pip install 'effst[train]')",
+              file=sys.stderr)
         return None
     return SummaryWriter(log_dir=str(out / "tb"))

@@ -9,6 +9,7 @@ state the compression ratio and the accuracy history.
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -61,6 +62,22 @@ def _load(checkpoint: str | Path | dict) -> dict:
     return checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
 
 
+def default_block_size() -> tuple[int, int]:
+    """The block-pruning tile every caller shares (defined once, in effst.prune)."""
+    import effst.prune as prune
+
+    # TODO(H10): drop the fallback once effst.prune.DEFAULT_BLOCK_SIZE exists in every checkout.
+    return tuple(getattr(prune, "DEFAULT_BLOCK_SIZE", (16, 16)))
+
+
+def _check_model_name(ckpt: dict, settings: Settings, given: set[str]) -> None:
+    """``--model`` given for a checkpoint of another model is an error, not silently ignored."""
+    stored = ckpt["recipe"][0].get("name")
+    if "model" in given and settings.model is not None and settings.model != stored:
+        raise ValueError(f"model: the checkpoint {ckpt.get('source', '')} holds {stored!r}, not {settings.model!r}; "
+                         "drop --model (a checkpoint rebuilds its own model)")
+
+
 def checkpoint_dataset(checkpoint: str | Path | dict) -> Optional[str]:
     """The dataset a checkpoint was trained on (so its per-dataset defaults apply)."""
     return (_load(checkpoint).get("settings") or {}).get("data")
@@ -68,6 +85,7 @@ def checkpoint_dataset(checkpoint: str | Path | dict) -> Optional[str]:
 
 def _data_settings_from(ckpt: dict, settings: Settings, given: set[str]) -> Settings:
     """Take data and model-input settings of a checkpoint unless given on the command line."""
+    _check_model_name(ckpt, settings, given)
     saved = ckpt.get("settings") or {}
     keep = {k: saved[k] for k in ("data", "data_dir", "frames", "synthetic") if k in saved and k not in given}
     return replace(settings, **keep).validate()
@@ -81,9 +99,9 @@ def summarize(stage: str, model: torch.nn.Module, recipe: list[dict], settings: 
                                 amp=settings.amp, max_batches=settings.measure_batches, workers=settings.workers)
     params = parameter_counts(model)
     reference = metrics.get("reference_params") or params
-    compression = {
-        "total": reference["total"] / max(params["total_nonzero"], 1),
-        "blocks": reference["blocks"] / max(params["blocks_nonzero"], 1),
+    compression = {  # infinite (None in JSON) when nothing is kept
+        "total": reference["total"] / params["total_nonzero"] if params["total_nonzero"] else math.inf,
+        "blocks": reference["blocks"] / params["blocks_nonzero"] if params["blocks_nonzero"] else math.inf,
     }
     times = [r["epoch_time_s"] for r in (history or [])]
     summary = {
@@ -93,6 +111,7 @@ def summarize(stage: str, model: torch.nn.Module, recipe: list[dict], settings: 
         "command": command_line(),
         "data": settings.data,
         "recipe": recipe,
+        "T": getattr(model, "T", None),  # the model's actual time steps (the recipe may leave T to its config)
         "settings": settings.to_dict(),
         "test": test,
         "accuracy": test["accuracy"],
@@ -136,6 +155,7 @@ def _finish(stage, model, recipe, settings, test_split, env, test, metrics, hist
     if env.is_main:
         ckpt_path = out / CHECKPOINT_NAME
         ckpt = load_checkpoint(ckpt_path)
+        ckpt.pop("source", None)
         ckpt["metrics"] = {**ckpt.get("metrics", {}), **metrics, "test": test}
         save_atomic(ckpt, ckpt_path)
         summary = summarize(stage, model, recipe, settings, test_split, env.device, test, metrics, history, out)

@@ -1,0 +1,105 @@
+"""Output folders of runs: checked before any work starts, never silently overwritten.
+
+A run folder that already holds files is refused unless the user asks to ``--resume`` it or to
+``--overwrite`` it. ``--overwrite`` builds the new run in a hidden sibling folder and renames it
+into place only when the run finishes (or stops with a resumable checkpoint), so a failed run
+leaves the old one untouched. ``--resume`` of a folder without a checkpoint is refused before
+anything is created, so a failed resume leaves no empty folder behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+
+class RunFolderError(ValueError):
+    """The output location cannot be used; the message names the path and what to do."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    current = path
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def check_writable_location(out: Path, flag: str = "--out") -> None:
+    """Raise :class:`RunFolderError` when ``out`` cannot be a folder this process writes into."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{flag} {out}: is a file, expected a directory")
+    existing = _nearest_existing(out.absolute())
+    if not existing.is_dir():
+        raise RunFolderError(f"{flag} {out}: cannot be created because {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK) or not _can_create_file_in(existing):
+        raise RunFolderError(f"{flag} {out}: {existing} is not writable")
+
+
+def _can_create_file_in(directory: Path) -> bool:
+    """Probe with an unnamed temporary file: catches read-only mounts and root-only checks alike."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
+def holds_files(out: Path) -> bool:
+    return Path(out).is_dir() and any(Path(out).iterdir())
+
+
+class RunFolder:
+    """Where a run writes: ``path`` (the final folder) or a temporary sibling under ``--overwrite``.
+
+    ``marker`` is the file whose presence makes a folder resumable (``checkpoint.pt`` for a
+    training run, ``plan.json`` for a pipeline). Use :meth:`commit` when the run ended in a state
+    worth keeping and :meth:`discard` otherwise.
+    """
+
+    def __init__(self, path: Path, *, resume: bool = False, overwrite: bool = False,
+                 marker: Optional[str] = "checkpoint.pt", command: str = "effst"):
+        self.path = Path(path)
+        self.resume = resume
+        self.overwrite = overwrite
+        if resume and overwrite:
+            raise RunFolderError("--resume and --overwrite: pick one (continue the run, or replace it)")
+        check_writable_location(self.path)
+        if resume:
+            if marker is not None and not (self.path / marker).is_file():
+                raise RunFolderError(f"--resume: {self.path / marker} does not exist, so there is nothing to resume; "
+                                     f"drop --resume to start a new run")
+        elif holds_files(self.path) and not overwrite:
+            raise RunFolderError(f"--out {self.path}: already holds a run; pass --resume to continue it or "
+                                 f"--overwrite to replace it")
+        self.work = self.path
+        if overwrite and holds_files(self.path):
+            self.work = self.path.parent / f".{self.path.name}.effst-new-{os.getpid()}"
+            if self.work.exists():
+                shutil.rmtree(self.work)
+
+    def create(self) -> Path:
+        """Create the working folder (one line with the path on a filesystem error)."""
+        try:
+            self.work.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunFolderError(f"--out {self.work}: cannot be created ({error.strerror or error})") from None
+        return self.work
+
+    def commit(self) -> Path:
+        """Move an ``--overwrite`` run into place (the old run is deleted only after that)."""
+        if self.work == self.path or not self.work.exists():
+            return self.path
+        old = self.path.parent / f".{self.path.name}.effst-old-{os.getpid()}"
+        os.replace(self.path, old)
+        os.replace(self.work, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        self.work = self.path
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the temporary folder of an ``--overwrite`` run that failed (the old run stays)."""
+        if self.work != self.path and self.work.exists():
+            shutil.rmtree(self.work, ignore_errors=True)
