@@ -150,3 +150,23 @@ def test_readme_first_steps_run_on_the_cpu():
     assert "cuda" not in block
     out = run_python(block)
     assert "torch.Size([2, 10])" in out and "'total'" in out
+
+
+def test_bootstrap_rerun_is_quiet_and_says_each_step():
+    """Re-running the bootstrap on an up-to-date .venv prints only its own one-line steps."""
+    venv_python = REPO / ".venv/bin/python"
+    stamp = REPO / ".venv/.effst-bootstrap"
+    if not venv_python.exists() or not stamp.exists() or Path(sys.executable).parent != venv_python.parent:
+        pytest.skip("runs where the tests run from the bootstrap's own .venv")
+    inputs = b"".join((REPO / name).read_bytes() for name in
+                      ("scripts/requirements-cpu.txt", "scripts/bootstrap.sh", "pyproject.toml", "setup.py"))
+    import hashlib
+
+    if stamp.read_text().strip() != hashlib.sha1(inputs).hexdigest()[:16]:
+        pytest.skip("the .venv is older than the bootstrap inputs: a re-run would reinstall")
+    done = subprocess.run(["bash", "scripts/bootstrap.sh"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines and all(line.startswith("bootstrap: ") for line in lines), lines
+    assert "bootstrap: .venv is up to date" in lines and len(lines) <= 5
+    assert done.stderr == "", done.stderr
