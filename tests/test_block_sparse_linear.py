@@ -355,3 +355,80 @@ def test_sparse_bench_rows_on_cpu(monkeypatch):
     assert "break_even_sparsity_fwd_bwd" in first
     with pytest.raises(ValueError, match="device"):
         sparse.run("tpu", True)
+
+
+def test_custom_ops_pass_opcheck():
+    """The compile-time custom ops (schema, fake kernels, autograd registration) are consistent."""
+    from effst.ops import block_sparse_linear as bsl
+
+    g = torch.Generator().manual_seed(12)
+    block_mask = random_block_mask(40, 48, (16, 16), 0.6, g, empty_rows=(1,))
+    layout = list(build_block_layout(block_mask, (16, 16)))
+    values = torch.randn(int(block_mask.sum()), 16, 16, generator=g, requires_grad=True)
+    bias = torch.randn(40, generator=g, requires_grad=True)
+    x = torch.randn(9, 48, generator=g, requires_grad=True)
+    triton_path = bsl.use_triton(x.device, "auto")
+    torch.library.opcheck(torch.ops.effst.block_sparse_linear.default, (x, values, bias, layout, 40, triton_path))
+    grad_y = torch.randn(9, 40, generator=g)
+    torch.library.opcheck(torch.ops.effst.block_sparse_linear_backward.default,
+                          (grad_y, x.detach(), values.detach(), layout, True, True, True, triton_path))
+
+
+def test_no_launch_for_gradients_nobody_needs(monkeypatch):
+    """Spike inputs launch no grad-input kernel; a frozen weight launches no grad-weight kernel."""
+    from effst.ops import block_sparse_linear as bsl
+
+    calls = []
+    for name in ("_grad_input", "_grad_weight"):
+        real = getattr(bsl, name)
+        monkeypatch.setattr(bsl, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    layer = BlockSparseLinear(48, 40, block_size=16)
+    layer(torch.rand(5, 48) < 0.5).sum().backward()
+    assert calls == ["_grad_weight"] and layer.bias.grad is not None
+    calls.clear()
+    layer.values.requires_grad_(False)
+    x = torch.randn(5, 48, requires_grad=True)
+    layer(x).sum().backward()
+    assert calls == ["_grad_input"] and x.grad is not None
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_cuda_graph_and_compile(device):
+    """After the first call (which tunes its launch configuration), a fwd+bwd makes no host
+    synchronisation, replays from a CUDA graph, and compiles with Inductor (fullgraph, also
+    reduce-overhead) to the same numbers."""
+    torch.manual_seed(13)
+    g = torch.Generator().manual_seed(13)
+    block_mask = random_block_mask(1536, 384, (64, 64), 0.25, g)
+    layer, _, _, _ = make_layer(384, 1536, (64, 64), block_mask, torch.bfloat16, device)
+    x = torch.randn(4, 512, 384, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn(4, 512, 1536, device=device, dtype=torch.bfloat16)
+
+    def step():
+        return torch.autograd.grad(layer(x), [x, layer.values, layer.bias], grad_y)
+
+    expected = step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for mode in (None, "reduce-overhead"):
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True, mode=mode)
+        for _ in range(3):
+            y = compiled(x)
+        torch.testing.assert_close(y, layer(x), rtol=1e-2, atol=1e-2)
