@@ -25,7 +25,7 @@ def test_import_effst_loads_neither_torch_nor_triton():
     out = run_python("import sys, effst; print(effst.__version__); "
                      "print(sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))")
     version, loaded = out.split("\n")[:2]
-    assert version == "0.1.0"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", version)
     assert loaded == "[]", f"import effst loaded {loaded}"
 
 
@@ -74,6 +74,9 @@ def test_packaging_dependencies_and_license():
     assert sorted(map(requirement_name, project["dependencies"])) == ["numpy", "torch", "triton"]
     train = set(map(requirement_name, project["optional-dependencies"]["train"]))
     assert {"scikit-learn", "matplotlib", "tqdm", "pyyaml", "tensorboard"} <= train
+    # The version is written once, in effst/__init__.py.
+    assert project["dynamic"] == ["version"] and "version" not in project
+    assert pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "effst.__version__"}
     # An SPDX expression, not the deprecated table that makes setuptools print warnings.
     assert project["license"] == "Apache-2.0"
     # The bootstrap's pinned list installs the train extra.
