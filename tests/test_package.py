@@ -96,6 +96,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_readme_points_only_at_files_in_the_repository():
     assert "shared/" not in README and "SPEC.md" not in README
     referenced = set(re.findall(r"`((?:docs|bench|scripts|tests|effst|kernels|csrc)/[\w./-]+\.\w+)`", README))
+    referenced |= set(re.findall(r"\b(docs/[\w.-]+\.md)\b", README))
     assert {"docs/slif.md", "docs/pruning.md", "docs/benchmarks.md"} <= referenced
     missing = sorted(path for path in referenced if not (REPO / path).exists())
     assert not missing, f"README refers to missing files: {missing}"
