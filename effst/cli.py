@@ -280,7 +280,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "train":
         out = args.out = args.out or default_out("train")
-        folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite)
+        folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite, main=_is_main_rank())
         settings, _ = (_resumed_settings("train", args, out) if args.resume else _settings("train", args))
         runs.configure_threads(settings)
         summary = _in_folder(folder, lambda work: runs.pretrain(settings, work, resume=args.resume))
@@ -300,7 +300,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "finetune":
         out = args.out = args.out or default_out(f"finetune-{args.neuron or 'slif'}")
-        folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite)
+        folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite, main=_is_main_rank())
         ckpt = _checkpoint(args)
         source_data = runs.checkpoint_dataset(ckpt)
         if args.resume:
@@ -336,6 +336,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"  - {line}")
         return 0
     raise AssertionError(args.command)
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 under torchrun (or a plain run): the one process that owns the output folder."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _checkpoint(args: argparse.Namespace) -> dict:

@@ -56,14 +56,19 @@ class RunFolder:
 
     ``marker`` is the file whose presence makes a folder resumable (``checkpoint.pt`` for a
     training run, ``plan.json`` for a pipeline). Use :meth:`commit` when the run ended in a state
-    worth keeping and :meth:`discard` otherwise.
+    worth keeping and :meth:`discard` otherwise. Under DDP only rank 0 (``main``) touches the
+    folder; the other ranks write nothing there.
     """
 
     def __init__(self, path: Path, *, resume: bool = False, overwrite: bool = False,
-                 marker: Optional[str] = "checkpoint.pt", command: str = "effst"):
+                 marker: Optional[str] = "checkpoint.pt", main: bool = True):
         self.path = Path(path)
+        self.work = self.path
         self.resume = resume
         self.overwrite = overwrite
+        self.main = main
+        if not main:  # another rank of a distributed run: rank 0 checks, creates and renames the folder
+            return
         if resume and overwrite:
             raise RunFolderError("--resume and --overwrite: pick one (continue the run, or replace it)")
         check_writable_location(self.path)
@@ -82,6 +87,8 @@ class RunFolder:
 
     def create(self) -> Path:
         """Create the working folder (one line with the path on a filesystem error)."""
+        if not self.main:
+            return self.work
         try:
             self.work.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -90,7 +97,7 @@ class RunFolder:
 
     def commit(self) -> Path:
         """Move an ``--overwrite`` run into place (the old run is deleted only after that)."""
-        if self.work == self.path or not self.work.exists():
+        if not self.main or self.work == self.path or not self.work.exists():
             return self.path
         old = self.path.parent / f".{self.path.name}.effst-old-{os.getpid()}"
         os.replace(self.path, old)
@@ -101,5 +108,5 @@ class RunFolder:
 
     def discard(self) -> None:
         """Remove the temporary folder of an ``--overwrite`` run that failed (the old run stays)."""
-        if self.work != self.path and self.work.exists():
+        if self.main and self.work != self.path and self.work.exists():
             shutil.rmtree(self.work, ignore_errors=True)
