@@ -174,3 +174,27 @@ def test_bootstrap_rerun_is_quiet_and_says_each_step():
     assert lines and all(line.startswith("bootstrap: ") for line in lines), lines
     assert "bootstrap: .venv is up to date" in lines and len(lines) <= 5
     assert done.stderr == "", done.stderr
+
+
+def test_readme_prerequisites():
+    section = README.split("## Before you start", 1)[1].split("\n## ", 1)[0]
+    for needed in ("Python ≥ 3.10", "venv", "C++ compiler", "Disk", "No GPU needed"):
+        assert needed in section, needed
+
+
+def test_readme_native_cpu_figures_match_the_measured_results():
+    """The README's native-CPU range is the range of bench/RESULTS.md's measured table."""
+    results = (REPO / "bench/RESULTS.md").read_text()
+    table = results.split("## Native CPU sLIF", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in table.splitlines() if line.startswith("|")]
+    header = rows[0]
+    body = [row for row in rows[2:] if row[0].startswith("effst") and row[header.index("neuron")] == "SLIF"]
+    assert body, "no effst SLIF rows in the native CPU table"
+    bandwidth = [float(row[header.index("of copy bandwidth")].rstrip("%")) for row in body]
+    speedup = [float(row[header.index("vs SJ PLIF")].rstrip("x")) for row in body]
+    claim = re.search(r"runs at (\d+)–(\d+) % of the measured copy bandwidth, ([\d.]+)–([\d.]+)× faster",
+                      README.replace("\n", " "))
+    assert claim is not None, "README no longer states the native CPU figures"
+    assert (int(claim.group(1)), int(claim.group(2))) == (round(min(bandwidth)), round(max(bandwidth)))
+    assert (float(claim.group(3)), float(claim.group(4))) == (round(min(speedup), 1), round(max(speedup), 1))
