@@ -198,3 +198,43 @@ def test_readme_native_cpu_figures_match_the_measured_results():
     assert claim is not None, "README no longer states the native CPU figures"
     assert (int(claim.group(1)), int(claim.group(2))) == (round(min(bandwidth)), round(max(bandwidth)))
     assert (float(claim.group(3)), float(claim.group(4))) == (round(min(speedup), 1), round(max(speedup), 1))
+
+
+# What each part of effst may import (itself included): lower layers only, so that no import
+# hides an upward dependency inside a function.
+LAYERS = {
+    "ops": {"ops"},
+    "nn": {"ops", "nn"},
+    "models": {"ops", "nn", "models"},
+    "prune": {"ops", "nn", "models", "prune"},
+    "convert": {"ops", "nn", "convert"},
+    "data": {"data"},
+}
+
+
+def effst_imports(path: Path) -> set:
+    """The ``effst.<part>`` names a file imports anywhere (module level or inside functions)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            # ``from effst import nn`` imports effst.nn
+            names = [f"effst.{a.name}" for a in node.names] if node.module == "effst" else [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "effst" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("part", sorted(LAYERS))
+def test_no_upward_imports(part):
+    root = REPO / "effst"
+    files = [root / f"{part}.py"] if (root / f"{part}.py").exists() else sorted((root / part).rglob("*.py"))
+    assert files
+    wrong = {str(f.relative_to(REPO)): sorted(effst_imports(f) - LAYERS[part]) for f in files}
+    assert not {f: names for f, names in wrong.items() if names}
