@@ -383,7 +383,14 @@ def test_peer_variants_on_cuda_use_defaults_for_half_and_the_shim_for_cupy():
 
     default, native = _peer_variants("sj2", "cuda")
     assert default.kernel == "default" and default.dtypes is None and not default.extra_env
-    assert native.kernel == "cuda" and native.dtypes == ("float32",)
+    assert native.kernel == "cuda" and native.dtypes == ("float32",) and native.first_T_only
+    from effst.benchmarks.neuron import _case_rows, default_plan
+
+    plan = default_plan("cuda", quick=False)
+    assert plan.peers[0] == "sj014"  # the cupy rows first: the ones most worth having if time runs out
+    assert {(r["neuron"], r["dtype"], r["T"]) for r in _case_rows(plan, native, ("LIF", "PLIF"))} == {
+        ("LIF", "float32", 4), ("PLIF", "float32", 4)}
+    assert len(_case_rows(plan, default, ("LIF", "PLIF"))) == 2 * 3 * 4
     assert native.extra_env == {"SJ_LIF_CUDA_IMPLEMENTATION": "cuda", "SJ_PLIF_CUDA_IMPLEMENTATION": "cuda"}
     (cupy,) = _peer_variants("sj014", "cuda")
     assert cupy.backend == "cupy" and cupy.numpy_int_compat and cupy.dtypes == ("float32", "float16")
@@ -433,7 +440,7 @@ def test_train_step_rejects_bad_mode_and_dtype():
     with pytest.raises(ValueError, match="mode"):
         time_train_step("lif", mode="graph")
     with pytest.raises(ValueError, match="dtype"):
-        time_train_step("lif", dtype="fp16")
+        time_train_step("lif", dtype="int8")
     with pytest.raises(ValueError, match="cuda-graph"):
         time_train_step("lif", device="cpu", mode="cuda-graph")
 
@@ -466,3 +473,22 @@ def test_train_step_eager_and_cuda_graph_on_cuda():
         row = time_train_step("lif", device="cuda", batch=2, T=2, model="spikformer-tiny", reps=2, warmup=2,
                               backend="triton", mode=mode)
         assert row["status"] == "ok" and row["mode"] == mode and row["ms"] > 0 and row["kernel_ms"] > 0
+
+
+@pytest.mark.gpu
+def test_overhead_suite_and_neuron_kernel_time_on_cuda():
+    import torch
+
+    import effst.nn
+    from effst.benchmarks import overhead, timing
+
+    rows = overhead.run("cuda", quick=True, log=lambda msg: None)
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["us"] > 0 and row["kernel_ms"] is not None and row["kernel_ms"] > 0, row
+    module = effst.nn.SLIF(channels=64, channel_dim=-1, backend="triton").cuda()
+    measured = timing.time_neuron(module, module.reset, T=4, step_shape=(8, 64), dtype=torch.float16,
+                                  device="cuda", seed=0, warmup=2, reps=5, max_seconds=None)
+    assert measured["kernel_ms"] > 0
+    # issue 9: effst's CUDA path has no host synchronisation, so the call is capturable
+    assert measured["kernel_method"].startswith("CUDA graph"), measured.get("kernel_graph_error")

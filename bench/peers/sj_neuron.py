@@ -125,7 +125,7 @@ def main():
             measured = timing.time_neuron(
                 module, lambda: functional.reset_net(module), T=case["T"],
                 step_shape=tuple(case["step_shape"]), dtype=getattr(torch, case["dtype"]),
-                device=device, seed=request["seed"], **request["timing"])
+                device=device, seed=request["seed"], capture=backend != "cupy", **request["timing"])
             row.update(status="ok", **measured)
         except Exception as exc:  # report the failure of this case, go on with the next
             row.update(failure_fields(exc))

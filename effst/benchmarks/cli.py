@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="results folder (default: results/bench-<device>-<date>)")
     parser.add_argument("--peers", default=None,
                         help="comma-separated SpikingJelly peers for the neuron suite: sj2, sj014, "
-                             "or 'none' (default: sj2,sj014)")
+                             "or 'none' (default: sj014,sj2)")
     parser.add_argument("--effst-backends", default=None,
                         help="neuron suite: effst backends to time, e.g. native,reference (default: "
                              "triton,native on cuda, auto on cpu; SLIF alone on all but the first)")

@@ -241,6 +241,8 @@ def _profiler_kernel_time(call: Callable[[], Any], reps: int) -> dict:
         torch.cuda.synchronize()
     total_us = sum(event.time_range.elapsed_us() for event in prof.events()
                    if getattr(event, "device_type", None) == DeviceType.CUDA)
+    if total_us <= 0:  # device events not listed on their own: the per-operator self device times
+        total_us = sum(getattr(event, "self_device_time_total", 0) for event in prof.key_averages())
     if total_us <= 0:
         raise RuntimeError("the profiler recorded no CUDA kernels for the call")
     return {"kernel_ms": total_us / reps / 1e3, "kernel_ms_min": None, "kernel_reps": reps,
@@ -258,22 +260,26 @@ def kernel_time_profiled(call: Callable[[], Any], device: str, *, reps: int = 3)
         return {"kernel_ms": None, "kernel_method": None, "kernel_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
-def kernel_time(call: Callable[[], Any], device: str, *, reps: int = 20) -> dict:
+def kernel_time(call: Callable[[], Any], device: str, *, reps: int = 20, capture: bool = True) -> dict:
     """Device time of one ``call()`` without host overhead (see the module docstring).
 
     Returns ``kernel_ms``, ``kernel_ms_min``, ``kernel_reps``, ``kernel_method`` and, when the
     graph capture was refused, ``kernel_graph_error``; on the CPU (no such split) ``{}``.
+    ``capture=False`` goes straight to the profiler (for kernels known to launch outside torch's
+    stream, e.g. cupy's: a capture attempt would only fail).
     """
     if not device.startswith("cuda"):
         return {}
-    try:
-        return _graph_kernel_time(call, reps)
-    except Exception as exc:  # not capturable: the profiler sees every kernel wherever it runs
-        graph_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    graph_error = "not attempted: the call launches kernels outside torch's stream"
+    if capture:
         try:
-            torch.cuda.synchronize()
-        except Exception:  # a failed capture is not sticky; if it were, say so below
-            pass
+            return _graph_kernel_time(call, reps)
+        except Exception as exc:  # not capturable: the profiler sees every kernel wherever it runs
+            graph_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # a failed capture is not sticky; if it were, the profiler says so
+                pass
     try:
         result = _profiler_kernel_time(call, max(3, reps // 4))
     except Exception as exc:
@@ -316,13 +322,14 @@ def time_neuron(
     warmup: int,
     reps: int,
     max_seconds: Optional[float],
+    capture: bool = True,
 ) -> dict:
     """Forward + backward of a multi-step neuron module on fresh random inputs.
 
     One call = ``reset()``, ``spikes = module(x)``, then ``torch.autograd.grad`` of the spikes
     with respect to x and every trainable parameter (no gradient accumulation, nothing to zero).
     ``ms`` is the eager wall time of a call; on CUDA ``kernel_ms`` is its device time
-    (:func:`kernel_time`).
+    (:func:`kernel_time`, ``capture`` passed on).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     set_bytes = 2 * T * math.prod(step_shape) * itemsize
@@ -339,7 +346,7 @@ def time_neuron(
     result = time_function(call, device=device, warmup=warmup, reps=reps, max_seconds=max_seconds)
     result["input_sets"] = sets
     result["peak_memory_bytes"] = peak_memory_bytes(lambda: call(0), device)
-    result.update(kernel_time(lambda: call(0), device, reps=min(reps, 20)))
+    result.update(kernel_time(lambda: call(0), device, reps=min(reps, 20), capture=capture))
     spikes = None
     with torch.no_grad():
         reset()

@@ -66,7 +66,7 @@ def time_train_step(neuron: str, device: str = "cpu", batch: int = 64, T: int = 
     ``mode``: 'eager', or 'cuda-graph' (the whole step captured once, then replayed).
     ``train``: a training step (forward, cross-entropy, backward, AdamW) or, if False, an
     inference forward under ``torch.no_grad`` in eval mode. ``dtype`` 'bf16' = autocast to
-    bfloat16, 'fp32' = none. ``token_selector``/``keep_ratio`` and ``overrides`` (config fields,
+    bfloat16, 'fp16' = autocast to float16, 'fp32' = none. ``token_selector``/``keep_ratio`` and ``overrides`` (config fields,
     e.g. ``{'depth': 2}``) go to ``build_model`` when given.
     Works in any process where effst imports (also a peer's environment).
     """
@@ -79,8 +79,9 @@ def time_train_step(neuron: str, device: str = "cpu", batch: int = 64, T: int = 
 
     if mode not in ("eager", "cuda-graph"):
         raise ValueError(f"mode: expected 'eager' or 'cuda-graph', got {mode!r}")
-    if dtype not in ("bf16", "fp32"):
-        raise ValueError(f"dtype: expected 'bf16' or 'fp32', got {dtype!r}")
+    autocast_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if dtype not in autocast_dtypes:
+        raise ValueError(f"dtype: expected 'bf16', 'fp16' or 'fp32', got {dtype!r}")
     dev = torch.device(device)
     if mode == "cuda-graph" and dev.type != "cuda":
         raise ValueError("mode='cuda-graph' needs a CUDA device")
@@ -95,18 +96,22 @@ def time_train_step(neuron: str, device: str = "cpu", batch: int = 64, T: int = 
     y = torch.randint(0, cfg.num_classes, (batch,), device=dev)
     graphed = mode == "cuda-graph"
     optimizer = (torch.optim.AdamW(net.parameters(), lr=1e-4, capturable=graphed) if train else None)
-    use_amp = dtype == "bf16"
+    amp_dtype = autocast_dtypes[dtype]
 
     def step() -> None:
         reset(net)
         # autocast's weight cache must be off under graph capture (torch.cuda.graphs docs)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp,
+        with torch.autocast(device_type=dev.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None,
                             cache_enabled=not graphed):
             if not train:
                 with torch.no_grad():
                     return net(x)
             logits = net(x)
         loss = F.cross_entropy(logits.float(), y)
+        auxiliary = getattr(net, "auxiliary_losses", None)  # token selection: alignment/ratio terms
+        if auxiliary is not None:
+            for term in auxiliary().values():
+                loss = loss + term
         loss.backward()
         optimizer.step()
         if not graphed:
@@ -151,7 +156,7 @@ def time_train_step(neuron: str, device: str = "cpu", batch: int = 64, T: int = 
         times.append(1e3 * (time.perf_counter() - t0))
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     if dev.type == "cuda" and not graphed:
-        kernel = timing.kernel_time_profiled(step, device, reps=2)
+        kernel = timing.kernel_time_profiled(step, device, reps=1)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     library = "effst" if not neuron.startswith("spikingjelly") else f"spikingjelly {_sj_version()}"
     ms = statistics.median(times)
@@ -163,6 +168,8 @@ def time_train_step(neuron: str, device: str = "cpu", batch: int = 64, T: int = 
         "mode": mode, "step": "train" if train else "inference", "model": model,
         "token_selector": token_selector, "keep_ratio": keep_ratio, "tokens": cfg.tokens(),
         "overrides": overrides or None,
+        "tokens_per_block": (net.tokens_per_block() if token_selector and hasattr(net, "tokens_per_block")
+                             else None),
         "batch": batch, "T": T, "image_size": cfg.image_size, "dtype": dtype, "device": str(dev),
         "ms": ms, "ms_min": min(times), "ms_q1": q[0], "ms_q3": q[2], "reps": reps, "warmup": warmup,
         "first_call_ms": first_ms, "images_per_s": batch / (ms * 1e-3),
@@ -314,14 +321,21 @@ def add_peer_rows(rows: list[dict], *, device: str, peer_names: tuple[str, ...],
         if quick:  # CI size: the point is that the peer runs, one timed step is enough
             kwargs.update(reps=1, warmup=1)
         notes = []
+        attempts = [kwargs]
         if sj_backend == "cupy" and kwargs.get("dtype") == "bf16":
-            kwargs["dtype"] = "fp32"  # its kernels take fp32 and fp16 only: a number, not an error
-            notes.append("SpikingJelly 0.0.0.0.14's cupy kernels have no bf16; timed in fp32")
-        request = {"expect_version": spec.version, "expect_location": str(env.path),
-                   "suite_module": str(suite_path), "threads": threads, "kwargs": kwargs,
-                   "numpy_int_compat": name == "sj014"}
-        log(f"[train-step] running {spec.label} ({row['kernel']}) in a subprocess")
-        run_ = peers_mod.run_runner(env, runner_dir / RUNNER, request, timeout=timeout)
+            # its kernels take fp32 and fp16 only: fp16 autocast (the nearest to bf16), else fp32
+            attempts = [dict(kwargs, dtype="fp16"), dict(kwargs, dtype="fp32")]
+            notes.append("SpikingJelly 0.0.0.0.14's cupy kernels have no bf16: timed with fp16 autocast "
+                         "(fp32 if that fails)")
+        for attempt in attempts:
+            request = {"expect_version": spec.version, "expect_location": str(env.path),
+                       "suite_module": str(suite_path), "threads": threads, "kwargs": attempt,
+                       "numpy_int_compat": name == "sj014"}
+            log(f"[train-step] running {spec.label} ({row['kernel']}, {attempt.get('dtype')}) in a subprocess")
+            run_ = peers_mod.run_runner(env, runner_dir / RUNNER, request, timeout=timeout)
+            if run_.ok:
+                break
+            notes.append(f"{attempt.get('dtype')} failed: {run_.error[:300]}")
         info[name].update(status="ok" if run_.ok else "error", seconds=round(run_.seconds, 2),
                           spikingjelly_file=run_.payload.get("spikingjelly_file"),
                           numpy_int_compat_applied=run_.payload.get("numpy_int_compat_applied"))
