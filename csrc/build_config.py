@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Sources compiled into the extension, relative to the repository root.
 CPU_SOURCES = (
     "csrc/slif_ops.cpp",
+    "csrc/slif_autograd.cpp",
     "csrc/slif_cpu.cpp",
     "csrc/slif_cpu_isa_baseline.cpp",
     "csrc/slif_cpu_isa_avx2.cpp",

@@ -396,3 +396,25 @@ def test_cuda_long_sequence_crosses_checkpoints(device):
     assert_matches(run_case(case, inputs, "native", torch.float64, device),
                    reference_for(case, inputs, torch.float64), torch.float64, str(case))
     assert math.ceil(case.T / 16) > 1
+
+
+def test_autograd_lives_in_cpp():
+    # backend='native' on the CPU is one operator call whose backward node is C++
+    # (csrc/slif_autograd.cpp): no Python autograd Function, parameter sums done in C++.
+    torch.manual_seed(21)
+    x = (torch.randn(5, 3, 4, dtype=torch.float64) + 0.5).requires_grad_(True)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    theta = torch.tensor(0.8, dtype=torch.float64)  # needs no gradient
+    spikes, v = slif(x, w, theta, v_reset=None, backend="native", return_state=True)
+    node = spikes.grad_fn
+    while node is not None and "SLIFNative" not in node.name():
+        node = node.next_functions[0][0]
+    assert node is not None, spikes.grad_fn
+    (spikes.sum() + v.sum()).backward()
+    xr, wr = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    sr, vr = slif(xr, wr, theta, v_reset=None, backend="reference", return_state=True)
+    (sr.sum() + vr.sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-9, atol=1e-9)
+    with torch.inference_mode():  # below the Autograd key: the forward alone
+        assert torch.equal(slif(x, w, theta, v_reset=None, backend="native"), sr.detach())

@@ -131,6 +131,11 @@ class SLIF(nn.Module):
         return self._multi_step(x)
 
     def __setattr__(self, name, value):
+        if name == "v":
+            # The membrane state is a plain attribute (never a Parameter, buffer or module):
+            # skip nn.Module's registry checks, set on every forward and reset.
+            object.__setattr__(self, name, value)
+            return
         if name in _PLAN_OPTIONS and "_plans" in self.__dict__:
             self.__dict__["_plans"].clear()
         super().__setattr__(name, value)
