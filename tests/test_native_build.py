@@ -55,6 +55,9 @@ def _cuda_tool_or_header(relative: str) -> Path | None:
 
 
 def _ninja() -> str | None:
+    folder = slif_native.ninja_dir()  # the same ninja the on-first-use build uses
+    if folder is not None:
+        return str(folder / "ninja")
     found = shutil.which("ninja")
     if found:
         return found
@@ -168,3 +171,31 @@ def test_ahead_of_time_build_imports_and_runs():
     assert out.returncode == 0, out.stderr
     # k = 0.5: H = 0.25, 1.0 -> spike on neuron 1; then H = 0.875, 0.05
     assert f"source_hash={recorded}" in out.stdout and "[[0.0, 1.0], [0.0, 0.0]]" in out.stdout, out.stdout
+
+
+def test_ninja_found_without_path_and_first_build_says_what_it_does(monkeypatch, tmp_path, capsys):
+    # A venv used without activation: PATH lacks the venv's bin folder, yet the build must
+    # find this interpreter's ninja (next to sys.executable or the ninja package), put it
+    # first on PATH only while building, and a first build prints one line before and after.
+    expected = slif_native.ninja_dir()
+    if expected is None:
+        pytest.skip("no ninja installed for this interpreter")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert slif_native.ninja_dir() is not None
+    assert slif_native._missing_tool() is None or "compiler" in slif_native._missing_tool()
+    seen = {}
+
+    def fake_load(**kwargs):
+        seen["path"] = os.environ["PATH"]
+        seen["build_directory"] = kwargs["build_directory"]
+
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setenv("EFFST_CACHE_DIR", str(tmp_path))
+    config = slif_native._build_config()
+    slif_native._build(config, with_cuda=False)
+    assert seen["path"].split(os.pathsep)[0] == str(slif_native.ninja_dir())
+    assert os.environ["PATH"] == "/usr/bin:/bin"  # restored afterwards
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "compiling the native sLIF extension" in err[0]
+    assert str(tmp_path) in err[0] and "built in" in err[1]
