@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="also write report.{md,json,png} here")
 
     p = sub.add_parser("pipeline", help="the paper's whole method, in small by default (see the README)")
+    p.add_argument("--study", choices=("weights", "tokens"), default="weights",
+                   help="weights (default): pruning + sLIF; tokens: STS/STATA token selection vs random "
+                        "controls and IMP + STS (effst/train/token_study.py; takes --seeds, --pretrain-epochs, "
+                        "--finetune-epochs, --workers, --out)")
     p.add_argument("--config", type=Path, help="YAML/JSON: top-level pipeline keys, plus 'train' and 'finetune' sections")
     p.add_argument("--data", help="digits (default), cifar10, cifar10-dvs or synthetic")
     p.add_argument("--data-dir")
@@ -322,6 +326,26 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             summary = _in_folder(folder, lambda work: runs.evaluate_checkpoint(ckpt, settings, given=given, out=work))
         _print_summary(summary, args.out)
+        return 0
+    if args.command == "pipeline" and args.study == "tokens":
+        from effst.train.token_study import TokenStudyOptions, run_token_study
+
+        unsupported = [f"--{k.replace('_', '-')}" for k in ("config", "data", "data_dir", "model", "sparsities", "methods",
+                                                            "random_sparsity", "block_size", "baseline", "resume")
+                       if getattr(args, k, None) not in (None, False)] + (["--no-block"] if args.block is False else [])
+        if unsupported:
+            raise ValueError(f"--study tokens: {', '.join(unsupported)} apply to the weights study only")
+        out = args.out = args.out or default_out("tokens")
+        check_writable_location(out)
+        folder = RunFolder(out, overwrite=args.overwrite, marker="summary.json")
+        values = {k: getattr(args, a) for k, a in (("seeds", "seeds"), ("pretrain_epochs", "pretrain_epochs"),
+                                                   ("finetune_epochs", "finetune_epochs"), ("workers", "workers"))
+                  if getattr(args, a) is not None}
+        options = TokenStudyOptions(**values).validate()
+        summary = _in_folder(folder, lambda work: run_token_study(options, work))
+        print(f"effst: token study report: {Path(out) / 'report.md'} ({summary['seconds']:.0f} s)")
+        for c in summary["comparisons"]:
+            print(f"  - {c['selector']} at {c['ratio']:g} vs {c['against']}: {c['text']}: {c['verdict']}")
         return 0
     if args.command == "pipeline":
         from effst.train.pipeline import PipelineOptions, run_pipeline

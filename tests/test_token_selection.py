@@ -129,7 +129,7 @@ def test_stata_scores_are_the_anchor_rows_of_attention():
     T, B, N, D = x.shape
     x = torch.cat([model.selector.anchor[:, None, None, :].expand(T, B, 1, D), x], dim=2)
     model.reset()
-    _, scores, queries, keys = model.blocks[0].attn.attend(x)
+    _, scores, queries, keys = model.blocks[0].attn(x, details=True)
     heads = model.config.heads
     anchor_row = scores[:, :, :, 0, 1:].double().mean(dim=2)
     popcount = ((queries[:, :, :1, :] != 0) & (keys[:, :, 1:, :] != 0)).sum(-1).double()

@@ -333,17 +333,13 @@ class SSA(_Projector):
         return x.reshape(T, B, N, self.heads, width // self.heads).transpose(2, 3)
 
     def forward(self, x: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
-                route: Optional[TokenRoute] = None) -> torch.Tensor:
+                route: Optional[TokenRoute] = None, details: bool = False):
         """``key_mask`` ``[B, N]`` (0/1, may carry a straight-through gradient): SparseSpikformer's
         training mask ``A'_ij = A_ij (d_j + (1 - d_j) delta_ij)``. ``route``: the token identities
-        of a compact input whose kept set differs per timestep (see :func:`_fire`)."""
-        return self.attend(x, key_mask=key_mask, route=route)[0]
-
-    def attend(self, x: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None,
-               route: Optional[TokenRoute] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`forward`, also returning the attention scores ``q k^T * scale``
-        ``[T, B, heads, N, N]`` (before the attention neuron), and the query and key spikes
-        ``[T, B, N, W]`` (token layout)."""
+        of a compact input whose kept set differs per timestep (see :func:`_fire`).
+        ``details=True`` returns ``(output, scores, queries, keys)``: the attention scores
+        ``q k^T * scale`` ``[T, B, heads, N, N]`` (before the attention neuron) and the query and
+        key spikes ``[T, B, N, W]`` (token layout)."""
         q = _fire(self.q_lif, self._project(x, self.q_linear, self.q_bn), route)
         k = _fire(self.k_lif, self._project(x, self.k_linear, self.k_bn), route)
         v = _fire(self.v_lif, self._project(x, self.v_linear, self.v_bn), route)
@@ -365,7 +361,8 @@ class SSA(_Projector):
         if self.channel_first:
             y = y.transpose(-1, -2)
         y = _fire(self.attn_lif, y.contiguous(), route)
-        return _fire(self.proj_lif, self._project(y, self.proj_linear, self.proj_bn), route), scores, queries, keys
+        out = _fire(self.proj_lif, self._project(y, self.proj_linear, self.proj_bn), route)
+        return (out, scores, queries, keys) if details else out
 
 
 class MLP(_Projector):

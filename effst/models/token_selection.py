@@ -312,7 +312,7 @@ class TokenSelector(nn.Module):
         align_maps = []
         for i, block in enumerate(blocks):
             self.tokens.append(float(x.shape[2] - first))
-            y, scores, queries, keys = block.attn.attend(x, route=route)
+            y, scores, queries, keys = block.attn(x, route=route, details=True)
             x = x + y
             n = x.shape[2]
             if anchored and self.training and i in s.align_blocks:

@@ -1,0 +1,279 @@
+"""``effst pipeline --study tokens``: token sparsification on the embedded digits, CPU-sized.
+
+For each seed: pretrain a dense Spikformer (``spikformer-tiny`` widened to ``depth`` blocks, so
+that there are blocks to select tokens in), then fine-tune from it, for every keep ratio, STS
+(with the ratio loss and distillation from the dense model), STATA (anchor, alignment losses),
+and their random controls; and SparseSpikformer's co-design: STS at rho = ``imp_ratio`` with
+iterative magnitude pruning (25 % of the survivors per round, rewound to the dense pretrained
+weights) until at least ``imp_sparsity`` of the prunable weights are gone.
+
+The report (``report.md``, ``summary.json``) gives test accuracy as mean ± sd over seeds,
+tokens per block, MACs (x T), SOPs and energy per sample, and for each ratio whether the
+selector beat its random control: the paired per-seed differences with a 95 % Student-t
+interval, "inconclusive" when the interval contains 0 (never a verdict from the sign of a mean).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+#: The fine-tuned variants compared at each keep ratio.
+VARIANTS = ("sts", "sts-random", "stata", "stata-random")
+
+
+@dataclass
+class TokenStudyOptions:
+    """What the token study runs (defaults fit the 10-minute CPU budget)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    ratios: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    depth: int = 4
+    dim: int = 32
+    hidden: int = 64
+    pretrain_epochs: int = 8
+    finetune_epochs: int = 2
+    imp_ratio: float = 0.7
+    imp_sparsity: float = 0.9
+    imp_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 5e-3
+    finetune_lr: float = 2e-3
+    weight_decay: float = 0.06
+    workers: Optional[int] = None
+
+    def validate(self) -> "TokenStudyOptions":
+        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds) \
+                or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: expected distinct ints >= 0, got {self.seeds!r}")
+        if not self.ratios or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1
+                                  for r in self.ratios):
+            raise ValueError(f"ratios: expected keep ratios in (0, 1), got {self.ratios!r}")
+        for name in ("depth", "dim", "hidden", "pretrain_epochs", "finetune_epochs", "imp_epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.depth < 2:
+            raise ValueError(f"depth: expected >= 2 (STS selects tokens from block 1 on), got {self.depth}")
+        for name in ("imp_ratio", "imp_sparsity"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ValueError(f"{name}: expected a number in (0, 1), got {value!r}")
+        for name in ("lr", "finetune_lr", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ValueError(f"workers: expected an int >= 1, got {self.workers!r}")
+        return self
+
+    @property
+    def imp_rounds(self) -> int:
+        """Rounds of 25 % needed to reach ``imp_sparsity``: the smallest k with 0.75^k <= 1 - sparsity."""
+        from effst.prune.imp import survivors
+
+        k, n = 0, 10 ** 9
+        while 1 - survivors(n, k) / n < self.imp_sparsity - 1e-12:
+            k += 1
+        return k
+
+
+# ----------------------------------------------------------------------------- one job
+def _build(options: TokenStudyOptions, selector: Optional[str] = None, ratio: Optional[float] = None):
+    from effst.models import build_model
+
+    return build_model("spikformer-tiny", depth=options.depth, dim=options.dim, hidden=options.hidden,
+                       token_selector=selector, keep_ratio=ratio if selector else None)
+
+
+def _train(model, teacher, train_split, options: TokenStudyOptions, *, epochs: int, lr: float, seed: int,
+           on_first_step=None) -> None:
+    from effst.data import batches, num_batches
+    from effst.train.loop import make_optimizer, warmup_cosine
+    from effst.models.token_selection import distillation_loss
+
+    optimizer = make_optimizer(model, lr, options.weight_decay)
+    steps = num_batches(len(train_split), options.batch_size) * epochs
+    scheduler = warmup_cosine(optimizer, 0, steps, 0.01)
+    distill = 0.0
+    selection = model.token_selection
+    if teacher is not None and selection is not None and selection.selector == "sts":
+        distill = selection.distill_weight
+    model.train()
+    for epoch in range(epochs):
+        for x, y in batches(train_split, options.batch_size, seed=seed, epoch=epoch, train=True):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y) + sum(model.auxiliary_losses().values())
+            if distill:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                loss = loss + distill * distillation_loss(logits, teacher_logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if on_first_step is not None:
+                on_first_step()
+                on_first_step = None
+
+
+def _measure(model, test_split, options: TokenStudyOptions) -> dict:
+    from effst.models.flops import spikformer_macs
+    from effst.train.metrics import evaluate, measure_activity
+
+    accuracy = evaluate(model, test_split, batch_size=256)["accuracy"]
+    activity = measure_activity(model, test_split, batch_size=256, max_batches=1)
+    tokens = model.tokens_per_block()
+    config = model.config
+    selection = model.token_selection
+    macs = spikformer_macs(config, selection)
+    return {"accuracy": accuracy, "tokens_per_block": tokens, "macs": macs["total"], "selector_macs": macs["selector"],
+            "sops": activity["sops"], "energy_uj": activity["energy_uj"]}
+
+
+def run_job(job: dict, options: TokenStudyOptions, out: str) -> dict:
+    """One study job (``dense``, a fine-tuned variant, or ``imp``); returns its measurements."""
+    from effst.data import load_digits
+    from effst.prune.imp import mask_counts, run_imp
+
+    torch.set_num_threads(1)
+    out_dir = Path(out)
+    train_split, test_split, _ = load_digits()
+    seed, kind = job["seed"], job["kind"]
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    dense_path = out_dir / f"dense-seed{seed}.pt"
+    if kind == "dense":
+        model = _build(options)
+        _train(model, None, train_split, options, epochs=options.pretrain_epochs, lr=options.lr, seed=seed)
+        torch.save(model.state_dict(), dense_path)
+        result = _measure(model, test_split, options)
+    else:
+        teacher = _build(options)
+        teacher.load_state_dict(torch.load(dense_path, weights_only=True))
+        teacher.eval()
+        selector = "sts" if kind == "imp" else kind
+        ratio = options.imp_ratio if kind == "imp" else job["ratio"]
+        model = _build(options, selector, ratio)
+        missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("selector.") for k in missing):
+            raise RuntimeError(f"dense weights do not fit the {selector} model: missing {missing}, unexpected {unexpected}")
+        if kind == "imp":
+            def train(m, round_index, mark):
+                _train(m, teacher, train_split, options, epochs=options.imp_epochs, lr=options.finetune_lr,
+                       seed=seed * 1000 + round_index, on_first_step=mark if round_index == 0 else None)
+
+            run_imp(model, train, rounds=options.imp_rounds, directory=out_dir / f"imp-seed{seed}")
+            kept, total = mask_counts(model)
+            result = _measure(model, test_split, options)
+            result["weight_sparsity"] = 1 - kept / total
+        else:
+            _train(model, teacher, train_split, options, epochs=options.finetune_epochs, lr=options.finetune_lr,
+                   seed=seed)
+            result = _measure(model, test_split, options)
+    result.update(job)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+# ----------------------------------------------------------------------------- the study
+def _key(job: dict) -> str:
+    return job["kind"] if "ratio" not in job else f"{job['kind']}@{job['ratio']:g}"
+
+
+def run_token_study(options: TokenStudyOptions, out: str | os.PathLike, *, log=print) -> dict:
+    """Run the study into ``out`` and write ``summary.json`` and ``report.md``; returns the summary."""
+    options.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = options.workers or max(1, min(os.cpu_count() or 1, 4))
+    t0 = time.perf_counter()
+    results: list[dict] = []
+    dense_jobs = [{"seed": s, "kind": "dense"} for s in options.seeds]
+    later = [{"seed": s, "kind": v, "ratio": r} for s in options.seeds for r in options.ratios for v in VARIANTS]
+    later += [{"seed": s, "kind": "imp"} for s in options.seeds]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for phase in (dense_jobs, later):
+            for result in pool.map(run_job, phase, [options] * len(phase), [str(out)] * len(phase)):
+                results.append(result)
+                log(f"effst: token study seed {result['seed']} {_key(result)}: accuracy "
+                    f"{100 * result['accuracy']:.2f} % ({time.perf_counter() - t0:.0f} s)")
+    summary = summarize(options, results, time.perf_counter() - t0)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "report.md").write_text(markdown(summary))
+    return summary
+
+
+def summarize(options: TokenStudyOptions, results: list[dict], seconds: float) -> dict:
+    """Group the per-seed results by method and compare each selector with its random control."""
+    from effst.train.statistics import paired_comparison
+
+    rows: dict[str, dict] = {}
+    for r in results:
+        row = rows.setdefault(_key(r), {"method": r["kind"], "ratio": r.get("ratio"), "per_seed": {}})
+        row["per_seed"][r["seed"]] = r
+    seeds = options.seeds
+
+    def accuracies(key: str) -> list[Optional[float]]:
+        per_seed = rows.get(key, {}).get("per_seed", {})
+        return [per_seed[s]["accuracy"] if s in per_seed else None for s in seeds]
+
+    comparisons = []
+    for ratio in options.ratios:
+        for selector in ("sts", "stata"):
+            versus = paired_comparison(accuracies(f"{selector}@{ratio:g}"), accuracies(f"{selector}-random@{ratio:g}"))
+            comparisons.append({"selector": selector, "ratio": ratio, "against": f"{selector}-random",
+                                **versus.to_dict(), "text": versus.describe()})
+            versus_dense = paired_comparison(accuracies(f"{selector}@{ratio:g}"), accuracies("dense"))
+            comparisons.append({"selector": selector, "ratio": ratio, "against": "dense",
+                                **versus_dense.to_dict(), "text": versus_dense.describe()})
+    return {"options": asdict(options), "imp_rounds": options.imp_rounds, "seconds": seconds,
+            "rows": list(rows.values()), "comparisons": comparisons}
+
+
+def markdown(summary: dict) -> str:
+    """The study's report."""
+    from effst.train.report import machine_description, now_iso
+    from effst.train.statistics import mean_spread
+
+    o = summary["options"]
+    lines = [f"# Token sparsification study (embedded digits, spikformer-tiny with {o['depth']} blocks, D={o['dim']})",
+             "", f"{now_iso()}, {machine_description()}; {summary['seconds']:.0f} s wall, seeds {o['seeds']}.",
+             f"Dense pretraining {o['pretrain_epochs']} epochs; every token variant fine-tuned {o['finetune_epochs']} "
+             f"epochs from it; IMP + STS (rho {o['imp_ratio']}) {summary['imp_rounds']} rounds of "
+             f"{o['imp_epochs']} epoch(s), rewound to the dense weights.", "",
+             "| method | keep ratio | accuracy % (mean ± sd) | tokens per block | MACs (M, x T) | SOPs (M) | energy (uJ) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        runs = list(row["per_seed"].values())
+        tokens = [sum(r["tokens_per_block"][i] for r in runs) / len(runs) for i in range(len(runs[0]["tokens_per_block"]))]
+        extra = ""
+        if row["method"] == "imp":
+            extra = f" (weights {100 * sum(r['weight_sparsity'] for r in runs) / len(runs):.1f} % sparse)"
+        lines.append(f"| {row['method']}{extra} | {'' if row['ratio'] is None else row['ratio']} | "
+                     f"{mean_spread([r['accuracy'] for r in runs])} | {', '.join(f'{t:.1f}' for t in tokens)} | "
+                     f"{sum(r['macs'] for r in runs) / len(runs) / 1e6:.2f} | "
+                     f"{sum(r['sops'] for r in runs) / len(runs) / 1e6:.3f} | "
+                     f"{sum(r['energy_uj'] for r in runs) / len(runs):.3f} |")
+    lines += ["", "## Do the selectors beat their random controls?", "",
+              "Paired per-seed differences of test accuracy (selector − other), 95 % Student-t interval; "
+              "'inconclusive' when it contains 0.", "",
+              "| selector | keep ratio | against | difference | verdict |", "|---|---|---|---|---|"]
+    for c in summary["comparisons"]:
+        lines.append(f"| {c['selector']} | {c['ratio']} | {c['against']} | {c['text']} | {c['verdict']} |")
+    lines += ["", "MACs count the model's convolutions, projections and attention products over T (STS "
+              "predictor MACs apart, docs/token_sparsity.md); SOPs and energy (0.9 pJ/AC, 4.6 pJ/MAC) are "
+              "measured on one test batch. No GPU step times here: those are in bench/RESULTS.md."]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["TokenStudyOptions", "VARIANTS", "run_token_study", "run_job", "summarize", "markdown"]
