@@ -65,7 +65,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
             compile_kernel(bsl._bsl_grad_weight_kernel, dict({
                 "dy_ptr": "*" + w_ty, "x_ptr": "*" + x_ty, "out_ptr": "*" + out_ty}, **lut, **{
                 "group_of_ptr": "*i32", "M": "i32", "K": "i32", "N": "i32",
-                "stride_dym": "i64", "stride_xm": "i64", "nnz": "i32", "rows_per_split": "i32", "split_stride": "i32",
+                "stride_dym": "i64", "stride_xm": "i64", "bias_offset": "i32", "rows_per_split": "i32", "split_stride": "i32",
             }), dict(common, HAS_DB=even, BLOCK_M=wcfg.block_m), wcfg)
             compiled += 1
         compiled += 1

@@ -284,12 +284,13 @@ def _bsl_grad_input_kernel(
 @triton.jit
 def _bsl_grad_weight_kernel(
     dy_ptr, x_ptr, out_ptr, group_ptr_ptr, group_col_ptr, group_tile_ptr, group_of_ptr,
-    M, K, N, stride_dym, stride_xm, nnz, rows_per_split, split_stride,
+    M, K, N, stride_dym, stride_xm, bias_offset, rows_per_split, split_stride,
     HAS_DB: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    # out: [split, nnz*BM*BK + padded N] -- tile gradients, then (HAS_DB) the bias gradient.
+    # out: [split, nnz*BM*BK + padded N] -- tile gradients, then (HAS_DB, at bias_offset =
+    # nnz*BM*BK) the bias gradient.
     e = tl.program_id(0)
     split = tl.program_id(1)
     g = tl.load(group_of_ptr + e)
@@ -323,7 +324,7 @@ def _bsl_grad_weight_kernel(
     if HAS_DB:
         # The group's first entry owns its bias slice (every group has at least one entry).
         if tl.load(group_ptr_ptr + g) == e:
-            tl.store(base + nnz.to(tl.int64) * (BM * BK) + rows, db.to(out_ptr.dtype.element_ty))
+            tl.store(base + bias_offset + rows, db.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -402,8 +403,11 @@ def _config(kind: str, key: tuple, device: torch.device, width: int, bk: int, dt
     if found is not None:
         return found
     candidates = _candidates(kind, width, bk, dtype)
-    if not _autotune_enabled(device) or len(candidates) == 1:
-        return candidates[0]  # not cached: tuned on the next eager call
+    if os.environ.get("EFFST_BSL_AUTOTUNE", "1") == "0" or len(candidates) == 1:
+        _TUNED[full_key] = candidates[0]
+        return candidates[0]
+    if not _autotune_enabled(device):
+        return candidates[0]  # compiling or capturing: not cached, tuned on the next eager call
     best, best_ms = candidates[0], math.inf
     for cfg in candidates:
         try:
@@ -516,7 +520,7 @@ def _triton_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_c
         buffer = torch.empty((splits, total), dtype=dtype if splits == 1 else acc_torch, device=grad_y.device)
         _bsl_grad_weight_kernel[(entries, splits)](
             grad_y, x, buffer, layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
-            layout.row_group_of, m, k, n, grad_y.stride(0), x.stride(0), nnz, rows_per_split, total,
+            layout.row_group_of, m, k, n, grad_y.stride(0), x.stride(0), tile_numel, rows_per_split, total,
             HAS_DB=bias_grad, BM=bm, BK=bk, GROUP=group, BLOCK_M=cfg.block_m,
             ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_input_precision(dtype),
             NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
