@@ -20,12 +20,16 @@ AOT = Path(__file__).with_name("aot_compile.py")
 X_DTYPES = ["fp16", "bf16", "fp32", "fp64"]
 
 
-def _signature(pointers: list, x_dtype: str, compute: str, index_type: str) -> dict:
+def _signature(pointers: list, x_dtype: str, compute: str, index_type: str,
+               spike_type: str = None, with_row_len: bool = False) -> dict:
     signature = {}
     for name in pointers:
         signature[name] = f"*{x_dtype}" if name in ("x_ptr", "spikes_ptr", "grad_spikes_ptr", "grad_x_ptr") else f"*{compute}"
-    for name in ("T", "N", "stride_xt", "w_channels", "w_inner", "theta_channels", "theta_inner"):
-        signature[name] = index_type if name in ("N", "stride_xt") else "i32"
+    if spike_type is not None and "spikes_ptr" in signature:
+        signature["spikes_ptr"] = spike_type
+    ints = ["T", "N", "stride_xt"] + (["row_len"] if with_row_len else [])
+    for name in ints + ["w_channels", "w_inner", "theta_channels", "theta_inner"]:
+        signature[name] = index_type if name in ("N", "stride_xt", "row_len") else "i32"
     return signature
 
 
@@ -43,7 +47,9 @@ def variants(arch: int) -> list:
             "module": "effst.ops.slif", "kernel": "slif_forward_kernel", "arch": arch,
             "signature": _signature(["x_ptr", "spikes_ptr", "w_ptr", "theta_ptr", "v_init_ptr",
                                      "v_final_ptr", "checkpoint_ptr", "scalars_ptr"],
-                                    x_dtype, compute, index_type),
+                                    x_dtype, compute, index_type,
+                                    # spike_dtype: x's dtype, uint8 or bool (i1)
+                                    spike_type=[None, "*u8", "*i1"][i % 3]),
             "constexprs": {"HAS_V_INIT": has_v_init, "HARD_RESET": hard_reset,
                            "DECAY_INPUT": decay_input, "CHUNK": chunk,
                            "COMPUTE_DTYPE": f"tl.float{compute[2:]}", "BLOCK": 1024}})
@@ -58,10 +64,14 @@ def variants(arch: int) -> list:
                                      "theta_ptr", "v_init_ptr", "checkpoint_ptr", "scalars_ptr",
                                      "grad_x_ptr", "grad_w_ptr", "grad_theta_ptr",
                                      "grad_v_init_ptr"], x_dtype, compute,
-                                    "i64" if i % 4 == 3 else "i32"),
+                                    "i64" if i % 4 == 3 else "i32", with_row_len=True),
             "constexprs": {"HAS_V_INIT": has_v_init, "HAS_GRAD_V_FINAL": not has_v_init,
                            "HARD_RESET": hard_reset, "DECAY_INPUT": i % 2 == 0,
-                           "DETACH_RESET": detach, "SURROGATE": i, "CHUNK": chunk,
+                           "DETACH_RESET": detach, "SURROGATE": i,
+                           # which gradients are wanted, and partial or per-neuron parameters
+                           "NEED_GRAD_X": i % 3 != 2, "NEED_GRAD_W": i % 2 == 0,
+                           "NEED_GRAD_THETA": i % 4 != 1, "W_PARTIAL": i % 3 == 0,
+                           "THETA_PARTIAL": i % 2 == 1, "CHUNK": chunk,
                            "COMPUTE_DTYPE": f"tl.float{compute[2:]}", "BLOCK": 512}})
     return entries
 

@@ -34,11 +34,13 @@ from effst.ops.surrogates import SURROGATE_NAMES, resolve_surrogate, surrogate_g
 # Steps unrolled per chunk. T <= MAX_CHUNK runs as a single fully unrolled chunk (no
 # checkpoints); longer sequences checkpoint V every MAX_CHUNK steps and the backward
 # recomputes one chunk at a time, holding its x, V and incoming gradients in registers.
-MAX_CHUNK = 8
-FORWARD_BLOCK = 1024
-FORWARD_WARPS = 4
-BACKWARD_BLOCK = 512
-BACKWARD_WARPS = 4
+# Launch parameters: reasoned defaults, overridable by environment variables so a GPU run can
+# try others without editing code (bench/tune_slif.py sweeps them; see bench/RESULTS.md).
+MAX_CHUNK = int(os.environ.get("EFFST_SLIF_MAX_CHUNK", 8))
+FORWARD_BLOCK = int(os.environ.get("EFFST_SLIF_FORWARD_BLOCK", 1024))
+FORWARD_WARPS = int(os.environ.get("EFFST_SLIF_FORWARD_WARPS", 4))
+BACKWARD_BLOCK = int(os.environ.get("EFFST_SLIF_BACKWARD_BLOCK", 512))
+BACKWARD_WARPS = int(os.environ.get("EFFST_SLIF_BACKWARD_WARPS", 4))
 # A per-channel parameter gets per-program partial gradients when each channel covers runs of
 # at least this many consecutive neurons (the backward grid then follows those runs, so no
 # program straddles two channels); shorter runs would leave most of a program's lanes idle.
