@@ -632,16 +632,6 @@ def prune_targets(model: nn.Module) -> list[str]:
     return names
 
 
-def _weight_mask(module: nn.Module, shape: torch.Size) -> Optional[torch.Tensor]:
-    """The pruning mask of a projection's weight, wherever the pruning code keeps it: a buffer
-    whose name contains 'mask' and whose shape is the weight's (torch.nn.utils.prune's
-    ``weight_mask``, a parametrization's mask, effst's L1P mask)."""
-    for name, buffer in module.named_buffers():
-        if "mask" in name.rsplit(".", 1)[-1] and tuple(buffer.shape) == tuple(shape):
-            return buffer
-    return None
-
-
 def _weight_tensor(module: nn.Module) -> torch.Tensor:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
@@ -651,39 +641,24 @@ def _weight_tensor(module: nn.Module) -> torch.Tensor:
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
     """The dense weight a projection computes with (masks applied; block-sparse densified)."""
+    from effst.prune.report import weight_mask  # here, not at the top: effst.prune imports this module
+
     to_dense = getattr(module, "to_dense", None)
     if callable(to_dense):
         return to_dense()
     weight = _weight_tensor(module)
-    mask = _weight_mask(module, weight.shape)
+    mask = weight_mask(module)
     if mask is not None:
         weight = weight * mask.to(weight.dtype)  # idempotent where .weight is already masked
     return weight
 
 
-def _target_storage(module: nn.Module) -> tuple[int, int, set[int]]:
-    """(dense entries, kept entries, ids of the parameters storing the weight) of a projection."""
-    if _is_block_sparse(module):
-        # Block-sparse: the stored tiles are the weight; entries outside kept tiles are pruned.
-        storage = {id(p) for name, p in module.named_parameters() if name != "bias"}
-        return module.out_features * module.in_features, int(module.element_mask().sum()), storage
-    weight = _weight_tensor(module)
-    storage = {id(p) for name, p in module.named_parameters()
-               if name in ("weight", "weight_orig") or name.endswith("weight.original")}
-    mask = _weight_mask(module, weight.shape)
-    kept = weight.numel() if mask is None else int(torch.count_nonzero(mask))
-    return weight.numel(), kept, storage
-
-
-def _is_block_sparse(module: nn.Module) -> bool:
-    return callable(getattr(module, "to_dense", None)) and callable(getattr(module, "element_mask", None))
-
-
-def _is_masked(module: nn.Module) -> bool:
-    if _is_block_sparse(module):
-        return True
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and _weight_mask(module, weight.shape) is not None
+def _storage(module: nn.Module) -> set[int]:
+    """Ids of the parameters that store a projection's weight (not its bias)."""
+    if callable(getattr(module, "to_dense", None)):   # block-sparse: the stored tiles are the weight
+        return {id(p) for name, p in module.named_parameters() if name != "bias"}
+    return {id(p) for name, p in module.named_parameters()
+            if name in ("weight", "weight_orig") or name.endswith("weight.original")}
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -702,14 +677,19 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             pruned synapses excluded;
         ``total_dense``, ``blocks_dense``: ``total`` and ``blocks`` with nothing pruned.
     """
+    from effst.nn.block_sparse import BlockSparseLinear
+    from effst.prune.report import weight_counts, weight_mask
+
     inner, _ = unwrap(model)
     targets = set(prune_targets(inner))
-    weights = {name: module for name, module in inner.named_modules() if name in targets or _is_masked(module)}
+    weights = {name: module for name, module in inner.named_modules()
+               if name in targets or isinstance(module, BlockSparseLinear) or weight_mask(module) is not None}
     in_blocks = {id(p) for p in inner.blocks.parameters()}
     storage: set[int] = set()
     counts = dict(total=0, blocks=0, blocks_all=0, total_dense=0, blocks_dense=0)
     for name, module in weights.items():
-        dense, kept, ids = _target_storage(module)
+        dense, kept = weight_counts(module)
+        ids = _storage(module)
         storage |= ids
         counts["total"] += kept
         counts["total_dense"] += dense

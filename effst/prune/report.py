@@ -2,11 +2,42 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
+import torch
 from torch import nn
 
 from effst.nn.block_sparse import BlockSparseLinear
 from effst.prune.masks import _mask_parametrization, is_prunable
+
+
+def weight_mask(module: nn.Module) -> Optional[torch.Tensor]:
+    """The keep-mask of a layer's weight, wherever the pruning code keeps it: effst's mask, or any
+    buffer whose name ends in 'mask' and whose shape is the weight's (torch.nn.utils.prune's
+    ``weight_mask``); None for an unpruned layer."""
+    effst_mask = _mask_parametrization(module)
+    if effst_mask is not None:
+        return effst_mask.mask
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    for name, buffer in module.named_buffers():
+        if "mask" in name.rsplit(".", 1)[-1] and tuple(buffer.shape) == tuple(weight.shape):
+            return buffer
+    return None
+
+
+def weight_counts(module: nn.Module) -> tuple[int, int]:
+    """``(dense entries, kept entries)`` of a layer's weight -- the one place pruned synapses are
+    counted: a block-sparse layer keeps the entries of its stored tiles, a masked layer its mask's
+    True entries, any other layer all of them."""
+    if isinstance(module, BlockSparseLinear):
+        return module.out_features * module.in_features, int(module.element_mask().sum())
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}: has no weight tensor to count")
+    mask = weight_mask(module)
+    return weight.numel(), weight.numel() if mask is None else int(torch.count_nonzero(mask))
 
 
 @dataclass
@@ -91,8 +122,7 @@ def report(model: nn.Module) -> PruneReport:
     dense_extra = 0  # BlockSparseLinear: dense size minus stored values size
     for name, module in model.named_modules():
         if isinstance(module, BlockSparseLinear):
-            params = module.out_features * module.in_features
-            kept = int(module.element_mask().sum())
+            params, kept = weight_counts(module)
             result.layers.append(LayerReport(name, "BlockSparseLinear", (module.out_features, module.in_features),
                                              "block-compressed", params, kept))
             pruned_total += params - kept
@@ -100,7 +130,7 @@ def report(model: nn.Module) -> PruneReport:
         elif is_prunable(module):
             weight = module.weight
             mask_p = _mask_parametrization(module)
-            kept = weight.numel() if mask_p is None else int(mask_p.mask.sum())
+            _, kept = weight_counts(module)
             structure = "dense" if mask_p is None else mask_p.structure
             # isinstance, not type().__name__: a masked layer's class is torch's "ParametrizedLinear".
             kind = "Linear" if isinstance(module, nn.Linear) else "Conv1d"
