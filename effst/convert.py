@@ -23,6 +23,9 @@ them on your own neurons the same way); or the layer just before the neuron insi
 ``Linear``: its out_features at the last dim). A neuron with none of these gets per-layer
 scalars. LIF and PLIF targets are per layer by definition.
 
+The membrane state ``v`` carries over as well, so a conversion between two calls of one
+sequence (without a reset) continues it unchanged.
+
 A target form that cannot hold the source's values exactly (for example per-channel
 thresholds that differ, converted to ``lif``) is an error, never a silent average.
 """
@@ -319,6 +322,13 @@ def _convert_one(name: str, module: nn.Module, previous: Optional[nn.Module], ne
     for attribute in ("effst_channels", "effst_channel_dim"):
         if hasattr(module, attribute):
             setattr(node, attribute, getattr(module, attribute))
+    # The membrane state carries over too, so converting between two calls of a sequence
+    # (without a reset) continues it unchanged.
+    state = getattr(module, "v", None)
+    if isinstance(state, torch.Tensor):
+        node.v = state
+    elif isinstance(state, (int, float)) and not isinstance(state, bool):
+        node.v = float(state)
     node.train(module.training)
     return node
 

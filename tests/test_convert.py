@@ -309,3 +309,20 @@ def test_convert_does_not_import_the_models_package():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert not any(name and name.startswith(("effst.models", "effst.train", "effst.cli")) for name in imported)
+
+
+@pytest.mark.parametrize("v_reset", [0.0, None])
+def test_membrane_state_carries_over_mid_sequence(v_reset):
+    """Converted between two calls without a reset, the neuron continues the sequence."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Linear(5, 6), neuron.LIFNode(tau=3.0, v_reset=v_reset, step_mode="m")).double()
+    first, second = (torch.randn(3, 4, 5, dtype=torch.float64) + 0.5 for _ in range(2))
+    with torch.no_grad():
+        net[0].weight.mul_(4)  # so that the neurons fire
+        net(first)
+        ours = convert(copy.deepcopy(net), "slif", backend="reference")
+        expected = net(second)
+        assert 0.05 < expected.mean() < 0.95
+        assert torch.equal(ours(second), expected)
+        ours[1].reset()  # the state mattered: from rest the outputs differ
+        assert not torch.equal(ours(second), expected)
