@@ -64,10 +64,9 @@ def _load(checkpoint: str | Path | dict) -> dict:
 
 def default_block_size() -> tuple[int, int]:
     """The block-pruning tile every caller shares (defined once, in effst.prune)."""
-    import effst.prune as prune
+    from effst.prune import DEFAULT_BLOCK_SIZE
 
-    # TODO(H10): drop the fallback once effst.prune.DEFAULT_BLOCK_SIZE exists in every checkout.
-    return tuple(getattr(prune, "DEFAULT_BLOCK_SIZE", (16, 16)))
+    return tuple(DEFAULT_BLOCK_SIZE)
 
 
 def _check_model_name(ckpt: dict, settings: Settings, given: set[str]) -> None:
