@@ -1,5 +1,7 @@
 // CPU implementation of the effst_native sLIF ops: checks, allocation, choice of kernel build,
 // and the split of the neurons into blocks run in parallel with at::parallel_for.
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -66,6 +68,29 @@ int64_t choose_block(int64_t T, int64_t N) {
 int64_t grain_blocks(int64_t T, int64_t block) {
   const int64_t steps_per_block = std::max<int64_t>(1, T * block);
   return std::max<int64_t>(1, (int64_t{1} << 16) / steps_per_block);
+}
+
+// Runs f(begin, end, scratch) over [0, blocks) in tasks of `grain` blocks that the threads
+// claim one at a time from an atomic counter (dynamic scheduling): a thread the OS deschedules
+// holds up at most one task, where a static split would leave its whole share waiting (the
+// "scheduler plateau" seen on a busy 2-core machine). Each thread allocates its scratch once.
+template <typename S, typename F>
+void parallel_blocks(int64_t blocks, int64_t grain, int64_t scratch, const F& f) {
+  const int64_t tasks = (blocks + grain - 1) / grain;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    std::vector<S> buffer(scratch);
+    f(0, blocks, buffer.data());
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<S> buffer(scratch);
+    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) {
+      const int64_t begin = task * grain;
+      f(begin, std::min(blocks, begin + grain), buffer.data());
+    }
+  });
 }
 
 // Streaming stores pay off for outputs larger than the caches, which the next op then reads
@@ -146,10 +171,8 @@ void run_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& the
   const bool staged = x.scalar_type() != c10::CppTypeToScalarType<S>::value;
   const int64_t scratch = cpu::forward_scratch_elems(T, a.block, staged);
   const int64_t blocks = (N + a.block - 1) / a.block;
-  at::parallel_for(0, blocks, grain_blocks(T, a.block), [&](int64_t begin, int64_t end) {
-    std::vector<S> buffer(scratch);
-    fn(a, begin, end, buffer.data());
-  });
+  parallel_blocks<S>(blocks, grain_blocks(T, a.block), scratch,
+                  [&](int64_t begin, int64_t end, S* buffer) { fn(a, begin, end, buffer); });
 }
 
 template <typename S>
@@ -196,10 +219,8 @@ void run_backward(const at::Tensor& grad_spikes, const std::optional<at::Tensor>
   const bool staged = x.scalar_type() != c10::CppTypeToScalarType<S>::value;
   const int64_t scratch = cpu::backward_scratch_elems(T, a.block, staged);
   const int64_t blocks = (N + a.block - 1) / a.block;
-  at::parallel_for(0, blocks, grain_blocks(T, a.block), [&](int64_t begin, int64_t end) {
-    std::vector<S> buffer(scratch);
-    fn(a, begin, end, buffer.data());
-  });
+  parallel_blocks<S>(blocks, grain_blocks(T, a.block), scratch,
+                  [&](int64_t begin, int64_t end, S* buffer) { fn(a, begin, end, buffer); });
 }
 
 void check_cpu(const at::Tensor& x) {
