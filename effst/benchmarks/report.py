@@ -27,7 +27,8 @@ HIDDEN = {"suite", "traceback", "stderr_tail", "note", "method", "id", "step_sha
           "ms_min", "warmup", "first_call_ms", "input_sets", "parameters", "device", "peer",
           "backend_requested", "bytes_per_neuron_step", "neuron_steps", "error", "date", "machine",
           "command", "timing_method", "kernel_graph_error", "kernel_method", "kernel_requested",
-          "kernel_achieved_bytes_per_s"}
+          "kernel_achieved_bytes_per_s", "impl", "image_size", "overrides", "kernel_ms_min", "kernel_reps",
+          "calls_per_round", "us_min", "numpy_int_compat_applied"}
 HIDDEN_SUFFIXES = ("_q1", "_q3", "_reps", "_method", "_error")  # spread and bookkeeping: in the JSON
 
 
@@ -206,9 +207,10 @@ def plot_bars(rows: list[dict], path: Path, title: str) -> Optional[Path]:
     if not ok:
         return None
     plt = _pyplot()
-    labels = [", ".join(str(r[k]) for k in ("impl", "library", "neuron", "kernel", "dtype", "batch") if k in r)
-              or str(i) for i, r in enumerate(ok)]
-    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.35 * len(ok)))
+    keys = ("library", "op", "neuron", "kernel", "mode", "step", "token_selector", "keep_ratio", "model", "dtype",
+            "batch")
+    labels = [", ".join(str(r[k]) for k in keys if r.get(k) is not None) or str(i) for i, r in enumerate(ok)]
+    fig, ax = plt.subplots(figsize=(11, 0.8 + 0.35 * len(ok)))
     ax.barh(range(len(ok)), [_number(r["ms"]) for r in ok])
     ax.set_yticks(range(len(ok)), labels, fontsize=7)
     ax.set_xlabel("ms (median)")
