@@ -45,4 +45,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    dunders = {name for name in globals() if name.startswith("__")}
+    return sorted(dunders | set(__all__) | set(_LAZY))
