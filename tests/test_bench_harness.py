@@ -492,3 +492,19 @@ def test_overhead_suite_and_neuron_kernel_time_on_cuda():
     assert measured["kernel_ms"] > 0
     # issue 9: effst's CUDA path has no host synchronisation, so the call is capturable
     assert measured["kernel_method"].startswith("CUDA graph"), measured.get("kernel_graph_error")
+
+
+def test_gpu_check_budgets_fit_the_device_session():
+    """gpu_check.sh's step limits end it within 8 minutes even if every step hangs, tests + bench
+    within 7, and the bench's suite budgets leave it time to start up and write its files."""
+    import re
+
+    text = (REPO / "bench" / "gpu_check.sh").read_text()
+    limits = dict(re.findall(r"\b(T_[A-Z]+|KILL_GRACE)=(\d+)", text.split('if [ "$DRY" = 1 ]; then\n    # CPU')[0]))
+    limits = {k: int(v) for k, v in limits.items()}
+    steps = ("T_INSTALL", "T_VERSIONS", "T_TESTS", "T_BENCH", "T_RENDER")
+    assert sum(limits[s] + limits["KILL_GRACE"] for s in steps) <= 480, limits
+    assert limits["T_TESTS"] + limits["T_BENCH"] <= 420
+    budgets = dict(re.findall(r"([a-z-]+)=(\d+)", re.search(r'SUITE_TIMEOUTS="([^"]+)"', text).group(1)))
+    assert set(budgets) == {"neuron", "overhead", "sparse", "train-step"}
+    assert sum(int(v) for v in budgets.values()) <= limits["T_BENCH"] - 15
