@@ -238,3 +238,13 @@ def test_no_upward_imports(part):
     assert files
     wrong = {str(f.relative_to(REPO)): sorted(effst_imports(f) - LAYERS[part]) for f in files}
     assert not {f: names for f, names in wrong.items() if names}
+
+
+def test_readme_pruning_examples_run_on_the_cpu():
+    """The pruning section's examples in order (the GPU-only 2:4 one left out), as written."""
+    section = README.split("## Pruning", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```python")[1:]]
+    runnable = [block for block in blocks if "cuda" not in block]
+    assert len(runnable) >= 2
+    out = run_python("\n".join(runnable) + "\nprint(type(model.blocks[0].mlp.fc1).__name__)\n")
+    assert out.strip().endswith("BlockSparseLinear")
