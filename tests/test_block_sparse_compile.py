@@ -64,9 +64,9 @@ _COMPILE_SCRIPT = textwrap.dedent(
         for out_ty in (w_ty, acc_ty):  # one M slice writes the layer dtype; several write partials
             compile_kernel(bsl._bsl_grad_weight_kernel, dict({
                 "dy_ptr": "*" + w_ty, "x_ptr": "*" + x_ty, "out_ptr": "*" + out_ty}, **lut, **{
-                "group_of_ptr": "*i32", "M": "i32", "K": "i32", "N": "i32",
+                "group_of_ptr": "*i32", "chunk_ptr": "*i32", "M": "i32", "K": "i32", "N": "i32",
                 "stride_dym": "i64", "stride_xm": "i64", "bias_offset": "i32", "rows_per_split": "i32", "split_stride": "i32",
-            }), dict(common, HAS_DB=even, BLOCK_M=wcfg.block_m), wcfg)
+            }), dict(common, HAS_DB=even, COLS=max(1, 128 // bk), BLOCK_M=wcfg.block_m), wcfg)
             compiled += 1
         compiled += 1
         if x_ty != "u8":  # spike inputs get no input gradient

@@ -88,6 +88,8 @@ CASES = [
     ("rect-16x64", (3, 5, 70), 33, (16, 64), 0.8, (0,), torch.float32),
     ("64-fp16", (2, 9, 72), 100, (64, 64), 0.5, (), torch.float16),
     ("32-fp64", (4, 3, 64), 64, (32, 32), 0.5, (), torch.float64),
+    ("128x64-odd", (2, 5, 130), 140, (128, 64), 0.7, (), torch.float32),
+    ("many-groups-16", (3, 11, 200), 300, (16, 16), 0.3, (2, 9), torch.float32),
     ("dense", (2, 7, 48), 40, (16, 16), 1.0, (), torch.float32),
     ("all-pruned", (2, 6, 48), 40, (16, 16), 0.0, (), torch.float32),
 ]
@@ -208,6 +210,11 @@ def test_layout_row_and_column_order():
     assert grouped.col_group_ptr.tolist() == [0, 2]
     assert grouped.col_group_row.tolist() == [0, 2]
     assert grouped.col_group_tile.tolist() == [[0, -1, 1, -1], [2, 3, -1, -1]]
+    # dW programs take 4 entries (the column group width) of a row group: one per row group here.
+    assert grouped.row_group_chunk.tolist() == [0, 2]
+    # 16x64 tiles: one row group of 4 (columns 0, 1, 2), dW programs of 2 entries: 0-1 and 2.
+    narrow = build_block_layout(mask, (16, 64))
+    assert narrow.row_group_ptr.tolist() == [0, 3] and narrow.row_group_chunk.tolist() == [0, 2]
     # A group of block-rows that keeps nothing still gets one (all-pruned) entry, for its bias gradient.
     empty = build_block_layout(torch.tensor([[0, 0], [1, 0]], dtype=torch.bool), (128, 128))
     assert empty.row_group_ptr.tolist() == [0, 1, 2] and empty.row_group_tile.tolist() == [[-1], [0]]

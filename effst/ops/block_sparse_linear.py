@@ -18,9 +18,10 @@ The kernels (each reads the kept tiles in place, fp32 accumulation, output in th
                the group's columns: each X slab ``[BLOCK_M, bk]`` is loaded once and feeds an
                MMA ``[BLOCK_M, bk] x [bk, row_group*bm]``; loads pipelined with ``tl.range``.
 * grad input   the same over groups of block-columns: ``dX[:, group] += dY[:, r] W_r,group``.
-* grad weight  one program per (group entry, M slice): ``dW = dY[:, group]^T X[:, c]``, an MMA
-               ``row_group*bm`` wide; the group's first entry also sums the bias gradient from
-               the dY it already holds. With one M slice the result is written in the layer
+* grad weight  one program per (``col_group`` consecutive entries of a row group, M slice):
+               ``dW = dY[:, group]^T X[:, those columns]``, an MMA ``[row_group*bm, col_group*bk]``
+               (<= 128 x 128), so dY is read once per ``col_group`` kept columns; the group's
+               first program also sums the bias gradient from the dY it already holds. With one M slice the result is written in the layer
                dtype; with several, fp32 partials are summed in a fixed order by one kernel
                that also finishes the bias gradient (deterministic).
 
@@ -107,6 +108,7 @@ class BlockLayout(NamedTuple):
     col_group_ptr: torch.Tensor  # [column groups + 1]
     col_group_row: torch.Tensor  # [entries] block-row of each entry
     col_group_tile: torch.Tensor  # [entries, col_group]
+    row_group_chunk: torch.Tensor  # [chunks] first entry of each run of col_group entries of a row group (dW)
 
 
 def group_size(side: int, blocks: int) -> int:
@@ -159,8 +161,13 @@ def build_block_layout(block_mask: torch.Tensor, block_size: BlockSize = (32, 32
     csc_cols, csc_rows = mask.t().nonzero(as_tuple=True)  # column-major order
     csc_perm = position[csc_rows, csc_cols]
     row_groups = _group_entries(position, group_size(bm, nbr), dummy_for_empty=True)
-    col_groups = _group_entries(position.t(), group_size(bk, nbc), dummy_for_empty=False)[:3]
-    tensors = (row_ptr, cols, rows, col_ptr, csc_rows, csc_perm, *row_groups, *col_groups)
+    col_group = group_size(bk, nbc)
+    col_groups = _group_entries(position.t(), col_group, dummy_for_empty=False)[:3]
+    # dW programs take col_group entries of a row group at a time (the same width as dX's groups).
+    group_ptr, _, _, group_of = row_groups
+    offset_in_group = torch.arange(group_of.numel()) - group_ptr[group_of]
+    chunks = (offset_in_group % col_group == 0).nonzero().flatten()
+    tensors = (row_ptr, cols, rows, col_ptr, csc_rows, csc_perm, *row_groups, *col_groups, chunks)
     return BlockLayout(*(t.to(device=device, dtype=torch.int32).contiguous() for t in tensors))
 
 
@@ -283,29 +290,34 @@ def _bsl_grad_input_kernel(
 
 @triton.jit
 def _bsl_grad_weight_kernel(
-    dy_ptr, x_ptr, out_ptr, group_ptr_ptr, group_col_ptr, group_tile_ptr, group_of_ptr,
+    dy_ptr, x_ptr, out_ptr, group_ptr_ptr, group_col_ptr, group_tile_ptr, group_of_ptr, chunk_ptr,
     M, K, N, stride_dym, stride_xm, bias_offset, rows_per_split, split_stride,
-    HAS_DB: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    HAS_DB: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, COLS: tl.constexpr,
     BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    # out: [split, nnz*BM*BK + padded N] -- tile gradients, then (HAS_DB, at bias_offset =
-    # nnz*BM*BK) the bias gradient.
-    e = tl.program_id(0)
+    # A program owns COLS consecutive entries (kept block-columns) of one group of block-rows:
+    # dW[group rows, those columns] = dY[:, group]^T X[:, columns], an MMA [GROUP*BM, COLS*BK],
+    # so dY is read once per COLS columns. out: [split, nnz*BM*BK + padded N] -- tile
+    # gradients, then (HAS_DB, at bias_offset = nnz*BM*BK) the bias gradient.
+    first = tl.load(chunk_ptr + tl.program_id(0))
     split = tl.program_id(1)
-    g = tl.load(group_of_ptr + e)
-    c = tl.load(group_col_ptr + e)
+    g = tl.load(group_of_ptr + first)
+    group_end = tl.load(group_ptr_ptr + g + 1)
     offs_w = tl.arange(0, GROUP * BM)
     member = offs_w // BM
     within = offs_w % BM
-    offs_k = tl.arange(0, BK)
+    offs_c = tl.arange(0, COLS * BK)
+    entry = first + offs_c // BK
+    within_k = offs_c % BK
+    valid = entry < group_end
+    cols = tl.load(group_col_ptr + entry, mask=valid, other=0) * BK + within_k
     rows = g * (GROUP * BM) + offs_w
-    cols = c * BK + offs_k
     n_in = rows < N
-    k_in = cols < K
+    k_in = valid & (cols < K)
     m_begin = split * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
-    acc = tl.zeros((GROUP * BM, BK), dtype=ACC_DTYPE)
+    acc = tl.zeros((GROUP * BM, COLS * BK), dtype=ACC_DTYPE)
     db = tl.zeros((GROUP * BM,), dtype=ACC_DTYPE)
     for m0 in tl.range(m_begin, m_end, BLOCK_M, num_stages=NUM_STAGES):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -313,17 +325,16 @@ def _bsl_grad_weight_kernel(
         offs_m64 = offs_m.to(tl.int64)[:, None]
         dy = tl.load(dy_ptr + offs_m64 * stride_dym + rows[None, :], mask=m_in[:, None] & n_in[None, :], other=0)
         x = tl.load(x_ptr + offs_m64 * stride_xm + cols[None, :], mask=m_in[:, None] & k_in[None, :], other=0)
-        # MMA GROUP*BM wide: the whole group's dY slab against one X slab.
         acc = tl.dot(tl.trans(dy), x.to(dy.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_DB:
             db += tl.sum(dy.to(ACC_DTYPE), axis=0)
     base = out_ptr + split.to(tl.int64) * split_stride
-    t = tl.load(group_tile_ptr + e * GROUP + member).to(tl.int64)
-    dest = base + t[:, None] * (BM * BK) + within[:, None] * BK + offs_k[None, :]
-    tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=(t >= 0)[:, None])
+    t = tl.load(group_tile_ptr + entry[None, :] * GROUP + member[:, None], mask=valid[None, :], other=-1).to(tl.int64)
+    dest = base + t * (BM * BK) + within[:, None] * BK + within_k[None, :]
+    tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=t >= 0)
     if HAS_DB:
-        # The group's first entry owns its bias slice (every group has at least one entry).
-        if tl.load(group_ptr_ptr + g) == e:
+        # The group's first chunk owns its bias slice (every group has at least one entry).
+        if tl.load(group_ptr_ptr + g) == first:
             tl.store(base + bias_offset + rows, db.to(out_ptr.dtype.element_ty))
 
 
@@ -376,7 +387,7 @@ def _candidates(kind: str, width: int, bk: int, dtype: torch.dtype) -> list[Laun
     """Configurations tried on the GPU, the first being the untuned default."""
     wide = torch.float64 if dtype == torch.float64 else None
     if kind == "grad_weight":
-        out = [LaunchConfig(64, 8 if width >= 128 else 4, 3, 4), LaunchConfig(128, 8, 3, 4), LaunchConfig(64, 4, 4, 2)]
+        out = [LaunchConfig(64, 8, 3, 4), LaunchConfig(128, 8, 3, 4), LaunchConfig(64, 4, 4, 2)]
     else:
         out = [LaunchConfig(128, 8 if width >= 128 else 4, 3, 1), LaunchConfig(128, 4, 4, 2), LaunchConfig(256, 8, 3, 1)]
     if wide is not None:  # fp64 tiles are twice the size: smaller M tiles only
@@ -483,7 +494,7 @@ def _triton_grad_input(grad_y, values, layout: BlockLayout, in_features: int) ->
 
 
 def _grad_weight_splits(m: int, entries: int, cfg: LaunchConfig, device: torch.device) -> int:
-    """M slices per entry, so that small layers still fill the GPU (1 on the CPU)."""
+    """M slices per program (``entries`` = chunks), so that small layers still fill the GPU (1 on the CPU)."""
     if device.type != "cuda":
         return 1
     target_programs = cfg.programs_per_sm * _sm_count(device.index)
@@ -502,7 +513,8 @@ def _triton_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_c
     bm, bk = block_rows, block_cols
     dtype = grad_y.dtype
     group = layout.row_group_tile.shape[1]
-    entries = layout.row_group_col.shape[0]
+    cols_per_program = layout.col_group_tile.shape[1]
+    entries = layout.row_group_chunk.shape[0]
     padded_n = (layout.row_group_ptr.shape[0] - 1) * group * bm
     tile_numel = nnz * bm * bk
     total = tile_numel + (padded_n if bias_grad else 0)
@@ -520,14 +532,15 @@ def _triton_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_c
         buffer = torch.empty((splits, total), dtype=dtype if splits == 1 else acc_torch, device=grad_y.device)
         _bsl_grad_weight_kernel[(entries, splits)](
             grad_y, x, buffer, layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
-            layout.row_group_of, m, k, n, grad_y.stride(0), x.stride(0), tile_numel, rows_per_split, total,
-            HAS_DB=bias_grad, BM=bm, BK=bk, GROUP=group, BLOCK_M=cfg.block_m,
+            layout.row_group_of, layout.row_group_chunk, m, k, n, grad_y.stride(0), x.stride(0), tile_numel,
+            rows_per_split, total, HAS_DB=bias_grad, BM=bm, BK=bk, GROUP=group, COLS=cols_per_program,
+            BLOCK_M=cfg.block_m,
             ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_input_precision(dtype),
             NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         state["buffer"] = buffer
 
-    key = (_m_bucket(m), k, n, bm, bk, group, nnz, dtype, x.dtype, bias_grad, split)
+    key = (_m_bucket(m), k, n, bm, bk, group, cols_per_program, nnz, dtype, x.dtype, bias_grad, split)
     launch(_config("grad_weight", key, grad_y.device, group * bm, bk, dtype, m, launch))
     buffer = state["buffer"]
     if buffer.shape[0] == 1:
