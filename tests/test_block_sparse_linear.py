@@ -258,10 +258,11 @@ def test_state_dict_round_trip_adopts_block_structure(tmp_path):
         BlockSparseLinear(40, 70).load_state_dict(bad)
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compiles_without_graph_breaks(compile_backend):
     torch._dynamo.reset()
     layer = BlockSparseLinear(40, 24, block_size=16, block_mask=torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool))
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=compile_backend)
     x = torch.randn(2, 3, 40, requires_grad=True)
     y = compiled(x)
     y.sum().backward()
