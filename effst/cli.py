@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (pretrain) a Spikformer from scratch")
     _add_settings_flags(p)
     p.add_argument("--neuron", help="lif (default), plif, slif, stl or spikingjelly")
+    p.add_argument("--token-selector", choices=("sts", "stata", "sts-random", "stata-random"),
+                   help="token selection (docs/token_sparsity.md); stored in the checkpoint's model recipe, so "
+                        "finetune/eval/--resume keep it (config file: model_overrides: {token_selector: ..., keep_ratio: ...})")
+    p.add_argument("--keep-ratio", type=float, help="rho (STS) or gamma (STATA); default 0.7 / 0.5")
     p.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>-train)")
 
     p = sub.add_parser("prune", help="prune a trained checkpoint; reports accuracy without fine-tuning")
@@ -286,6 +290,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = args.out = args.out or default_out("train")
         folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite, main=_is_main_rank())
         settings, _ = (_resumed_settings("train", args, out) if args.resume else _settings("train", args))
+        if args.token_selector is not None or args.keep_ratio is not None:
+            from effst.models.token_selection import TokenSelection
+
+            if args.token_selector is None:
+                raise ValueError("--keep-ratio: only meaningful with --token-selector")
+            selection = {"token_selector": args.token_selector}
+            if args.keep_ratio is not None:
+                TokenSelection(args.token_selector, args.keep_ratio)  # bad values fail before any work
+                selection["keep_ratio"] = args.keep_ratio
+            settings.model_overrides = {**(settings.model_overrides or {}), **selection}
         runs.configure_threads(settings)
         summary = _in_folder(folder, lambda work: runs.pretrain(settings, work, resume=args.resume))
         _print_summary(summary, out)
