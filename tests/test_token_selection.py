@@ -208,3 +208,31 @@ def test_bad_options_are_named():
         build_model("spikformer-2-256", token_selector="stata")
     with pytest.raises(ValueError, match="unknown fields"):
         build_model("spikformer-tiny", depth=4, token_selector="sts", token_options={"rho": 0.5})
+
+
+def test_token_study_verdicts_come_from_paired_intervals():
+    from effst.train.token_study import TokenStudyOptions, markdown, summarize
+
+    options = TokenStudyOptions(seeds=[0, 1, 2], ratios=[0.5]).validate()
+
+    def result(kind, seed, accuracy, ratio=0.5):
+        row = {"seed": seed, "kind": kind, "accuracy": accuracy, "tokens_per_block": [16.0, 8.0, 4.0, 2.0],
+               "macs": 1e6, "selector_macs": 0, "sops": 1e5, "energy_uj": 0.1}
+        return row if kind in ("dense", "imp") else {**row, "ratio": ratio}
+
+    results = [result("dense", s, 0.80) for s in range(3)]
+    results += [result("sts", s, a) for s, a in enumerate((0.70, 0.72, 0.71))]
+    results += [result("sts-random", s, a) for s, a in enumerate((0.60, 0.61, 0.62))]     # STS clearly better
+    results += [result("stata", s, a) for s, a in enumerate((0.70, 0.60, 0.65))]
+    results += [result("stata-random", s, a) for s, a in enumerate((0.66, 0.66, 0.62))]   # mean +0.003, wide
+    results += [{**result("imp", s, 0.5), "weight_sparsity": 0.925} for s in range(3)]
+    summary = summarize(options, results, 1.0)
+    verdicts = {(c["selector"], c["against"]): c["verdict"] for c in summary["comparisons"]}
+    assert verdicts[("sts", "sts-random")] == "yes"
+    assert verdicts[("stata", "stata-random")] == "inconclusive"     # positive mean, interval contains 0
+    assert verdicts[("sts", "dense")] == "no"
+    text = markdown(summary)
+    assert "inconclusive" in text and "92.5 % sparse" in text
+    assert options.imp_rounds == 9     # 0.75^8 keeps 10.01 %: nine rounds for >= 90 % sparsity
+    with pytest.raises(ValueError, match="ratios"):
+        TokenStudyOptions(ratios=[1.5]).validate()

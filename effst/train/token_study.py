@@ -39,11 +39,11 @@ class TokenStudyOptions:
     depth: int = 4
     dim: int = 32
     hidden: int = 64
-    pretrain_epochs: int = 8
-    finetune_epochs: int = 2
+    pretrain_epochs: int = 6
+    finetune_epochs: int = 1
     imp_ratio: float = 0.7
     imp_sparsity: float = 0.9
-    imp_epochs: int = 1
+    imp_steps: int = 8
     batch_size: int = 64
     lr: float = 5e-3
     finetune_lr: float = 2e-3
@@ -57,7 +57,7 @@ class TokenStudyOptions:
         if not self.ratios or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1
                                   for r in self.ratios):
             raise ValueError(f"ratios: expected keep ratios in (0, 1), got {self.ratios!r}")
-        for name in ("depth", "dim", "hidden", "pretrain_epochs", "finetune_epochs", "imp_epochs", "batch_size"):
+        for name in ("depth", "dim", "hidden", "pretrain_epochs", "finetune_epochs", "imp_steps", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
@@ -96,13 +96,16 @@ def _build(options: TokenStudyOptions, selector: Optional[str] = None, ratio: Op
 
 
 def _train(model, teacher, train_split, options: TokenStudyOptions, *, epochs: int, lr: float, seed: int,
-           on_first_step=None) -> None:
+           on_first_step=None, max_steps: Optional[int] = None) -> None:
     from effst.data import batches, num_batches
     from effst.train.loop import make_optimizer, warmup_cosine
     from effst.models.token_selection import distillation_loss
 
     optimizer = make_optimizer(model, lr, options.weight_decay)
     steps = num_batches(len(train_split), options.batch_size) * epochs
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    done = 0
     scheduler = warmup_cosine(optimizer, 0, steps, 0.01)
     distill = 0.0
     selection = model.token_selection
@@ -111,6 +114,9 @@ def _train(model, teacher, train_split, options: TokenStudyOptions, *, epochs: i
     model.train()
     for epoch in range(epochs):
         for x, y in batches(train_split, options.batch_size, seed=seed, epoch=epoch, train=True):
+            if done == steps:
+                return
+            done += 1
             logits = model(x)
             loss = F.cross_entropy(logits, y) + sum(model.auxiliary_losses().values())
             if distill:
@@ -169,7 +175,7 @@ def run_job(job: dict, options: TokenStudyOptions, out: str) -> dict:
             raise RuntimeError(f"dense weights do not fit the {selector} model: missing {missing}, unexpected {unexpected}")
         if kind == "imp":
             def train(m, round_index, mark):
-                _train(m, teacher, train_split, options, epochs=options.imp_epochs, lr=options.finetune_lr,
+                _train(m, teacher, train_split, options, epochs=1, lr=options.finetune_lr, max_steps=options.imp_steps,
                        seed=seed * 1000 + round_index, on_first_step=mark if round_index == 0 else None)
 
             run_imp(model, train, rounds=options.imp_rounds, directory=out_dir / f"imp-seed{seed}")
@@ -249,8 +255,8 @@ def markdown(summary: dict) -> str:
     lines = [f"# Token sparsification study (embedded digits, spikformer-tiny with {o['depth']} blocks, D={o['dim']})",
              "", f"{now_iso()}, {machine_description()}; {summary['seconds']:.0f} s wall, seeds {o['seeds']}.",
              f"Dense pretraining {o['pretrain_epochs']} epochs; every token variant fine-tuned {o['finetune_epochs']} "
-             f"epochs from it; IMP + STS (rho {o['imp_ratio']}) {summary['imp_rounds']} rounds of "
-             f"{o['imp_epochs']} epoch(s), rewound to the dense weights.", "",
+             f"epoch(s) from it; IMP + STS (rho {o['imp_ratio']}) {summary['imp_rounds']} rounds of "
+             f"{o['imp_steps']} steps, rewound to the dense weights.", "",
              "| method | keep ratio | accuracy % (mean ± sd) | tokens per block | MACs (M, x T) | SOPs (M) | energy (uJ) |",
              "|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
