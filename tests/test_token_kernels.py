@@ -174,3 +174,50 @@ def test_kernels_aot_compile(arch):
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     failed = [line for line in lines if not line["ok"]]
     assert result.returncode == 0 and not failed and len(lines) == len(_aot_entries(arch)), (failed, result.stderr[-2000:])
+
+
+@pytest.mark.gpu
+def test_kernels_on_cuda_at_stata_sizes_without_host_sync():
+    """Spikformer-4-384 sizes (T*B = 256 rows, 64 tokens + anchor, D = 384), bf16 activations:
+    Triton equals the torch path exactly, and no op synchronises with the host."""
+    g = torch.Generator().manual_seed(9)
+    R, N, W, C, k = 256, 64, 384, 384, 32
+    query = (torch.rand(R, W, generator=g) < 0.3).to("cuda", torch.bfloat16)
+    keys = (torch.rand(R, N, W, generator=g) < 0.3).to("cuda", torch.bfloat16)
+    x = torch.randn(R, N, C, generator=g).to("cuda", torch.bfloat16)
+    mask = (torch.rand(4, 64, N, generator=g) < 0.5).cuda()
+    mask[:, :, 0] = True
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scores, index, compact = ts.anchor_topk_gather(query, keys, x, k, backend="triton")
+        full = ts.scatter_tokens(compact, index, N, backend="triton")
+        again = ts.gather_tokens(full, index, backend="triton")
+        pooled = ts.masked_mean(x.view(4, 64, N, C), mask, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref_scores, ref_index, ref_compact = ts.anchor_topk_gather(query, keys, x, k, backend="torch")
+    assert torch.equal(scores, ref_scores) and torch.equal(index, ref_index) and torch.equal(compact, ref_compact)
+    assert torch.equal(again, compact)
+    expected = ts.masked_mean_reference(x.view(4, 64, N, C).double(), mask)
+    assert torch.allclose(pooled.double(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selector", ["sts", "stata"])
+def test_token_selectors_train_and_infer_on_cuda(selector):
+    from effst.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("spikformer-4-384", token_selector=selector).cuda()
+    x = torch.rand(8, 3, 32, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(x)
+        loss = logits.float().logsumexp(-1).mean() + sum(model.auxiliary_losses().values())
+    loss.backward()
+    assert torch.isfinite(loss)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x)
+    expected = [64.0, 44.0, 31.0, 21.0] if selector == "sts" else [64.0, 64.0, 32.0, 32.0]
+    assert model.tokens_per_block() == expected
