@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from effst.nn.neuron_kinds import is_spiking_neuron
+from effst.nn.weight_counts import weight_counts, weight_mask
 from effst.nn import LIF, PLIF, SLIF
 from effst.ops.slif import BACKENDS
 from effst.ops.token_select import run_neuron_on_tokens
@@ -641,7 +642,6 @@ def _weight_tensor(module: nn.Module) -> torch.Tensor:
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
     """The dense weight a projection computes with (masks applied; block-sparse densified)."""
-    from effst.prune.report import weight_mask  # here, not at the top: effst.prune imports this module
 
     to_dense = getattr(module, "to_dense", None)
     if callable(to_dense):
@@ -678,7 +678,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         ``total_dense``, ``blocks_dense``: ``total`` and ``blocks`` with nothing pruned.
     """
     from effst.nn.block_sparse import BlockSparseLinear
-    from effst.prune.report import weight_counts, weight_mask
 
     inner, _ = unwrap(model)
     targets = set(prune_targets(inner))

@@ -2,42 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
-import torch
 from torch import nn
 
 from effst.nn.block_sparse import BlockSparseLinear
+from effst.nn.weight_counts import weight_counts, weight_mask  # noqa: F401 (also exported here)
 from effst.prune.masks import _mask_parametrization, is_prunable
-
-
-def weight_mask(module: nn.Module) -> Optional[torch.Tensor]:
-    """The keep-mask of a layer's weight, wherever the pruning code keeps it: effst's mask, or any
-    buffer whose name ends in 'mask' and whose shape is the weight's (torch.nn.utils.prune's
-    ``weight_mask``); None for an unpruned layer."""
-    effst_mask = _mask_parametrization(module)
-    if effst_mask is not None:
-        return effst_mask.mask
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return None
-    for name, buffer in module.named_buffers():
-        if "mask" in name.rsplit(".", 1)[-1] and tuple(buffer.shape) == tuple(weight.shape):
-            return buffer
-    return None
-
-
-def weight_counts(module: nn.Module) -> tuple[int, int]:
-    """``(dense entries, kept entries)`` of a layer's weight -- the one place pruned synapses are
-    counted: a block-sparse layer keeps the entries of its stored tiles, a masked layer its mask's
-    True entries, any other layer all of them."""
-    if isinstance(module, BlockSparseLinear):
-        return module.out_features * module.in_features, int(module.element_mask().sum())
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{type(module).__name__}: has no weight tensor to count")
-    mask = weight_mask(module)
-    return weight.numel(), weight.numel() if mask is None else int(torch.count_nonzero(mask))
 
 
 @dataclass
