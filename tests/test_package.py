@@ -209,6 +209,8 @@ LAYERS = {
     "prune": {"ops", "nn", "models", "prune"},
     "convert": {"ops", "nn", "convert"},
     "data": {"data"},
+    "train": {"ops", "nn", "models", "prune", "convert", "data", "train"},
+    "benchmarks": {"ops", "nn", "models", "prune", "convert", "benchmarks"},
 }
 
 
