@@ -217,15 +217,20 @@ def _two_four_row(m, k, n, device, dtype, quick, stamp) -> dict:
     return row
 
 
-def _model_rows(name: str, device: str, quick: bool, stamp: dict) -> list[dict]:
-    """Dense vs block-L1P-90 % BlockSparseLinear Spikformer: inference and training step."""
+IMAGENET_SHAPE = {"image_size": 224, "variant": "imagenet", "num_classes": 1000, "in_channels": 3}  # 196 tokens
+
+
+def _model_rows(name: str, device: str, quick: bool, stamp: dict, overrides: Optional[dict] = None) -> list[dict]:
+    """Dense vs block-L1P-90 % BlockSparseLinear Spikformer: inference and training step.
+
+    ``overrides``: config fields (default: the ImageNet shape, 196 tokens)."""
     from effst import prune
     from effst.models import build_model
     from effst.models.spikformer import prune_targets
     from effst.nn import reset
 
     batch = 16 if quick else 64
-    overrides = {"image_size": 224, "variant": "imagenet", "num_classes": 1000}  # 196 tokens
+    overrides = IMAGENET_SHAPE if overrides is None else overrides
     out = []
     results = {}
     for variant in ("dense", "block-sparse"):
@@ -234,8 +239,9 @@ def _model_rows(name: str, device: str, quick: bool, stamp: dict) -> list[dict]:
         if variant == "block-sparse":
             prune.block_l1p(net, MODEL_SPARSITY, targets=prune_targets(net), block_size=prune.DEFAULT_BLOCK_SIZE)
             prune.to_block_sparse(net)
-        x = torch.randn(batch, 3, 224, 224, device=device)
-        y = torch.randint(0, 1000, (batch,), device=device)
+        cfg = net.config
+        x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+        y = torch.randint(0, cfg.num_classes, (batch,), device=device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
         def infer(i=0):
@@ -256,7 +262,7 @@ def _model_rows(name: str, device: str, quick: bool, stamp: dict) -> list[dict]:
             t = timing.time_function(fn, device=device, warmup=2, reps=3 if quick else 8, min_reps=3, max_seconds=4.0)
             results[(variant, step)] = t["ms"]
             row = {"kind": "model", "model": name, "variant": variant, "step": step, "batch": batch, "T": 4,
-                   "tokens": 196, "dtype": "bfloat16 (autocast)", "ms": t["ms"], "ms_q1": t["ms_q1"], "ms_q3": t["ms_q3"],
+                   "image_size": cfg.image_size, "dtype": "bfloat16 (autocast)", "ms": t["ms"], "ms_q1": t["ms_q1"], "ms_q3": t["ms_q3"],
                    "images_per_s": batch / (t["ms"] * 1e-3), "timing_method": t["method"], "status": "ok", **stamp}
             if variant == "block-sparse":
                 row.update(sparsity=MODEL_SPARSITY, block=list(prune.DEFAULT_BLOCK_SIZE),

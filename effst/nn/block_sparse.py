@@ -211,10 +211,11 @@ class BlockSparseLinear(nn.Module):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"x: expected shape [..., {self.in_features}], got {tuple(x.shape)}")
         check_input_dtype(x, values.dtype)
+        triton_path = use_triton(x.device, self.backend)
+        if self.backend == "triton" and not triton_path:
+            raise RuntimeError("backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
         # The layer's own state was validated when it was set (construction, loading).
-        return block_sparse_linear_unchecked(
-            x, values, self.layout, self.out_features, bias, use_triton(x.device, self.backend)
-        )
+        return block_sparse_linear_unchecked(x, values, self.layout, self.out_features, bias, triton_path)
 
     def extra_repr(self) -> str:
         return (
