@@ -110,8 +110,12 @@ EFFST_HD S forward_step(S x, S v_prev, S k, S theta, S v_reset, bool hard_reset,
   const S h = charge(v_prev, x, k, v_reset, decay_input);
   const bool fired = h >= theta;
   spike = fired ? S(1) : S(0);
-  // Hard: (1 - S) H + S V_r, written as a select so it is exact and vectorises as a blend.
-  return hard_reset ? (fired ? v_reset : h) : h - spike * theta;
+  // Hard: (1 - S) H + S V_r; soft: H - S theta. Written as selects between values computed
+  // unconditionally: exact, and a compiler that keeps FP exceptions precise (GCC's default
+  // -ftrapping-math) may turn such a select into a vector blend, but not a select whose arm
+  // does arithmetic (that arm would run speculatively).
+  const S after_soft_reset = h - theta;
+  return fired ? (hard_reset ? v_reset : after_soft_reset) : h;
 }
 
 // One backward step (reverse time), for a step whose membrane is not itself an output (g_V = 0).
