@@ -508,3 +508,22 @@ def test_gpu_check_budgets_fit_the_device_session():
     budgets = dict(re.findall(r"([a-z-]+)=(\d+)", re.search(r'SUITE_TIMEOUTS="([^"]+)"', text).group(1)))
     assert set(budgets) == {"neuron", "overhead", "sparse", "train-step"}
     assert sum(int(v) for v in budgets.values()) <= limits["T_BENCH"] - 15
+
+
+def test_sj2_implementation_detection_reads_its_recorded_choices(monkeypatch):
+    """The runner names what SpikingJelly 2.0.0 chose: a kernel per device, or the torch reference
+    fallback recorded under (device, reason) (half precision); nothing for a version without it."""
+    import sys
+    import types
+
+    runner = _load_peer_script("sj_neuron", monkeypatch)
+    chosen = types.SimpleNamespace(name="triton")
+    selection = types.SimpleNamespace(_selections={0: chosen, (0, "Torch reference implementation required"): None})
+    for name in ("spikingjelly", "spikingjelly._ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "spikingjelly._ops.lif", types.SimpleNamespace(_selection=selection))
+    assert runner.sj2_selections("LIF") == {
+        0: "triton", (0, "Torch reference implementation required"):
+            "torch-reference (Torch reference implementation required)"}
+    monkeypatch.setitem(sys.modules, "spikingjelly._ops.plif", None)  # not importable (0.0.0.0.14)
+    assert runner.sj2_selections("PLIF") == {}
