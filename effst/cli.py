@@ -362,12 +362,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"  - {c['selector']} at {c['ratio']:g} vs {c['against']}: {c['text']}: {c['verdict']}")
         return 0
     if args.command == "pipeline":
-        from effst.train.pipeline import PipelineOptions, run_pipeline
+        from dataclasses import asdict
+
+        from effst.train.pipeline import PipelineOptions, run_pipeline, saved_options
 
         out = args.out = args.out or default_out("pipeline")
         check_writable_location(out)
         folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite, marker="plan.json")
-        options = PipelineOptions.from_args(args)
+        saved = saved_options(out) if args.resume else None
+        options = PipelineOptions.from_args(args, saved)
+        if saved is not None:
+            now = asdict(options)
+            changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now) if k in saved and saved[k] != now[k]]
+            print(f"effst: resuming {out} with the options saved in its plan.json"
+                  + (f"; overridden here: {', '.join(changed)}" if changed else ""), file=sys.stderr)
         result = _in_folder(folder, lambda work: run_pipeline(options, work, resume=args.resume, shown_as=out))
         print(f"effst: pipeline report: {Path(out) / 'report.md'} ({result['wall_time_s']:.0f} s)")
         for line in result["conclusions"]["statements"]:

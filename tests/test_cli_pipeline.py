@@ -95,9 +95,10 @@ def test_every_stage_checkpoint_loads_and_reproduces_its_accuracy(pipeline_run):
 def test_pipeline_resume_reuses_finished_stages(pipeline_run):
     out, _ = pipeline_run
     before = json.loads((out / "report.json").read_text())
-    result = run_cli("pipeline", "--data", "synthetic", "--config", out.parent / "pipeline.yaml", "--out", out,
-                     "--resume", "--workers", "1")
+    # Issue 13 (7): --resume alone brings back the run's options (data, seeds, epochs, …).
+    result = run_cli("pipeline", "--out", out, "--resume", "--workers", "1")
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "options saved in its plan.json; overridden here: workers 2 -> 1" in result.stderr
     assert result.stderr.count("(reused)") == len(before["stages"])
     after = json.loads((out / "report.json").read_text())
     assert after["rows"] == before["rows"] and after["conclusions"] == before["conclusions"]

@@ -57,9 +57,10 @@ class PipelineOptions:
     finetune: dict = field(default_factory=dict)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "PipelineOptions":
-        """Defaults < ``--config`` file < flags."""
-        values: dict[str, Any] = {}
+    def from_args(cls, args: argparse.Namespace, saved: Optional[dict] = None) -> "PipelineOptions":
+        """Defaults < ``saved`` (a resumed run's own options, from its ``plan.json``) < ``--config``
+        file < flags."""
+        values: dict[str, Any] = normalize_keys(saved or {}, "plan.json options", PIPELINE_KEYS)
         if args.config is not None:
             values.update(normalize_keys(load_config_file(args.config), "config", PIPELINE_KEYS))
         for key in PIPELINE_KEYS:
@@ -184,6 +185,17 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def saved_options(out: Path) -> dict:
+    """The options a pipeline run in ``out`` was started with (its ``plan.json``)."""
+    import json
+
+    path = Path(out) / "plan.json"
+    try:
+        return dict(json.loads(path.read_text())["options"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--resume: {path} cannot be read ({type(error).__name__}: {error})") from None
 
 
 def run_pipeline(options: PipelineOptions, out: str | Path, *, resume: bool = False,
