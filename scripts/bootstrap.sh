@@ -20,8 +20,9 @@ pip_quiet() {
 }
 
 if [ ! -x .venv/bin/python ]; then
-    "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
-        || fail "Python >= 3.10 is needed; $PY is $("$PY" --version 2>&1 || echo missing) (set PYTHON=/path/to/python3)"
+    # effst itself needs 3.10; SpikingJelly 2.0.0, the tests' oracle installed below, needs 3.11.
+    "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+        || fail "Python >= 3.11 is needed (SpikingJelly 2.0.0); $PY is $( (command -v "$PY" >/dev/null && "$PY" --version 2>&1) || echo "not found") (set PYTHON=/path/to/python3.11)"
     step "creating .venv with $("$PY" --version 2>&1)"
     "$PY" -m venv .venv || fail "'$PY -m venv' failed: install the venv module (Debian/Ubuntu: python3-venv)"
 fi
