@@ -18,9 +18,12 @@ from effst.models.spikformer import (
     prune_targets,
     unwrap,
 )
+from effst.models.token_selection import SELECTORS, TokenSelection, distillation_loss
+from effst.models.flops import spikformer_macs
 
 __all__ = [
     "CONFIGS", "NEURONS", "VARIANTS", "Block", "MLP", "SPS", "SSA", "Spikformer", "SpikformerConfig",
     "build_model", "build_model_from_spec", "count_parameters", "effective_weight", "make_neuron",
-    "prune_targets", "unwrap", "record_firing_rates", "FiringRateRecorder", "E_AC_PJ", "E_MAC_PJ",
+    "prune_targets", "unwrap", "record_firing_rates", "SELECTORS", "TokenSelection", "distillation_loss",
+    "spikformer_macs", "FiringRateRecorder", "E_AC_PJ", "E_MAC_PJ",
 ]
