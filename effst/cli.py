@@ -237,7 +237,9 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         where = getattr(args, "out", None)
-        print(f"effst: {interrupted_message(where) if where else 'interrupted'}", file=sys.stderr)
+        saved = where is not None and any((Path(where) / name).is_file() for name in ("checkpoint.pt", "plan.json"))
+        print(f"effst: {interrupted_message(where) if saved else 'interrupted before anything was saved'}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as error:  # a filesystem error: one line with the path
         if os.environ.get("EFFST_DEBUG"):
