@@ -116,7 +116,9 @@ def ensure_env(spec: PeerSpec, peers_dir: Path, wheels: Optional[Path] = None, *
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=peers_dir))
     staging.chmod(0o755)  # mkdtemp makes it private; the finished environment is not
     base = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
-            "--disable-pip-version-check", "--upgrade", "--target", str(staging)]
+            "--disable-pip-version-check", "--upgrade", "--target", str(staging),
+            # an offline machine (the GPU one) must fail fast, not retry for minutes
+            "--retries", "1", "--timeout", "10"]
     attempts = []  # carried wheels alone first, then the registry (with the wheels as a source)
     if wheels is not None and wheels.is_dir():
         if _wheel_for(spec.requirement, wheels):
