@@ -488,8 +488,8 @@ def test_overhead_suite_and_neuron_kernel_time_on_cuda():
         assert row["us"] > 0 and row["kernel_ms"] is not None and row["kernel_ms"] > 0, row
     module = effst.nn.SLIF(channels=64, channel_dim=-1, backend="triton").cuda()
     measured = timing.time_neuron(module, module.reset, T=4, step_shape=(8, 64), dtype=torch.float16,
-                                  device="cuda", seed=0, warmup=2, reps=5, max_seconds=None)
-    assert measured["kernel_ms"] > 0
+                                  device="cuda", seed=0, warmup=2, reps=5, max_seconds=None, also_profile=True)
+    assert measured["kernel_ms"] > 0 and measured["kernel_profiler_ms"] > 0
     # issue 9: effst's CUDA path has no host synchronisation, so the call is capturable
     assert measured["kernel_method"].startswith("CUDA graph"), measured.get("kernel_graph_error")
 
@@ -527,3 +527,21 @@ def test_sj2_implementation_detection_reads_its_recorded_choices(monkeypatch):
             "torch-reference (Torch reference implementation required)"}
     monkeypatch.setitem(sys.modules, "spikingjelly._ops.plif", None)  # not importable (0.0.0.0.14)
     assert runner.sj2_selections("PLIF") == {}
+
+
+def test_kernel_speedup_compares_like_with_like():
+    """Against a peer only the profiler could time, effst's profiler figure is used, not its graph replay."""
+    from effst.benchmarks.neuron import comparisons
+
+    def row(library, neuron, kernel, ms, kernel_ms, method, **extra):
+        return {"status": "ok", "library": library, "neuron": neuron, "kernel": kernel, "dtype": "float16", "T": 8,
+                "ms": ms, "kernel_ms": kernel_ms, "kernel_method": method, **extra}
+
+    rows = [row("effst", "SLIF", "triton", 1.0, 0.20, "CUDA graph replay", kernel_profiler_ms=0.25),
+            row("spikingjelly 0.0.0.0.14", "PLIF", "cupy", 2.0, 0.75, "torch.profiler: sum"),
+            row("spikingjelly 2.0.0", "PLIF", "torch-reference", 3.0, 0.80, "CUDA graph replay")]
+    found = {c["peer"].split(" PLIF")[0]: c for c in comparisons(rows, "cuda") if "PLIF" in c["peer"]}
+    cupy, sj2 = found["spikingjelly 0.0.0.0.14"], found["spikingjelly 2.0.0"]
+    assert cupy["kernel_speedup"] == pytest.approx(0.75 / 0.25) and cupy["effst_kernel_ms"] == 0.25
+    assert sj2["kernel_speedup"] == pytest.approx(0.80 / 0.20) and sj2["effst_kernel_ms"] == 0.20
+    assert cupy["speedup"] == pytest.approx(2.0) and cupy["target"] == 4.0 and cupy["met"] is False

@@ -25,7 +25,8 @@ implementation, dtype, T, step_shape, neurons_per_step, ms (eager wall, median),
 ms_q3, reps, warmup, first_call_ms, input_sets, peak_memory_bytes (CUDA), firing_rate,
 neuron_steps, gneuron_steps_per_s, bytes_per_neuron_step, achieved_bytes_per_s,
 copy_bandwidth_fraction; on CUDA kernel_ms, kernel_ms_min, kernel_method (CUDA-graph replay or
-profiler), kernel_graph_error (why a call could not be captured), kernel_achieved_bytes_per_s,
+profiler), kernel_graph_error (why a call could not be captured), kernel_profiler_ms (effst rows:
+the profiler's figure as well, compared against peers only the profiler can time), kernel_achieved_bytes_per_s,
 kernel_copy_bandwidth_fraction; note (e.g. the numpy.int shim of 0.0.0.0.14); with --repeat N > 1
 also rounds, round_ms (ms = median of the rounds' medians).
 Overhead rows: library, op, kernel, shape, threads, us (median per call), us_q1, us_q3,

@@ -260,20 +260,26 @@ def kernel_time_profiled(call: Callable[[], Any], device: str, *, reps: int = 3)
         return {"kernel_ms": None, "kernel_method": None, "kernel_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
-def kernel_time(call: Callable[[], Any], device: str, *, reps: int = 20, capture: bool = True) -> dict:
+def kernel_time(call: Callable[[], Any], device: str, *, reps: int = 20, capture: bool = True,
+                also_profile: bool = False) -> dict:
     """Device time of one ``call()`` without host overhead (see the module docstring).
 
     Returns ``kernel_ms``, ``kernel_ms_min``, ``kernel_reps``, ``kernel_method`` and, when the
     graph capture was refused, ``kernel_graph_error``; on the CPU (no such split) ``{}``.
     ``capture=False`` goes straight to the profiler (for kernels known to launch outside torch's
-    stream, e.g. cupy's: a capture attempt would only fail).
+    stream, e.g. cupy's: a capture attempt would only fail). ``also_profile``: after a graph
+    replay, the profiler's figure too (``kernel_profiler_ms``), to compare like with like against
+    a peer that only the profiler can time.
     """
     if not device.startswith("cuda"):
         return {}
     graph_error = "not attempted: the call launches kernels outside torch's stream"
     if capture:
         try:
-            return _graph_kernel_time(call, reps)
+            result = _graph_kernel_time(call, reps)
+            if also_profile:
+                result["kernel_profiler_ms"] = kernel_time_profiled(call, device, reps=5).get("kernel_ms")
+            return result
         except Exception as exc:  # not capturable: the profiler sees every kernel wherever it runs
             graph_error = f"{type(exc).__name__}: {str(exc)[:300]}"
             try:
@@ -323,13 +329,14 @@ def time_neuron(
     reps: int,
     max_seconds: Optional[float],
     capture: bool = True,
+    also_profile: bool = False,
 ) -> dict:
     """Forward + backward of a multi-step neuron module on fresh random inputs.
 
     One call = ``reset()``, ``spikes = module(x)``, then ``torch.autograd.grad`` of the spikes
     with respect to x and every trainable parameter (no gradient accumulation, nothing to zero).
     ``ms`` is the eager wall time of a call; on CUDA ``kernel_ms`` is its device time
-    (:func:`kernel_time`, ``capture`` passed on).
+    (:func:`kernel_time`, ``capture`` and ``also_profile`` passed on).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     set_bytes = 2 * T * math.prod(step_shape) * itemsize
@@ -346,7 +353,8 @@ def time_neuron(
     result = time_function(call, device=device, warmup=warmup, reps=reps, max_seconds=max_seconds)
     result["input_sets"] = sets
     result["peak_memory_bytes"] = peak_memory_bytes(lambda: call(0), device)
-    result.update(kernel_time(lambda: call(0), device, reps=min(reps, 20), capture=capture))
+    result.update(kernel_time(lambda: call(0), device, reps=min(reps, 20), capture=capture,
+                              also_profile=also_profile))
     spikes = None
     with torch.no_grad():
         reset()
