@@ -236,3 +236,23 @@ def test_token_study_verdicts_come_from_paired_intervals():
     assert options.imp_rounds == 9     # 0.75^8 keeps 10.01 %: nine rounds for >= 90 % sparsity
     with pytest.raises(ValueError, match="ratios"):
         TokenStudyOptions(ratios=[1.5]).validate()
+
+
+def test_teacher_adds_the_distillation_term_in_training_only():
+    teacher = _model(None, seed=1)
+    student = _model("sts", 0.7)
+    student.set_teacher(teacher)
+    student.train()
+    x = _images(seed=3)
+    torch.manual_seed(0)
+    logits = student(x)
+    teacher.eval()
+    expected = 0.5 * distillation_loss(logits, teacher(x))
+    assert torch.allclose(student.auxiliary_losses()["distillation"], expected)
+    assert "selector.teacher" not in str(list(student.state_dict()))
+    assert not any(k.startswith("_teacher") for k in student.state_dict())
+    student.eval()
+    student(x)
+    assert "distillation" not in student.auxiliary_losses()
+    with pytest.raises(ValueError, match="teacher"):
+        _model("stata", 0.5).set_teacher(teacher)

@@ -38,7 +38,7 @@ from effst.nn.weight_counts import weight_counts, weight_mask
 from effst.nn import LIF, PLIF, SLIF
 from effst.ops.slif import BACKENDS
 from effst.ops.token_select import run_neuron_on_tokens
-from effst.models.token_selection import DEFAULT_KEEP_RATIO, SELECTORS, TokenSelection, TokenSelector
+from effst.models.token_selection import DEFAULT_KEEP_RATIO, SELECTORS, TokenSelection, TokenSelector, distillation_loss
 
 #: Neuron kinds :func:`build_model` accepts. ``spikingjelly`` is the installed SpikingJelly's
 #: ``LIFNode(step_mode='m')`` (2.0.0 picks its own kernels); ``spikingjelly-cupy`` is
@@ -446,7 +446,7 @@ class Spikformer(nn.Module):
         """Weighted auxiliary loss terms of the last forward (add their sum to the task loss):
         ``'ratio'`` (STS, training), ``'intra_alignment'``/``'inter_alignment'`` (STATA,
         training). Empty for the dense model and the random controls. STS's distillation needs
-        the teacher's logits: see :func:`effst.models.token_selection.distillation_loss`."""
+        a teacher: :meth:`set_teacher` adds it here as ``'distillation'``."""
         return {} if self.selector is None else dict(self.selector.losses)
 
     def tokens_per_block(self) -> list[float]:
@@ -518,11 +518,30 @@ class Spikformer(nn.Module):
         token_dim = 3 if self.config.channel_first else 2
         return x.mean(dim=token_dim).mean(dim=0)
 
+    def set_teacher(self, teacher: Optional[nn.Module]) -> None:
+        """STS distillation: in training, every forward also runs ``teacher`` (the dense model,
+        eval mode, no gradient, same device) and adds ``distill_weight * KL(teacher || student)``
+        to :meth:`auxiliary_losses` as ``'distillation'``. The teacher is not a submodule: it is
+        neither saved with the model nor trained. ``None`` removes it."""
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher: expected an nn.Module or None, got {type(teacher).__name__}")
+        if teacher is not None and (self.selector is None or self.selector.selection.family != "sts"):
+            raise ValueError("teacher: distillation is part of STS training; this model has no STS selector")
+        self.__dict__["_teacher"] = teacher    # bypasses nn.Module registration on purpose
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            return self.head(self.forward_features(x))
+            logits = self.head(self.forward_features(x))
         finally:
             self.reset()
+        teacher = self.__dict__.get("_teacher")
+        if teacher is not None and self.training and self.selector.selection.distill_weight > 0:
+            teacher.eval()
+            with torch.no_grad():
+                target = teacher(x)
+            self.selector.losses["distillation"] = self.selector.selection.distill_weight * \
+                distillation_loss(logits, target)
+        return logits
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -99,18 +99,16 @@ def _train(model, teacher, train_split, options: TokenStudyOptions, *, epochs: i
            on_first_step=None, max_steps: Optional[int] = None) -> None:
     from effst.data import batches, num_batches
     from effst.train.loop import make_optimizer, warmup_cosine
-    from effst.models.token_selection import distillation_loss
 
     optimizer = make_optimizer(model, lr, options.weight_decay)
+    selection = model.token_selection
+    if teacher is not None and selection is not None and selection.selector == "sts":
+        model.set_teacher(teacher)   # distillation arrives with the auxiliary losses
     steps = num_batches(len(train_split), options.batch_size) * epochs
     if max_steps is not None:
         steps = min(steps, max_steps)
     done = 0
     scheduler = warmup_cosine(optimizer, 0, steps, 0.01)
-    distill = 0.0
-    selection = model.token_selection
-    if teacher is not None and selection is not None and selection.selector == "sts":
-        distill = selection.distill_weight
     model.train()
     for epoch in range(epochs):
         for x, y in batches(train_split, options.batch_size, seed=seed, epoch=epoch, train=True):
@@ -119,10 +117,6 @@ def _train(model, teacher, train_split, options: TokenStudyOptions, *, epochs: i
             done += 1
             logits = model(x)
             loss = F.cross_entropy(logits, y) + sum(model.auxiliary_losses().values())
-            if distill:
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-                loss = loss + distill * distillation_loss(logits, teacher_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
