@@ -136,6 +136,7 @@ def time_train_step(neuron: str, device: str = "cpu", batch: int = 64, T: int = 
         torch.cuda.current_stream(dev).wait_stream(side)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates .grad itself
+        torch.cuda.reset_peak_memory_stats(dev)  # replays do not allocate: the capture's peak is the step's
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
@@ -146,7 +147,7 @@ def time_train_step(neuron: str, device: str = "cpu", batch: int = 64, T: int = 
         for _ in range(max(warmup - 1, 0)):
             step()
     sync()
-    if dev.type == "cuda":
+    if dev.type == "cuda" and not graphed:
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
     for _ in range(reps):
