@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
@@ -202,8 +203,12 @@ def build_from_recipe(recipe: list[dict]) -> torch.nn.Module:
         torch.manual_seed(0)
         model = build_model(first["name"], neuron=first["neuron"], num_classes=first.get("num_classes"),
                             T=first.get("T"), backend=first.get("backend", "auto"), **first.get("overrides", {}))
-        for step in recipe[1:]:
-            model = apply_step(model, step)
+        # The steps' warnings (e.g. a block tile adapted to a small matrix) were shown when the
+        # steps were first applied; replaying them on every load must not repeat them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for step in recipe[1:]:
+                model = apply_step(model, step)
     return model
 
 
