@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -198,15 +198,24 @@ def run_token_study(options: TokenStudyOptions, out: str | os.PathLike, *, log=p
     workers = options.workers or max(1, min(os.cpu_count() or 1, 4))
     t0 = time.perf_counter()
     results: list[dict] = []
-    dense_jobs = [{"seed": s, "kind": "dense"} for s in options.seeds]
-    later = [{"seed": s, "kind": v, "ratio": r} for s in options.seeds for r in options.ratios for v in VARIANTS]
-    later += [{"seed": s, "kind": "imp"} for s in options.seeds]
+    # A seed's fine-tuning jobs are queued as soon as its dense model exists, so no worker idles
+    # while another seed is still pretraining.
+    total = len(options.seeds) * (2 + len(VARIANTS) * len(options.ratios))
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for phase in (dense_jobs, later):
-            for result in pool.map(run_job, phase, [options] * len(phase), [str(out)] * len(phase)):
+        pending = {pool.submit(run_job, {"seed": s, "kind": "dense"}, options, str(out)): s for s in options.seeds}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                seed = pending.pop(future)
+                result = future.result()
                 results.append(result)
-                log(f"effst: token study seed {result['seed']} {_key(result)}: accuracy "
+                log(f"effst: token study [{len(results)}/{total}] seed {seed} {_key(result)}: accuracy "
                     f"{100 * result['accuracy']:.2f} % ({time.perf_counter() - t0:.0f} s)")
+                if result["kind"] == "dense":
+                    jobs = [{"seed": seed, "kind": v, "ratio": r} for r in options.ratios for v in VARIANTS]
+                    for job in jobs + [{"seed": seed, "kind": "imp"}]:
+                        pending[pool.submit(run_job, job, options, str(out))] = seed
+    results.sort(key=lambda r: (options.seeds.index(r["seed"]), _key(r)))
     summary = summarize(options, results, time.perf_counter() - t0)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(markdown(summary))
