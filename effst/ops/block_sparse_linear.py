@@ -344,8 +344,10 @@ def _sum_splits_kernel(partial_ptr, out_ptr, numel, num_splits, BLOCK: tl.conste
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
     acc = tl.zeros((BLOCK,), dtype=partial_ptr.dtype.element_ty)
-    for s in range(0, num_splits):
-        acc += tl.load(partial_ptr + s * numel + offs, mask=inside, other=0)
+    partial = partial_ptr + offs  # advanced one split at a time: 64-bit pointer arithmetic
+    for _ in range(0, num_splits):
+        acc += tl.load(partial, mask=inside, other=0)
+        partial += numel
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
