@@ -256,3 +256,14 @@ def test_teacher_adds_the_distillation_term_in_training_only():
     assert "distillation" not in student.auxiliary_losses()
     with pytest.raises(ValueError, match="teacher"):
         _model("stata", 0.5).set_teacher(teacher)
+
+
+def test_cli_token_options_fail_early_with_named_flags(tmp_path, capsys):
+    from effst.cli import main
+
+    assert main(["pipeline", "--study", "tokens", "--sparsities", "0.5", "--out", str(tmp_path / "a")]) != 0
+    assert "--sparsities" in capsys.readouterr().err
+    assert main(["train", "--keep-ratio", "0.5", "--out", str(tmp_path / "b")]) != 0
+    assert "--keep-ratio: only meaningful with --token-selector" in capsys.readouterr().err
+    assert main(["train", "--token-selector", "sts", "--keep-ratio", "1.5", "--out", str(tmp_path / "c")]) != 0
+    assert "keep_ratio" in capsys.readouterr().err
