@@ -44,6 +44,19 @@ def training_step(model, x, target, optimizer=None):
     return out.detach().clone(), grads
 
 
+def train_side_by_side(eager_model, eager_call, other_model, other_call, x, target, steps):
+    """SGD steps on both copies with the same inputs: outputs and gradients must agree."""
+    opt_eager = torch.optim.SGD(eager_model.parameters(), lr=0.1)
+    opt_other = torch.optim.SGD(other_model.parameters(), lr=0.1)
+    for step in range(steps):
+        xs = x + 0.1 * step
+        want_out, want_grads = training_step(eager_call, xs, target, opt_eager)
+        got_out, got_grads = training_step(other_call, xs, target, opt_other)
+        torch.testing.assert_close(got_out, want_out)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("neuron_cls,kwargs", [(SLIF, {"channels": 64}), (PLIF, {}), (LIF, {})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_training_step_never_synchronises_the_host(neuron_cls, kwargs, dtype, device):
@@ -67,15 +80,7 @@ def test_make_graphed_callables_training_step(device):
     x = torch.randn(8, 16, 64, device=device) + 0.5
     target = torch.rand(8, 16, 64, device=device)
     graphed = torch.cuda.make_graphed_callables(graphed_model, (x.clone().requires_grad_(False),))
-    opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1)
-    opt_graphed = torch.optim.SGD(graphed_model.parameters(), lr=0.1)
-    for step in range(3):
-        xs = x + 0.1 * step
-        want_out, want_grads = training_step(eager, xs, target, opt_eager)
-        got_out, got_grads = training_step(graphed, xs, target, opt_graphed)
-        torch.testing.assert_close(got_out, want_out)
-        for a, b in zip(got_grads, want_grads):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    train_side_by_side(eager, eager, graphed_model, graphed, x, target, steps=3)
 
 
 def test_compile_reduce_overhead_training_step(device):
@@ -84,15 +89,8 @@ def test_compile_reduce_overhead_training_step(device):
     compiled = torch.compile(compiled_model, mode="reduce-overhead", fullgraph=True)
     x = torch.randn(8, 16, 64, device=device) + 0.5
     target = torch.rand(8, 16, 64, device=device)
-    opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1)
-    opt_compiled = torch.optim.SGD(compiled_model.parameters(), lr=0.1)
-    for step in range(4):  # cudagraph trees warm up, record, then replay
-        xs = x + 0.1 * step
-        want_out, want_grads = training_step(eager, xs, target, opt_eager)
-        got_out, got_grads = training_step(compiled, xs, target, opt_compiled)
-        torch.testing.assert_close(got_out, want_out)
-        for a, b in zip(got_grads, want_grads):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # 4 steps: cudagraph trees warm up, record, then replay
+    train_side_by_side(eager, eager, compiled_model, compiled, x, target, steps=4)
 
 
 def test_compile_inductor_matches_eager_bf16(device):

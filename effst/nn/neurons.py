@@ -197,14 +197,13 @@ class SLIF(nn.Module):
                 return_state=True, spike_dtype=self.spike_dtype)
             return spikes
         if isinstance(state, torch.Tensor):
-            v_init = state.to(plan.compute_dtype).reshape(-1)
+            v_init = state if state.dtype == plan.compute_dtype else state.to(plan.compute_dtype)
         elif state != self._rest_potential():
             v_init = torch.full((plan.N,), float(state), dtype=plan.compute_dtype, device=x.device)
         else:
             v_init = None
-        spikes, v_final = slif_with_plan(x, self.w, self.v_threshold, v_init, plan)
-        self.v = v_final.view(x.shape[1:])
-        return spikes.view(x.shape)
+        spikes, self.v = slif_with_plan(x, self.w, self.v_threshold, v_init, plan)
+        return spikes
 
     def extra_repr(self) -> str:
         form = "per layer" if self.channels is None else f"per channel (C={self.channels}, dim={self.channel_dim})"

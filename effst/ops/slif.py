@@ -732,14 +732,11 @@ def _as_parameter(value, name: str, x: torch.Tensor) -> torch.Tensor:
 
 def slif_with_plan(x: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
                    v_init: Optional[torch.Tensor], plan: SLIFPlan):
-    """Run a fused backend on validated inputs; returns ``(spikes [T, N], v_final [N])``.
+    """Run a fused backend on validated inputs: ``(spikes like x, v_final like one step)``.
 
-    The modules call this with a plan cached per input shape; ``v_init`` is ``[N]`` in the
-    compute dtype or None.
+    The modules call this with a plan cached per input shape; ``v_init`` holds N values in the
+    compute dtype (any shape) or is None.
     """
-    x2d = x.reshape(plan.T, plan.N)
-    if plan.N > 1 and x2d.stride(1) != 1:
-        x2d = x2d.contiguous()
     cdtype = plan.compute_dtype
     # (each skipped no-op tensor call saves a microsecond or two of Python per layer)
     if w.dtype != cdtype:
@@ -751,13 +748,19 @@ def slif_with_plan(x: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
     if theta.dim() != 1:
         theta = theta.reshape(-1)
     if plan.backend == "native" and not torch.compiler.is_compiling():
-        # One operator call: its autograd (and the parameter-gradient sums) live in C++
-        # (csrc/slif_autograd.cpp), so the backward runs no Python at all.
-        spikes, v_final = torch.ops.effst_native.slif(x2d, w, theta, v_init, *_plan_args(plan))
+        # One operator call: its autograd, the [T, N] view and the parameter-gradient sums
+        # live in C++ (csrc/slif_autograd.cpp), so the backward runs no Python at all.
+        spikes, v_final = torch.ops.effst_native.slif(x, w, theta, v_init, *_plan_args(plan))
         if plan.spike_dtype != spikes.dtype:
             spikes = spikes.to(plan.spike_dtype)
         return spikes, v_final
-    return SLIFFunction.apply(x2d, w, theta, v_init, plan)
+    x2d = x.reshape(plan.T, plan.N)
+    if plan.N > 1 and x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    if v_init is not None and v_init.dim() != 1:
+        v_init = v_init.reshape(-1)
+    spikes, v_final = SLIFFunction.apply(x2d, w, theta, v_init, plan)
+    return spikes.view(x.shape), v_final.view(x.shape[1:])
 
 
 def slif(
@@ -841,9 +844,8 @@ def slif(
     cdtype = plan.compute_dtype
     v_init_flat = v_init.to(cdtype).reshape(-1).contiguous() if v_init is not None else None
     spikes, v_final = slif_with_plan(x, w, theta, v_init_flat, plan)
-    spikes = spikes.reshape(x.shape)
     if return_state:
-        return spikes, v_final.reshape(step_shape)
+        return spikes, v_final
     return spikes
 
 
