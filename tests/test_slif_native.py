@@ -418,3 +418,19 @@ def test_autograd_lives_in_cpp():
     torch.testing.assert_close(w.grad, wr.grad, rtol=1e-9, atol=1e-9)
     with torch.inference_mode():  # below the Autograd key: the forward alone
         assert torch.equal(slif(x, w, theta, v_reset=None, backend="native"), sr.detach())
+
+
+@pytest.mark.parametrize("with_v_init", [False, True])
+def test_opcheck_native_autograd_op(with_v_init):
+    # effst_native::slif: schema, autograd registration and fake (Meta) implementation agree.
+    torch.manual_seed(22)
+    x = (torch.randn(5, 3, 4) + 0.5).requires_grad_(True)
+    w = torch.zeros(4, requires_grad=True)
+    theta = torch.full((4,), 0.8, requires_grad=True)
+    v_init = (torch.randn(3, 4) * 0.2).requires_grad_(True) if with_v_init else None
+    args = (x, w, theta, v_init, 4, 1, 4, 1, None, 1, 2.0, False, True)
+    torch.library.opcheck(torch.ops.effst_native.slif.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    spikes, v_final = torch.ops.effst_native.slif(*args)
+    assert spikes.shape == x.shape and v_final.shape == (3, 4)
