@@ -140,6 +140,22 @@ def _measure(model, test_split, options: TokenStudyOptions) -> dict:
             "sops": activity["sops"], "energy_uj": activity["energy_uj"]}
 
 
+def _kept_by_part(model) -> dict[str, float]:
+    """Kept fraction of the masked weights in the stem, the blocks, the head and the STS predictors
+    (one global threshold need not spread the pruning evenly)."""
+    from effst.prune import get_mask
+    from effst.prune.imp import prunable_weights
+
+    counts: dict[str, list[int]] = {}
+    for name, module in prunable_weights(model):
+        part = name.split(".")[0] if not name.startswith("selector") else "predictors"
+        mask = get_mask(module)
+        kept_total = counts.setdefault(part, [0, 0])
+        kept_total[0] += int(mask.sum())
+        kept_total[1] += mask.numel()
+    return {part: kept / total for part, (kept, total) in counts.items()}
+
+
 def run_job(job: dict, options: TokenStudyOptions, out: str) -> dict:
     """One study job (``dense``, a fine-tuned variant, or ``imp``); returns its measurements."""
     from effst.data import load_digits
@@ -176,6 +192,7 @@ def run_job(job: dict, options: TokenStudyOptions, out: str) -> dict:
             kept, total = mask_counts(model)
             result = _measure(model, test_split, options)
             result["weight_sparsity"] = 1 - kept / total
+            result["kept_by_part"] = _kept_by_part(model)
         else:
             _train(model, teacher, train_split, options, epochs=options.finetune_epochs, lr=options.finetune_lr,
                    seed=seed)
@@ -273,6 +290,12 @@ def markdown(summary: dict) -> str:
                      f"{sum(r['macs'] for r in runs) / len(runs) / 1e6:.2f} | "
                      f"{sum(r['sops'] for r in runs) / len(runs) / 1e6:.3f} | "
                      f"{sum(r['energy_uj'] for r in runs) / len(runs):.3f} |")
+    imp_runs = [r for row in summary["rows"] if row["method"] == "imp" for r in row["per_seed"].values()]
+    if imp_runs and "kept_by_part" in imp_runs[0]:
+        parts = imp_runs[0]["kept_by_part"]
+        lines += ["", "IMP keeps, of each part's weights (mean over seeds): " + ", ".join(
+            f"{part} {100 * sum(r['kept_by_part'][part] for r in imp_runs) / len(imp_runs):.1f} %" for part in parts)
+            + " (one global magnitude threshold: small-init matrices go first)."]
     lines += ["", "## Do the selectors beat their random controls?", "",
               "Paired per-seed differences of test accuracy (selector − other), 95 % Student-t interval; "
               "'inconclusive' when it contains 0.", "",
