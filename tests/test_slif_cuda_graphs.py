@@ -44,7 +44,19 @@ def training_step(model, x, target, optimizer=None):
     return out.detach().clone(), grads
 
 
-def train_side_by_side(eager_model, eager_call, other_model, other_call, x, target, steps):
+def assert_agree(got_out, want_out, got_grads, want_grads, flipped: float, grad_error: float):
+    """Spike outputs differ in at most a ``flipped`` fraction of places (a compiled Linear may
+    round differently, and a value within an ulp of the threshold then fires differently);
+    each gradient within ``grad_error`` relative (L2) error."""
+    differing = (got_out.float() != want_out.float()).float().mean().item()
+    assert differing <= flipped, f"{differing:.2%} of the spikes differ"
+    for got, want in zip(got_grads, want_grads):
+        error = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+        assert error <= grad_error, f"gradient {tuple(want.shape)}: relative error {error:.3g}"
+
+
+def train_side_by_side(eager_model, eager_call, other_model, other_call, x, target, steps,
+                       flipped: float = 0.0, grad_error: float = 1e-5):
     """SGD steps on both copies with the same inputs: outputs and gradients must agree."""
     opt_eager = torch.optim.SGD(eager_model.parameters(), lr=0.1)
     opt_other = torch.optim.SGD(other_model.parameters(), lr=0.1)
@@ -52,9 +64,7 @@ def train_side_by_side(eager_model, eager_call, other_model, other_call, x, targ
         xs = x + 0.1 * step
         want_out, want_grads = training_step(eager_call, xs, target, opt_eager)
         got_out, got_grads = training_step(other_call, xs, target, opt_other)
-        torch.testing.assert_close(got_out, want_out)
-        for a, b in zip(got_grads, want_grads):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert_agree(got_out, want_out, got_grads, want_grads, flipped, grad_error)
 
 
 @pytest.mark.parametrize("neuron_cls,kwargs", [(SLIF, {"channels": 64}), (PLIF, {}), (LIF, {})])
@@ -90,7 +100,8 @@ def test_compile_reduce_overhead_training_step(device):
     x = torch.randn(8, 16, 64, device=device) + 0.5
     target = torch.rand(8, 16, 64, device=device)
     # 4 steps: cudagraph trees warm up, record, then replay
-    train_side_by_side(eager, eager, compiled_model, compiled, x, target, steps=4)
+    train_side_by_side(eager, eager, compiled_model, compiled, x, target, steps=4,
+                       flipped=1e-3, grad_error=2e-2)
 
 
 def test_compile_inductor_matches_eager_bf16(device):
@@ -101,9 +112,7 @@ def test_compile_inductor_matches_eager_bf16(device):
     target = torch.rand(8, 16, 64, device=device).to(torch.bfloat16)
     want_out, want_grads = training_step(eager, x, target)
     got_out, got_grads = training_step(compiled, x, target)
-    torch.testing.assert_close(got_out.float(), want_out.float(), rtol=0, atol=0)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+    assert_agree(got_out, want_out, got_grads, want_grads, flipped=1e-2, grad_error=5e-2)
 
 
 def test_parameter_gradients_are_bitwise_deterministic(device):
