@@ -34,7 +34,7 @@ def _model(selector, ratio=None, seed=0, **options):
 
 
 def test_schedules_and_rounding():
-    assert sts_blocks_default(4) == (1, 2, 3) and sts_blocks_default(2) == (1,)
+    assert sts_blocks_default(4) == (1, 2, 3) and sts_blocks_default(2) == (1,) and sts_blocks_default(1) == (0,)
     assert stata_blocks_default(4) == (1,) and stata_blocks_default(8) == (2, 5)
     assert align_blocks_default(4) == (0, 2, 3) and align_blocks_default(8) == (0, 3, 7)
     assert [keep_count(64, 0.7 ** i) for i in (1, 2, 3)] == [44, 31, 21]
@@ -175,6 +175,13 @@ def test_stata_drops_tokens_in_training_and_adds_alignment_losses():
     assert model.selector.anchor.grad is not None
 
 
+def test_one_block_models_select_tokens():
+    for selector, tokens in (("sts", [11.0]), ("stata", [16.0]), ("sts-random", [11.0])):
+        model = build_model("spikformer-tiny", token_selector=selector, keep_ratio=0.7, backend="reference")
+        model.eval()
+        assert model(_images()).shape == (6, 10) and model.tokens_per_block() == tokens
+
+
 def test_random_controls_have_no_auxiliary_losses():
     for selector, tokens in (("sts-random", [16.0, 11.0, 7.0, 5.0]), ("stata-random", [16.0, 16.0, 8.0, 8.0])):
         model = _model(selector, 0.7 if selector == "sts-random" else 0.5)
@@ -203,7 +210,9 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="keep_ratio"):
         build_model("spikformer-tiny", keep_ratio=0.5)
     with pytest.raises(ValueError, match="sts_blocks"):
-        build_model("spikformer-tiny", token_selector="sts")       # depth 1: no block to select in
+        build_model("spikformer-tiny", token_selector="sts", token_options={"sts_blocks": []})
+    with pytest.raises(ValueError, match="sts_blocks: block indices \\[4\\]"):
+        build_model("spikformer-tiny", token_selector="sts", depth=4, token_options={"sts_blocks": [4]})
     with pytest.raises(ValueError, match="token layout"):
         build_model("spikformer-2-256", token_selector="stata")
     with pytest.raises(ValueError, match="unknown fields"):

@@ -53,8 +53,9 @@ DEFAULT_KEEP_RATIO = {"sts": 0.7, "sts-random": 0.7, "stata": 0.5, "stata-random
 
 
 def sts_blocks_default(depth: int) -> tuple[int, ...]:
-    """STS sites: blocks 1, 2, 3 (0-indexed; SparseSpikformer's code), those that exist."""
-    return tuple(i for i in (1, 2, 3) if i < depth)
+    """STS sites: blocks 1, 2, 3 (0-indexed; SparseSpikformer's code), those that exist; a
+    one-block model selects at the start of block 0 (effst's choice, so small models work)."""
+    return tuple(i for i in (1, 2, 3) if i < depth) or (0,)
 
 
 def stata_blocks_default(depth: int) -> tuple[int, ...]:
