@@ -175,7 +175,7 @@ def plot_run(path: Path, s: dict) -> None:
         ax.legend()
         ax.set_title(title, fontsize=8)
     else:
-        title += f" — test accuracy {_pct(s.get('test', {}).get('accuracy'))}, no training in this stage"
+        title += f"\ntest accuracy {_pct(s.get('test', {}).get('accuracy'))}, no training in this stage; firing rate per layer"
     ax = axes[0]
     if not hist:
         ax.set_title(title, fontsize=8)
