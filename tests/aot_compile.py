@@ -2,7 +2,8 @@
 
 Run as a subprocess (the Triton interpreter, which the test process uses, replaces
 @triton.jit functions and cannot compile): ``python tests/aot_compile.py SPEC_JSON`` where the
-spec lists ``{"module", "kernel", "signature", "constexprs", "arch"}`` entries. Prints one JSON
+spec lists ``{"module", "kernel", "signature", "constexprs", "arch"}`` entries (and optionally
+``"options"``, e.g. ``{"num_warps": 4}``). Prints one JSON
 line per entry with the outcome, and exits non-zero if any failed.
 """
 import importlib
@@ -30,7 +31,9 @@ def compile_entry(entry: dict) -> dict:
     for name in constexprs:
         signature[name] = "constexpr"
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", entry["arch"], 32))
+    # "options" (e.g. num_warps) as the launcher passes them: they change the generated code
+    compiled = triton.compile(source, target=GPUTarget("cuda", entry["arch"], 32),
+                              options=entry.get("options") or None)
     return {"kernel": entry["kernel"], "arch": entry["arch"], "ok": True,
             "ptx_bytes": len(compiled.asm["ptx"])}
 

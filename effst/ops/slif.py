@@ -157,7 +157,10 @@ def slif_backward_kernel(
     for chunk_from_end in range(num_chunks):
         c = num_chunks - 1 - chunk_from_end
         if c > 0:
-            v = tl.load(checkpoint_ptr + (c - 1) * N64 + offs, mask=mask, other=0.0)
+            # .to: when T <= CHUNK the launcher passes a placeholder of x's dtype here (never
+            # read), and both branches must still type-check as COMPUTE_DTYPE.
+            v = tl.load(checkpoint_ptr + (c - 1) * N64 + offs, mask=mask,
+                        other=0.0).to(COMPUTE_DTYPE)
         elif HAS_V_INIT:
             v = tl.load(v_init_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         else:

@@ -1,0 +1,109 @@
+"""What the sLIF launcher really passes compiles for sm_90 and sm_80.
+
+tests/test_slif_compile_targets.py compiles hand-written signatures; this test records the
+launches the launcher itself makes (argument dtypes, placeholders for absent tensors, integer
+widths, constexprs, num_warps) over dtypes, sequence lengths and options, and compiles exactly
+those. It exists because a placeholder of x's dtype passed for the unused checkpoint pointer
+(T <= CHUNK, half precision) type-checked in the interpreter but not in the compiler.
+"""
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton.language as tl
+
+import effst
+from effst.ops import slif as slif_ops
+
+AOT = Path(__file__).with_name("aot_compile.py")
+TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                torch.float64: "fp64", torch.uint8: "u8", torch.bool: "i1",
+                torch.int32: "i32", torch.int64: "i64"}
+
+
+def _constexpr_json(value):
+    """Triton dtypes travel as "tl.<name>" strings (tests/aot_compile.py turns them back)."""
+    if isinstance(value, tl.dtype):
+        return next(f"tl.{name}" for name in ("float16", "bfloat16", "float32", "float64",
+                                              "uint8", "int1", "int32", "int64")
+                    if getattr(tl, name) == value)
+    return value
+
+
+class LaunchRecorder:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, kernel):
+        self.name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        parameters = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+        self.arg_names = list(parameters)
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            options = {"num_warps": kwargs.pop("num_warps")} if "num_warps" in kwargs else {}
+            signature = {}
+            for name, value in zip(self.arg_names, args):
+                if isinstance(value, torch.Tensor):
+                    signature[name] = "*" + TRITON_TYPES[value.dtype]
+                elif isinstance(value, bool):
+                    signature[name] = "i1"
+                elif isinstance(value, int):
+                    signature[name] = "i64" if abs(value) >= 2 ** 31 else "i32"
+                elif isinstance(value, float):
+                    signature[name] = "fp32"
+                else:
+                    raise TypeError(f"{self.name}: unexpected argument {name}={value!r}")
+            constexprs = {name: _constexpr_json(value) for name, value in kwargs.items()}
+            self.launches.append({"module": "effst.ops.slif", "kernel": self.name,
+                                  "signature": signature, "constexprs": constexprs,
+                                  "options": options})
+        return launch
+
+
+def recorded_launches(monkeypatch) -> list:
+    forward = LaunchRecorder(slif_ops.slif_forward_kernel)
+    backward = LaunchRecorder(slif_ops.slif_backward_kernel)
+    monkeypatch.setattr(slif_ops, "slif_forward_kernel", forward)
+    monkeypatch.setattr(slif_ops, "slif_backward_kernel", backward)
+    cases = [  # (dtype, T, per-channel parameters, v_reset, v_init, return_state)
+        (torch.float16, 4, True, 0.0, False, False),
+        (torch.bfloat16, 8, False, None, True, True),
+        (torch.float16, 20, True, None, False, True),
+        (torch.bfloat16, 3, True, 0.0, True, False),
+        (torch.float32, 1, False, 0.0, False, True),
+        (torch.float32, 17, True, None, True, False),
+        (torch.float64, 5, True, 0.0, False, False),
+    ]
+    for dtype, T, per_channel, v_reset, with_v_init, return_state in cases:
+        x = torch.zeros(T, 2, 8, dtype=dtype, requires_grad=True)
+        shape = (8,) if per_channel else ()
+        w = torch.zeros(shape, dtype=dtype, requires_grad=True)
+        theta = torch.ones(shape, dtype=dtype, requires_grad=True)
+        out = effst.slif(x, w, theta, v_reset=v_reset, backend="triton",
+                         v_init=0.25 if with_v_init else None, return_state=return_state)
+        loss = (out[0].sum() + out[1].sum()) if return_state else out.sum()
+        loss.backward()
+    for spike_dtype in (torch.uint8, torch.bool):  # inference spikes as bytes
+        effst.slif(torch.zeros(4, 16, dtype=torch.float16), 0.0, 1.0, backend="triton",
+                   spike_dtype=spike_dtype)
+    unique = {json.dumps(entry, sort_keys=True): entry
+              for entry in forward.launches + backward.launches}
+    assert {entry["kernel"] for entry in unique.values()} == {"slif_forward_kernel",
+                                                              "slif_backward_kernel"}
+    return list(unique.values())
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_launched_slif_kernels_compile_for_gpu(arch, monkeypatch):
+    entries = [dict(entry, arch=arch) for entry in recorded_launches(monkeypatch)]
+    proc = subprocess.run([sys.executable, str(AOT), json.dumps(entries)], capture_output=True,
+                          text=True, timeout=1200)
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    failures = [r for r in results if not r["ok"]]
+    assert not failures, json.dumps(failures, indent=1)[:6000]
+    assert len(results) == len(entries), proc.stderr[-3000:]
