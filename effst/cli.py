@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="effst",
         description="Prune a spiking transformer (L1P / block L1P / DSP), swap LIF for sLIF, fine-tune, report.",
-        epilog="Main command: `effst pipeline` (embedded digits data, no download, about 6 minutes on 2 CPU cores).",
+        epilog="Main command: `effst pipeline` (embedded digits data, no download, about 5 minutes on 2 idle CPU cores).",
     )
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
