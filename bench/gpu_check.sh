@@ -11,18 +11,20 @@
 #      the harness installs it into its own --target dir .peers/sj014 (and 2.0.0 into .peers/sj2)
 #      from the same .whl/ folder, so the two versions never share a site.
 #   2. print versions (python, torch, CUDA, triton, cupy, spikingjelly, effst, nvidia-smi)
-#   3. the GPU tests: EFFST_TEST_DEVICE=cuda pytest -m gpu
-#   4. effst bench all --device cuda: neuron (eager wall + kernel time, both peers), overhead,
+#   3. effst bench all --device cuda: neuron (eager wall + kernel time, both peers), overhead,
 #      sparse, train-step (eager, CUDA graphs, SpikingJelly 2.0.0 and 0.0.0.0.14 cupy, token
 #      selection); each suite under its own budget, keeping the rows it finished; then the tables
 #      and plots re-rendered from the JSON (survives a killed bench)
-# Budgets, sized from the H200 run of 2026-11-29 (tests 41 s, neuron 63 s with most peers failing
-# fast, train-step 23 s; install 2 s, versions 11 s, render 8 s): the step limits sum to 465 s
-# (+3 s kill grace each), so the script ends within 8 minutes even when every step hangs;
-# tests (110 s: torch.compile tests were added since) + bench (310 s) = 7 min. Suite budgets:
-# neuron 120 s, overhead 20 s, sparse 55 s, train-step 95 s.
+#   4. the GPU tests: EFFST_TEST_DEVICE=cuda pytest -m "gpu and not compile", then the
+#      torch.compile ones (-m "gpu and compile"), after the bench so its rows always exist
+#   5. bench/tune_slif.py (the sLIF backward's launch-parameter sweep, $OUT/tune/tune_slif.json)
+#      and bench/profile_host.py (where a tiny call's host time goes; into the log)
+# Budgets, sized from the H200 runs of 2026-11-29 and 2026-11-30 (neuron ~105 s, sparse ~40 s
+# without the models, pytest -m gpu > 110 s in one step with the compile tests first): the step
+# limits sum to 432 s (+3 s kill grace each), so the script ends within 8 minutes even when
+# every step hangs; bench (235 s) + tests (65 + 50 s) < 7 min.
 # Writes to $OUT (at most 8 files come back): gpu_check.log, bench.json, bench.md,
-# neuron_time_vs_T.png, overhead.png, sparse_vs_sparsity.png, train_step.png.
+# neuron_time_vs_T.png, overhead.png, sparse_vs_sparsity.png, train_step.png, tune/tune_slif.json.
 #
 # Wheels to carry in .whl/ (bench/fetch_wheels.sh downloads exactly these; CPython 3.12,
 # manylinux x86_64; the dry run fails if this list and fetch_wheels.sh's disagree):
@@ -69,16 +71,24 @@ SITE=${EFFST_SITE:-/tmp/site}
 
 # Per-step time limits (seconds): see the header. The bench's suite budgets (290 s) plus its
 # start-up (imports, CUDA init, copy bandwidth: ~10 s) fit inside its step limit.
-T_INSTALL=15; T_VERSIONS=15; T_TESTS=110; T_BENCH=310; T_RENDER=15; KILL_GRACE=3
-SUITE_TIMEOUTS="neuron=120,overhead=20,sparse=55,train-step=95"
+# Order: the bench first (its rows are the evidence a session exists to record), then the GPU
+# tests (fast ones, then the torch.compile ones, which spend most of their time compiling), then
+# the sLIF launch-parameter sweep and the host-cost profile. Sizes from the H200 runs of
+# 2026-11-29/30 (neuron ~105 s, sparse ~40 s plus models, pytest -m gpu > 110 s in one step).
+T_INSTALL=10; T_VERSIONS=12; T_BENCH=235; T_RENDER=10; T_TESTS=65; T_TESTS_COMPILE=50
+T_TUNE=35; T_PROFILE=15; KILL_GRACE=3
+SUITE_TIMEOUTS="neuron=90,overhead=10,sparse=55,train-step=65"
 if [ "$DRY" = 1 ]; then
     # CPU at CI size: same steps and flags; the limits only guard against hangs (a 2-core CPU
     # is much slower than an H200 at the same suites)
     DEVICE=cpu; QUICK=--quick; TEST_DEVICE=cpu; SITE="$OUT/site"
-    T_TESTS=300; T_BENCH=1500; T_RENDER=60
+    T_TESTS=300; T_TESTS_COMPILE=300; T_BENCH=1500; T_RENDER=60; T_TUNE=60; T_PROFILE=60
     SUITE_TIMEOUTS="neuron=400,overhead=200,sparse=400,train-step=600,native-cpu=300"
 else
     DEVICE=cuda; QUICK=; TEST_DEVICE=cuda
+    # the native CUDA sLIF kernel was measured on 2026-11-30 (bench/RESULTS.md): slower than
+    # Triton, so backend='auto' never picks it on CUDA; its rows would not fit the neuron budget
+    NEURON_BACKENDS="--effst-backends triton"
 fi
 
 SCRIPT="$REPO/bench/gpu_check.sh"
@@ -160,20 +170,33 @@ EOF
     echo "cpu: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p') x $(nproc)"
 }
 
-run_tests() {
+run_tests() {  # run_tests MARK_EXPRESSION
     local rc
     # -v: one line per test as it finishes, so a step stopped by its limit still shows what passed
-    EFFST_TEST_DEVICE=$TEST_DEVICE "$PY" -m pytest -m gpu -v -rfEs --durations=15 -p no:cacheprovider \
+    EFFST_TEST_DEVICE=$TEST_DEVICE "$PY" -m pytest -m "$1" -v -rfEs --durations=10 -p no:cacheprovider \
         --benchmark-disable; rc=$?
-    # 5 = no test selected (no gpu-marked tests yet): not a failure of this script
+    # 5 = no test selected (on the CPU every gpu test is deselected): not a failure of this script
     return $rc
+}
+run_fast_tests() { run_tests "gpu and not compile"; }
+run_compile_tests() { run_tests "gpu and compile"; }
+
+tune_slif() {  # sweep of the sLIF backward's block/warps/chunk (bench/tune_slif.py); GPU only
+    if [ "$DRY" = 1 ]; then echo "dry run: bench/tune_slif.py needs a GPU"; return 0; fi
+    mkdir -p "$OUT/tune" && "$PY" bench/tune_slif.py "$OUT/tune" --budget-s $((T_TUNE - 10))
+}
+
+profile_host() {  # where a tiny call's host time goes (bench/profile_host.py); text into the log
+    "$PY" bench/profile_host.py --calls 200
 }
 
 render_results() {  # quiet: the tables are already in the log when the bench finished
     "$PY" -m effst.benchmarks --render "$OUT/bench.json" > /dev/null
 }
 
-export -f install_wheels print_versions run_tests render_results
+export T_TUNE
+export -f install_wheels print_versions run_tests run_fast_tests run_compile_tests tune_slif \
+    profile_host render_results
 
 main() {
     echo "gpu_check.sh $([ "$DRY" = 1 ] && echo '--dry-run ')on $(hostname) at $(date -u +%FT%TZ); repo $REPO; OUT=$OUT"
@@ -185,14 +208,17 @@ main() {
     fi
     export PYTHONDONTWRITEBYTECODE=1
     step versions "$T_VERSIONS" "0" print_versions
-    step gpu-tests "$T_TESTS" "0 5" run_tests
     step bench "$T_BENCH" "0 3" "$PY" -m effst.benchmarks all --device "$DEVICE" $QUICK --out "$OUT" \
-        --suite-timeout "$SUITE_TIMEOUTS"
+        --suite-timeout "$SUITE_TIMEOUTS" ${NEURON_BACKENDS:-}
     if [ -f "$OUT/bench.json" ]; then  # tables and plots again from the JSON: a killed bench still reports
         step render "$T_RENDER" "0 3" render_results
     else
         SUMMARY+=("render: FAILED (no bench.json)"); FAILED=1
     fi
+    step gpu-tests "$T_TESTS" "0 5" run_fast_tests
+    step gpu-compile-tests "$T_TESTS_COMPILE" "0 5" run_compile_tests
+    step tune-slif "$T_TUNE" "0" tune_slif
+    step host-profile "$T_PROFILE" "0" profile_host
     echo; echo "=== summary"
     printf '  %s\n' "${SUMMARY[@]}"
     echo "files in $OUT:"; ls -la "$OUT"

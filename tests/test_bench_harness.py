@@ -317,7 +317,8 @@ def test_gpu_check_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=900)
     log = (tmp_path / "gpu_check.log").read_text()
     assert done.returncode == 0, log[-6000:]
-    for step in ("install: ok", "versions: ok", "gpu-tests: ok", "bench: ok", "render: ok"):
+    for step in ("install: ok", "versions: ok", "bench: ok", "render: ok", "gpu-tests: ok",
+                 "gpu-compile-tests: ok", "tune-slif: ok", "host-profile: ok"):
         assert step in log, log[-4000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["suites"] == ["neuron", "overhead", "sparse", "train-step", "native-cpu"]
@@ -500,11 +501,12 @@ def test_gpu_check_budgets_fit_the_device_session():
     import re
 
     text = (REPO / "bench" / "gpu_check.sh").read_text()
-    limits = dict(re.findall(r"\b(T_[A-Z]+|KILL_GRACE)=(\d+)", text.split('if [ "$DRY" = 1 ]; then\n    # CPU')[0]))
+    limits = dict(re.findall(r"\b(T_[A-Z_]+|KILL_GRACE)=(\d+)", text.split('if [ "$DRY" = 1 ]; then\n    # CPU')[0]))
     limits = {k: int(v) for k, v in limits.items()}
-    steps = ("T_INSTALL", "T_VERSIONS", "T_TESTS", "T_BENCH", "T_RENDER")
+    steps = ("T_INSTALL", "T_VERSIONS", "T_TESTS", "T_TESTS_COMPILE", "T_BENCH", "T_RENDER",
+             "T_TUNE", "T_PROFILE")
     assert sum(limits[s] + limits["KILL_GRACE"] for s in steps) <= 480, limits
-    assert limits["T_TESTS"] + limits["T_BENCH"] <= 420
+    assert limits["T_TESTS"] + limits["T_TESTS_COMPILE"] + limits["T_BENCH"] <= 420
     budgets = dict(re.findall(r"([a-z-]+)=(\d+)", re.search(r'SUITE_TIMEOUTS="([^"]+)"', text).group(1)))
     assert set(budgets) == {"neuron", "overhead", "sparse", "train-step"}
     assert sum(int(v) for v in budgets.values()) <= limits["T_BENCH"] - 15

@@ -401,6 +401,7 @@ def test_no_launch_for_gradients_nobody_needs(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.compile
 def test_gpu_no_host_sync_cuda_graph_and_compile(device):
     """After the first call (which tunes its launch configuration), a fwd+bwd makes no host
     synchronisation, replays from a CUDA graph, and compiles with Inductor (fullgraph, also

@@ -93,6 +93,7 @@ def test_make_graphed_callables_training_step(device):
     train_side_by_side(eager, eager, graphed_model, graphed, x, target, steps=3)
 
 
+@pytest.mark.compile
 def test_compile_reduce_overhead_training_step(device):
     eager = ResetThenRun(small_network(SLIF, channels=64)).to(device)
     compiled_model = copy.deepcopy(eager)
