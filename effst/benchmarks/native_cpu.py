@@ -193,16 +193,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def results_section(rows: list[dict], command: str) -> str:
     """The RESULTS.md section for this run."""
     from effst.ops.slif_native import native_build_info
@@ -217,7 +207,7 @@ def results_section(rows: list[dict], command: str) -> str:
     return "\n".join([
         SECTION,
         "",
-        f"Measured {first['date']} on `{platform.node()}`: {_cpu_model()}, {os.cpu_count()} cores, "
+        f"Measured {first['date']} on `{platform.node()}`: {timing.cpu_model()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} with {first['threads']} threads, {build_text}, "
         f"spikingjelly {_sj_version()}; 1-minute load average at the start "
         f"{first['load_average_1m']} (other work on the machine competes for cores and memory).",
