@@ -312,13 +312,13 @@ def test_merge_rounds_takes_the_median_of_round_medians_and_keeps_failures():
 def test_gpu_check_dry_run(tmp_path):
     """bench/gpu_check.sh --dry-run: the GPU session's script, same steps, CPU and CI sizes."""
     env = _env()
-    env.update(OUT=str(tmp_path), PYTHON=sys.executable)
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable, EFFST_GPU_TUNE="1")
     done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     log = (tmp_path / "gpu_check.log").read_text()
     assert done.returncode == 0, log[-6000:]
     for step in ("install: ok", "versions: ok", "bench: ok", "render: ok", "gpu-tests: ok",
-                 "gpu-compile-tests: ok", "tune-slif: ok", "host-profile: ok"):
+                 "gpu-compile-tests: ok", "tune-slif: ok", "host-profile: ok"):  # dry run: EFFST_GPU_TUNE=1
         assert step in log, log[-4000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["suites"] == ["neuron", "overhead", "sparse", "train-step", "native-cpu"]
