@@ -7,7 +7,7 @@ import torch
 
 from effst.models import build_model
 from effst.prune import get_mask
-from effst.prune.imp import mask_counts, prunable_weights, prune_round, run_imp, survivors
+from effst.prune.imp import mask_counts, prunable_weights, prune_round, rewind, run_imp, survivors
 
 
 def _model(seed=0):
@@ -93,3 +93,25 @@ def test_resume_mid_imp_is_bit_identical(tmp_path):
     a, b = straight.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rewind_takes_a_plain_state_dict_and_refuses_one_that_does_not_fit():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    early = {k: v.clone() for k, v in model.state_dict().items()}     # taken before the masks
+    prune_round(model, 1)
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.mul_(3.0)
+    rewind(model, early)
+    for i in (0, 1):
+        assert torch.equal(model[i].weight, early[f"{i}.weight"] * get_mask(model[i]))
+    with pytest.raises(ValueError, match="state: does not fit"):
+        rewind(model, {"0.bias": early["0.bias"]})
+
+
+def test_resume_from_a_folder_that_went_further_stops_at_the_requested_round(tmp_path):
+    run_imp(_model(), _trainer(), rounds=2, directory=tmp_path)
+    model = _model(seed=5)
+    history = run_imp(model, _trainer(), rounds=1, directory=tmp_path)
+    assert [h["round"] for h in history] == [0, 1]
+    kept, total = mask_counts(model)
+    assert kept == survivors(total, 1)

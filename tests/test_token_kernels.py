@@ -143,7 +143,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="mask: expected shape"):
         ts.masked_mean(torch.ones(2, 3, 4, 5), torch.ones(3, 5))
     with pytest.raises(ValueError, match="backend"):
-        ts.gather_tokens(torch.ones(2, 5, 3), torch.zeros(2, 2, dtype=torch.int64), backend="cuda")
+        ts.gather_tokens(torch.ones(2, 5, 3), torch.tensor([[0, 1], [2, 3]]), backend="cuda")
 
 
 def _aot_entries(arch):
@@ -221,3 +221,14 @@ def test_token_selectors_train_and_infer_on_cuda(selector):
         model(x)
     expected = [64.0, 44.0, 31.0, 21.0] if selector == "sts" else [64.0, 64.0, 32.0, 32.0]
     assert model.tokens_per_block() == expected
+
+
+def test_repeated_indices_and_empty_samples_are_refused():
+    with pytest.raises(ValueError, match="unique"):
+        ts.gather_tokens(torch.ones(2, 5, 3), torch.tensor([[0, 1], [3, 3]]))
+    with pytest.raises(ValueError, match="unique"):
+        ts.scatter_tokens(torch.ones(1, 3, 2), torch.tensor([[4, 0, 4]]), 5)
+    mask = torch.ones(2, 3, 4)
+    mask[:, 1] = 0
+    with pytest.raises(ValueError, match="at least one token"):
+        ts.masked_mean(torch.ones(2, 3, 4, 5), mask)

@@ -242,6 +242,8 @@ def test_token_study_verdicts_come_from_paired_intervals():
     assert verdicts[("sts", "dense")] == "no"
     text = markdown(summary)
     assert "inconclusive" in text and "92.5 % sparse" in text
+    # The IMP jobs mark the rewind point after round 0's first step (late rewinding), not before.
+    assert "rewound to the dense" not in text and "first step" in text
     assert options.imp_rounds == 9     # 0.75^8 keeps 10.01 %: nine rounds for >= 90 % sparsity
     with pytest.raises(ValueError, match="ratios"):
         TokenStudyOptions(ratios=[1.5]).validate()
@@ -276,3 +278,34 @@ def test_cli_token_options_fail_early_with_named_flags(tmp_path, capsys):
     assert "--keep-ratio: only meaningful with --token-selector" in capsys.readouterr().err
     assert main(["train", "--token-selector", "sts", "--keep-ratio", "1.5", "--out", str(tmp_path / "c")]) != 0
     assert "keep_ratio" in capsys.readouterr().err
+
+
+def test_sts_predictor_macs_count_the_tokens_entering_its_block():
+    d, n = 32, 16
+    per_token = d * (d // 2) + (d // 2) * 2
+    one_block = build_model("spikformer-tiny", token_selector="sts", keep_ratio=0.5, backend="reference")
+    assert spikformer_macs(one_block.config, one_block.token_selection)["selector"] == n * per_token
+    config = build_model("spikformer-tiny", **TINY).config
+    selection = TokenSelection("sts", 0.5, sts_blocks=(0, 2))     # 16 -> 8 at block 0 -> 4 at block 2
+    assert token_schedule(config, selection) == [(8, 8), (8, 8), (4, 4), (4, 4)]
+    assert spikformer_macs(config, selection)["selector"] == (16 + 8) * per_token
+    with pytest.raises(TypeError, match="selection"):
+        spikformer_macs(config, "sts")
+
+
+def test_more_bad_options_are_named():
+    from effst.models.spikformer import Spikformer
+
+    with pytest.raises(TypeError, match="config: expected a SpikformerConfig"):
+        Spikformer("spikformer-tiny", token_selection=TokenSelection("sts", 0.5))
+    with pytest.raises(TypeError, match="token_options: expected a dict"):
+        build_model("spikformer-tiny", token_selector="sts", token_options="mode=mask")
+    with pytest.raises(ValueError, match="gumbel_tau"):
+        build_model("spikformer-tiny", token_selector="sts", token_options={"gumbel_tau": math.inf})
+    with pytest.raises(ValueError, match="sts_blocks"):
+        build_model("spikformer-tiny", token_selector="sts", token_options={"sts_blocks": 1})
+    for selector in ("stata", "stata-random"):
+        with pytest.raises(ValueError, match="mode"):
+            build_model("spikformer-tiny", token_selector=selector, token_options={"mode": "mask"})
+    assert build_model("spikformer-tiny", token_selector="stata", token_options={"mode": "compact"},
+                       backend="reference").token_selection.mode == "compact"

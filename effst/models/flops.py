@@ -76,6 +76,8 @@ def spikformer_macs(config: SpikformerConfig, selection: Optional[TokenSelection
     """
     if not isinstance(config, SpikformerConfig):
         raise TypeError(f"config: expected a SpikformerConfig, got {type(config).__name__}")
+    if selection is not None and not isinstance(selection, TokenSelection):
+        raise TypeError(f"selection: expected a TokenSelection or None, got {type(selection).__name__}")
     schedule = list(token_schedule(config, selection) if tokens is None else tokens)
     if len(schedule) != config.depth:
         raise ValueError(f"tokens: expected {config.depth} (attention, MLP) pairs, got {len(schedule)}")
@@ -86,7 +88,10 @@ def spikformer_macs(config: SpikformerConfig, selection: Optional[TokenSelection
     if selection is not None and selection.selector == "sts":
         s = selection.resolved(config.depth)
         d = config.dim
-        selector = sum(schedule[i - 1][1] * (d * (d // 2) + (d // 2) * 2) for i in s.sts_blocks)
+        # A predictor sees the tokens entering its block: the previous block's MLP tokens, or
+        # all N at block 0.
+        entering = [config.tokens()] + [mlp for _, mlp in schedule]
+        selector = sum(entering[i] * (d * (d // 2) + (d // 2) * 2) for i in s.sts_blocks)
     return {"stem": stem, "blocks": blocks, "head": head, "selector": selector, "total": stem + blocks + head}
 
 

@@ -411,13 +411,13 @@ class Spikformer(nn.Module):
     def __init__(self, config: SpikformerConfig, neuron: str = "lif", *, channels: bool = True,
                  backend: str = "auto", token_selection: Optional[TokenSelection] = None):
         super().__init__()
+        if not isinstance(config, SpikformerConfig):
+            raise TypeError(f"config: expected a SpikformerConfig, got {type(config).__name__}")
         if token_selection is not None and not isinstance(token_selection, TokenSelection):
             raise TypeError(f"token_selection: expected a TokenSelection or None, got {type(token_selection).__name__}")
         if token_selection is not None and config.channel_first:
             raise ValueError("token_selector: token selection needs the token layout [T, B, N, D]; "
                              f"variant={config.variant!r} keeps channels first")
-        if not isinstance(config, SpikformerConfig):
-            raise TypeError(f"config: expected a SpikformerConfig, got {type(config).__name__}")
         if neuron not in NEURONS:
             raise ValueError(f"neuron: expected one of {list(NEURONS)}, got {neuron!r}")
         if not isinstance(channels, bool):
@@ -602,6 +602,9 @@ def build_model(name: Union[str, SpikformerConfig], *, neuron: str = "lif", num_
     if token_selector is not None:
         if token_selector not in SELECTORS:
             raise ValueError(f"token_selector: expected None or one of {list(SELECTORS)}, got {token_selector!r}")
+        if token_options is not None and not isinstance(token_options, dict):
+            raise TypeError(f"token_options: expected a dict of TokenSelection fields or None, "
+                            f"got {type(token_options).__name__}")
         options = dict(token_options or {})
         if "selector" in options or "keep_ratio" in options:
             raise TypeError("token_options: pass the selector and keep ratio as token_selector= and keep_ratio=")

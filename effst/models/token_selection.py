@@ -102,10 +102,14 @@ class TokenSelection:
             raise ValueError(f"keep_ratio: expected a float in (0, 1], got {ratio!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {list(MODES)}, got {self.mode!r}")
+        if self.family == "stata" and self.mode == "mask":
+            # STATA drops its tokens in training and inference; there is no masked variant.
+            raise ValueError(f"mode: token_selector={self.selector!r} always drops tokens (compact); "
+                             f"expected 'auto' or 'compact', got 'mask'")
         for name in ("gumbel_tau",):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}: expected a positive float, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name}: expected a positive finite float, got {value!r}")
         for name in ("ratio_weight", "distill_weight", "intra_weight", "inter_weight", "anchor_init"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -116,6 +120,8 @@ class TokenSelection:
             value = getattr(self, name)
             if value is None:
                 continue
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise ValueError(f"{name}: expected a list of distinct block indices >= 0 or None, got {value!r}")
             blocks = tuple(value)
             if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
                 raise ValueError(f"{name}: expected distinct block indices >= 0, got {value!r}")
@@ -164,7 +170,7 @@ class TokenSelection:
             raise ValueError(f"token selection: unknown fields {unknown}; expected a subset of {sorted(known)}")
         data = dict(data)
         for name in ("sts_blocks", "stata_blocks", "align_blocks"):
-            if data.get(name) is not None:
+            if isinstance(data.get(name), list):
                 data[name] = tuple(data[name])
         return cls(**data)
 

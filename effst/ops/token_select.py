@@ -62,6 +62,9 @@ def _check_index(index: torch.Tensor, rows: int, tokens: int) -> None:
     if index.numel() and not index.is_cuda and (int(index.min()) < 0 or int(index.max()) >= tokens):
         # Only checked on the CPU: on a GPU the check would synchronise with the host.
         raise ValueError(f"index: token indices must lie in [0, {tokens}), got [{int(index.min())}, {int(index.max())}]")
+    if index.shape[1] > 1 and not index.is_cuda and bool((index.sort(dim=1).values.diff(dim=1) == 0).any()):
+        # A repeated index would make the scatter (and so the gather's gradient) drop values.
+        raise ValueError("index: token indices must be unique within each row")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +356,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, backend: str = "auto") -
         mask = mask.unsqueeze(0).expand(x.shape[0], *mask.shape)
     if tuple(mask.shape) != tuple(x.shape[:3]):
         raise ValueError(f"mask: expected shape {tuple(x.shape[:3])} or {tuple(x.shape[1:3])}, got {tuple(mask.shape)}")
+    if not mask.is_cuda and mask.numel() and bool((mask.detach().to(torch.float64).sum(dim=(0, 2)) == 0).any()):
+        # Checked off the GPU only (a host sync there); an empty sample would silently give NaN.
+        raise ValueError("mask: every sample must keep at least one token")
     return _MaskedMean.apply(x, mask.detach(), backend)
 
 

@@ -125,8 +125,22 @@ def _weights_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load ``state`` (a :func:`_weights_state` snapshot) and re-zero the pruned weights."""
-    model.load_state_dict(state, strict=False)
+    """Load ``state`` (a :func:`_weights_state` snapshot, or a plain ``state_dict`` taken before
+    the masks were attached) and re-zero the pruned weights. Every value of the model but the
+    masks must be in ``state``, and nothing else."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state: expected a state dict, got {type(state).__name__}")
+    state = dict(state)
+    for name, module in prunable_weights(model):
+        prefix = f"{name}." if name else ""
+        plain, stored = f"{prefix}weight", f"{prefix}parametrizations.weight.original"
+        if get_mask(module) is not None and plain in state and stored not in state:
+            state[stored] = state.pop(plain)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(_MASK_KEY)]
+    if missing or unexpected:
+        raise ValueError(f"state: does not fit the model (missing {missing}, unexpected {unexpected}); "
+                         "nothing would be rewound there")
     with torch.no_grad():
         for _, module in prunable_weights(model):
             mask = get_mask(module)
@@ -180,7 +194,10 @@ def run_imp(model: nn.Module, train: Trainer, *, rounds: int, fraction: float = 
     rewind_state: Optional[dict] = None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        saved = sorted(folder.glob("round-*.pt"))
+        # The newest round not past ``rounds``: a folder that went further resumes at the
+        # requested round exactly (every round's file is kept).
+        saved = sorted((p for p in folder.glob("round-*.pt") if p.stem[6:].isdigit() and int(p.stem[6:]) <= rounds),
+                       key=lambda p: int(p.stem[6:]))
         if saved:
             ckpt = torch.load(saved[-1], map_location="cpu", weights_only=False)
             if ckpt.get("fraction") != fraction:

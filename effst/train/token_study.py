@@ -4,8 +4,8 @@ For each seed: pretrain a dense Spikformer (``spikformer-tiny`` widened to ``dep
 that there are blocks to select tokens in), then fine-tune from it, for every keep ratio, STS
 (with the ratio loss and distillation from the dense model), STATA (anchor, alignment losses),
 and their random controls; and SparseSpikformer's co-design: STS at rho = ``imp_ratio`` with
-iterative magnitude pruning (25 % of the survivors per round, rewound to the dense pretrained
-weights) until at least ``imp_sparsity`` of the prunable weights are gone.
+iterative magnitude pruning (25 % of the survivors per round, late rewinding to the weights
+after the first fine-tuning step of round 0) until at least ``imp_sparsity`` of the prunable weights are gone.
 
 The report (``report.md``, ``summary.json``) gives test accuracy as mean ± sd over seeds,
 tokens per block, MACs (x T), SOPs and energy per sample, and for each ratio whether the
@@ -276,7 +276,7 @@ def markdown(summary: dict) -> str:
              "", f"{now_iso()}, {machine_description()}; {summary['seconds']:.0f} s wall, seeds {o['seeds']}.",
              f"Dense pretraining {o['pretrain_epochs']} epochs; every token variant fine-tuned {o['finetune_epochs']} "
              f"epoch(s) from it; IMP + STS (rho {o['imp_ratio']}) {summary['imp_rounds']} rounds of "
-             f"{o['imp_steps']} steps, rewound to the dense weights.", "",
+             f"{o['imp_steps']} steps, rewound to the weights after round 0's first step.", "",
              "| method | keep ratio | accuracy % (mean ± sd) | tokens per block | MACs (M, x T) | SOPs (M) | energy (uJ) |",
              "|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
