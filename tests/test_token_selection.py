@@ -309,3 +309,19 @@ def test_more_bad_options_are_named():
             build_model("spikformer-tiny", token_selector=selector, token_options={"mode": "mask"})
     assert build_model("spikformer-tiny", token_selector="stata", token_options={"mode": "compact"},
                        backend="reference").token_selection.mode == "compact"
+
+
+def test_token_study_imp_job_does_not_resume_rounds_of_an_earlier_run(tmp_path, monkeypatch):
+    from effst.train import token_study
+
+    options = token_study.TokenStudyOptions(seeds=[0], ratios=[0.5], depth=2, dim=16, hidden=32,
+                                            imp_sparsity=0.2, imp_steps=1).validate()
+    torch.save(token_study._build(options).state_dict(), tmp_path / "dense-seed0.pt")
+    calls = []
+    monkeypatch.setattr(token_study, "_train", lambda *args, **kwargs: calls.append(kwargs["seed"]))
+    monkeypatch.setattr(token_study, "_measure", lambda *args: {"accuracy": 0.0})
+    token_study.run_job({"seed": 0, "kind": "imp"}, options, str(tmp_path))
+    first = len(calls)
+    assert first == options.imp_rounds + 1
+    token_study.run_job({"seed": 0, "kind": "imp"}, options, str(tmp_path))   # a second run, same folder
+    assert len(calls) == 2 * first

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -188,7 +189,11 @@ def run_job(job: dict, options: TokenStudyOptions, out: str) -> dict:
                 _train(m, teacher, train_split, options, epochs=1, lr=options.finetune_lr, max_steps=options.imp_steps,
                        seed=seed * 1000 + round_index, on_first_step=mark if round_index == 0 else None)
 
-            run_imp(model, train, rounds=options.imp_rounds, directory=out_dir / f"imp-seed{seed}")
+            imp_dir = out_dir / f"imp-seed{seed}"
+            # The dense model was just (re)trained: rounds left by an earlier run belong to another
+            # model and options, so they must not be resumed.
+            shutil.rmtree(imp_dir, ignore_errors=True)
+            run_imp(model, train, rounds=options.imp_rounds, directory=imp_dir)
             kept, total = mask_counts(model)
             result = _measure(model, test_split, options)
             result["weight_sparsity"] = 1 - kept / total
