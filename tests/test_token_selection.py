@@ -325,3 +325,8 @@ def test_token_study_imp_job_does_not_resume_rounds_of_an_earlier_run(tmp_path, 
     assert first == options.imp_rounds + 1
     token_study.run_job({"seed": 0, "kind": "imp"}, options, str(tmp_path))   # a second run, same folder
     assert len(calls) == 2 * first
+
+
+def test_inter_alignment_refuses_maps_that_would_broadcast():
+    with pytest.raises(ValueError, match="maps: expected one shape"):
+        inter_alignment_loss([torch.rand(2, 1, 5), torch.rand(2, 3, 5)])

@@ -212,6 +212,10 @@ def inter_alignment_loss(maps: list[torch.Tensor]) -> torch.Tensor:
     """STATA Eq. 11: mean over block pairs i < j of ``||phi_i - detach(phi_j)||_2`` (per sample,
     over all of the map's entries), batch mean. Maps ``[B, ...]`` share one shape (Spikformer keeps
     the token grid, so no interpolation is needed). Fewer than 2 maps give 0."""
+    shapes = {tuple(m.shape) for m in maps}
+    if len(shapes) > 1:
+        # Different shapes would broadcast into a wrong distance; the caller must resize first.
+        raise ValueError(f"maps: expected one shape for all maps, got {sorted(shapes)}")
     if len(maps) < 2:
         return maps[0].sum() * 0 if maps else torch.zeros(())
     terms = [(maps[i] - maps[j].detach()).flatten(1).norm(dim=1).mean()
