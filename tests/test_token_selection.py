@@ -330,3 +330,10 @@ def test_token_study_imp_job_does_not_resume_rounds_of_an_earlier_run(tmp_path, 
 def test_inter_alignment_refuses_maps_that_would_broadcast():
     with pytest.raises(ValueError, match="maps: expected one shape"):
         inter_alignment_loss([torch.rand(2, 1, 5), torch.rand(2, 3, 5)])
+
+
+def test_loss_inputs_of_the_wrong_rank_are_named():
+    with pytest.raises(ValueError, match="maps: expected a \\[B, G, N\\]"):
+        intra_alignment_loss(torch.rand(4, 5))
+    with pytest.raises(ValueError, match="decisions: expected \\[B, N\\]"):
+        ratio_loss([torch.rand(5)], [0.5])

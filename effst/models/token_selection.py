@@ -181,6 +181,9 @@ def ratio_loss(decisions: list[torch.Tensor], targets: list[float]) -> torch.Ten
     over the cumulative decisions ``d_i`` ``[B, N]`` of every site."""
     if len(decisions) != len(targets) or not decisions:
         raise ValueError(f"decisions/targets: expected equal non-zero lengths, got {len(decisions)} and {len(targets)}")
+    bad = [tuple(d.shape) for d in decisions if not isinstance(d, torch.Tensor) or d.dim() != 2]
+    if bad:
+        raise ValueError(f"decisions: expected [B, N] tensors, got shapes {bad}")
     terms = [((d.mean(dim=1) - target) ** 2).mean() for d, target in zip(decisions, targets)]
     return torch.stack(terms).mean()
 
@@ -198,6 +201,8 @@ def intra_alignment_loss(maps: torch.Tensor) -> torch.Tensor:
     maps are sorted by l2 norm (descending, ties to the lower index), rank r (detached teacher)
     supervises rank r + G//2, the loss is the l2 distance, averaged over the pairs and the batch.
     G < 2 gives 0."""
+    if not isinstance(maps, torch.Tensor) or maps.dim() != 3:
+        raise ValueError(f"maps: expected a [B, G, N] tensor, got {getattr(maps, 'shape', type(maps).__name__)}")
     B, G, _ = maps.shape
     half = G // 2
     if half == 0:
