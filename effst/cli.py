@@ -269,7 +269,7 @@ def _os_error_text(error: OSError) -> str:
 
 def _in_folder(folder, work):
     """Run ``work(path)`` in a RunFolder: committed when it finishes or stops resumably, else discarded."""
-    from effst.train.loop import CHECKPOINT_NAME, Interrupted
+    from effst.train.loop import CHECKPOINT_NAME, Interrupted, TrainingDiverged
 
     folder.create()
     try:
@@ -277,6 +277,13 @@ def _in_folder(folder, work):
     except Interrupted:
         folder.commit()
         raise Interrupted(folder.path / CHECKPOINT_NAME) from None
+    except TrainingDiverged as error:
+        folder.discard()
+        if folder.work != folder.path:  # --overwrite: the temporary folder (and its checkpoint) is gone
+            raise RuntimeError(f"{error.reason}; the new run was discarded and {folder.path} is left as it was "
+                               "(--overwrite replaces it only with a run that finishes) — lower --lr or check "
+                               "the data") from None
+        raise
     except BaseException:
         folder.discard()
         raise
@@ -353,7 +360,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise ValueError(f"--study tokens: {', '.join(unsupported)} apply to the weights study only")
         out = args.out = args.out or default_out("tokens")
         check_writable_location(out)
-        folder = RunFolder(out, overwrite=args.overwrite, marker="summary.json")
+        folder = RunFolder(out, overwrite=args.overwrite, marker="summary.json", keep_partial=True)
         values = {k: getattr(args, a) for k, a in (("seeds", "seeds"), ("pretrain_epochs", "pretrain_epochs"),
                                                    ("finetune_epochs", "finetune_epochs"), ("workers", "workers"))
                   if getattr(args, a) is not None}

@@ -85,6 +85,71 @@ def test_a_failed_overwrite_keeps_the_old_run(tmp_path):
         RunFolder(old, resume=True, overwrite=True)
 
 
+def _in_process(capsys, *args) -> subprocess.CompletedProcess:
+    from effst.cli import main
+
+    status = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, status, "", capsys.readouterr().err)
+
+
+def test_a_new_run_that_fails_leaves_no_folder_behind(trained, tmp_path, capsys):
+    # A run refused after its folder was created (data too small for the batch, a neuron fine-tuning
+    # cannot convert to, --model naming another model) must not leave a folder that the next try is
+    # refused for ("already holds a run") while --resume finds nothing to resume.
+    run, config = trained
+    cases = [
+        (["train", "--config", config, "--epochs", "1", "--batch-size", "1000"], "larger than the training set"),
+        (["finetune", run / "checkpoint.pt", "--config", config, "--neuron", "stl", "--epochs", "1"], "'stl'"),
+        (["eval", run / "checkpoint.pt", "--model", "spikformer-4-384"], "not 'spikformer-4-384'"),
+        (["prune", run / "checkpoint.pt", "--method", "l1p", "--sparsity", "0.5", "--model", "spikformer-4-384"],
+         "not 'spikformer-4-384'"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = tmp_path / f"new{i}"
+        _one_clean_line(_in_process(capsys, *args, "--out", out), message)
+        assert not out.exists(), args
+    # A folder that was there, empty, is left there, empty.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_clean_line(_in_process(capsys, *cases[0][0], "--out", empty), cases[0][1])
+    assert empty.is_dir() and not any(empty.iterdir())
+
+
+def test_a_failed_run_keeps_what_is_resumable_or_asked_for(tmp_path):
+    fresh = RunFolder(tmp_path / "diverged")
+    (fresh.create() / "checkpoint.pt").write_text("last good")
+    fresh.discard()  # a diverged training run: its last good checkpoint stays
+    assert (tmp_path / "diverged" / "checkpoint.pt").read_text() == "last good"
+    study = RunFolder(tmp_path / "study", marker="summary.json", keep_partial=True)
+    (study.create() / "stage.log").write_text("partial")
+    study.discard()
+    assert (tmp_path / "study" / "stage.log").is_file()
+    nothing = RunFolder(tmp_path / "nothing", marker="summary.json", keep_partial=True)
+    nothing.create()
+    nothing.discard()
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_training_that_diverges_under_overwrite_names_the_kept_run(tmp_path):
+    from effst.cli import _in_folder
+    from effst.train.loop import TrainingDiverged
+
+    old = tmp_path / "run"
+    old.mkdir()
+    (old / "checkpoint.pt").write_text("old")
+
+    def diverge(work: Path):
+        (work / "checkpoint.pt").write_text("new, epoch 1")
+        raise TrainingDiverged("training diverged: the loss is not finite at epoch 2, step 1", work / "checkpoint.pt")
+
+    with pytest.raises(RuntimeError) as caught:
+        _in_folder(RunFolder(old, overwrite=True), diverge)
+    message = str(caught.value)
+    # The temporary folder is gone, so the message must not point into it: it names the old run, kept.
+    assert "effst-new" not in message and f"{old} is left as it was" in message and "epoch 2, step 1" in message
+    assert (old / "checkpoint.pt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
 # ----------------------------------------------------------------------------- 2. no tracebacks
 def test_unusable_output_locations_are_one_line_before_any_work(trained, tmp_path, capsys):
     from effst.cli import main
@@ -274,6 +339,34 @@ def test_eval_with_another_model_and_mismatched_weights_are_short_errors(trained
     result = run_cli("eval", bad)
     _one_clean_line(result, f"checkpoint {bad}", "1 missing", "1 with another shape")
     assert len(result.stderr.splitlines()) <= 2  # the start line and the error
+
+
+def test_resuming_a_finished_run_with_other_epochs_is_refused(trained, tmp_path, capsys):
+    # --resume --epochs 2 on a finished 1-epoch run used to report "overridden here: epochs 1 -> 2",
+    # train nothing and exit 0.
+    import shutil
+
+    run, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = _snapshot(copy)
+    result = _in_process(capsys, "train", "--out", copy, "--resume", "--epochs", "2")
+    _one_clean_line(result, f"the run in {copy} already finished its 1 epoch(s)", "effst finetune", "--neuron lif")
+    assert _snapshot(copy) == before
+
+
+def test_resuming_past_the_asked_epochs_is_refused():
+    from effst.train.loop import _check_epochs_reachable
+
+    recipe = [{"op": "build", "neuron": "lif"}, {"op": "convert", "neuron": "slif"}]
+    where = Path("run/checkpoint.pt")
+    _check_epochs_reachable({"epoch": 2, "step": 5, "finished": False}, 3, where, recipe)  # mid-epoch 3 of 3: fine
+    _check_epochs_reachable({"epoch": 2, "step": 0, "finished": False}, 2, where, recipe)  # stopped at its end
+    _check_epochs_reachable({"epoch": 4, "step": 0, "finished": True}, 4, where, recipe)
+    with pytest.raises(ValueError, match="resume with --epochs 3 or more"):
+        _check_epochs_reachable({"epoch": 2, "step": 5, "finished": False}, 2, where, recipe)
+    with pytest.raises(ValueError, match="--neuron slif"):
+        _check_epochs_reachable({"epoch": 4, "step": 0, "finished": True}, 3, where, recipe)
 
 
 def test_stl_neuron_is_accepted():

@@ -49,7 +49,19 @@ class Interrupted(Exception):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last checkpoint written (if any) is the last good one."""
+    """The loss became NaN or infinite; the last checkpoint written (if any) is the last good one.
+
+    ``reason`` says where; ``checkpoint`` is that last good checkpoint, or None when none was written.
+    """
+
+    def __init__(self, reason: str, checkpoint: Optional[Path] = None):
+        kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint is not None else "no checkpoint was written"
+        super().__init__(f"{reason}; {kept} — lower --lr or check the data")
+        self.reason = reason
+        self.checkpoint = checkpoint
+
+    def __reduce__(self):  # pickled from a pipeline worker process: rebuilt from its parts, not its text
+        return type(self), (self.reason, self.checkpoint)
 
 
 @dataclass
@@ -186,6 +198,7 @@ def fit(
         history = list(progress.get("history", []))
         running.update(progress.get("running", {}))
         set_rng_state(ckpt["rng"])
+        _check_epochs_reachable(progress, settings.epochs, path, recipe)
         _warn_if_changed(ckpt.get("settings", {}), settings, path)
         if progress.get("finished"):
             start_epoch, start_step = settings.epochs, 0
@@ -334,9 +347,8 @@ def _auxiliary_losses(model: torch.nn.Module) -> dict:
 def _diverged(ckpt_path: Path, epoch: int, step: int, bar) -> None:
     if bar is not None:
         bar.close()
-    kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written"
-    raise TrainingDiverged(f"training diverged: the loss is not finite at epoch {epoch + 1}, step {step + 1}; {kept} "
-                           "— lower --lr or check the data")
+    raise TrainingDiverged(f"training diverged: the loss is not finite at epoch {epoch + 1}, step {step + 1}",
+                           ckpt_path if ckpt_path.is_file() else None)
 
 
 def _epoch_line(stage: str, row: dict, epochs: int) -> str:
@@ -368,6 +380,23 @@ def _canonical(recipe: list[dict]) -> str:
 
     steps = [{k: v for k, v in step.items() if k != "backend"} for step in recipe]
     return json.dumps(steps, sort_keys=True, default=str)
+
+
+def _check_epochs_reachable(progress: dict, epochs: int, path: Path, recipe: list[dict]) -> None:
+    """``epochs`` of a resumed run must lie ahead of where it stopped; a finished run is not
+    extended (its learning-rate schedule has ended), so asking for other epochs is an error,
+    not a run that silently trains nothing."""
+    done, step = int(progress["epoch"]), int(progress["step"])
+    if progress.get("finished") and epochs != done:
+        neuron = [s["neuron"] for s in recipe if s.get("op") in ("build", "convert") and "neuron" in s][-1:] or ["lif"]
+        raise ValueError(f"epochs: the run in {path.parent} already finished its {done} epoch(s), so --resume cannot "
+                         f"train it to {epochs}; fine-tune its checkpoint instead (effst finetune {path} "
+                         f"--neuron {neuron[0]} --epochs N --out NEW) or start a new run")
+    if not progress.get("finished") and (done > epochs or (done == epochs and step > 0)):
+        needed = done + 1 if step > 0 else done
+        raise ValueError(f"epochs: the run in {path.parent} has already trained past {epochs} epoch(s) "
+                         f"(it stopped at epoch {done + 1 if step > 0 else done}, step {step}); "
+                         f"resume with --epochs {needed} or more")
 
 
 def _warn_if_changed(saved: dict, settings: Settings, path: Path) -> None:

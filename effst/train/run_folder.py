@@ -4,7 +4,9 @@ A run folder that already holds files is refused unless the user asks to ``--res
 ``--overwrite`` it. ``--overwrite`` builds the new run in a hidden sibling folder and renames it
 into place only when the run finishes (or stops with a resumable checkpoint), so a failed run
 leaves the old one untouched. ``--resume`` of a folder without a checkpoint is refused before
-anything is created, so a failed resume leaves no empty folder behind.
+anything is created, and a new run that fails before saving anything resumable (no ``marker``
+file) removes what it created, so no empty or half-written folder is left behind to be refused
+as "already holds a run" next time.
 """
 from __future__ import annotations
 
@@ -56,17 +58,22 @@ class RunFolder:
 
     ``marker`` is the file whose presence makes a folder resumable (``checkpoint.pt`` for a
     training run, ``plan.json`` for a pipeline). Use :meth:`commit` when the run ended in a state
-    worth keeping and :meth:`discard` otherwise. Under DDP only rank 0 (``main``) touches the
+    worth keeping and :meth:`discard` otherwise; ``keep_partial`` keeps what a failed new run
+    wrote even without a marker (only an empty folder is removed). Under DDP only rank 0 (``main``) touches the
     folder; the other ranks write nothing there.
     """
 
     def __init__(self, path: Path, *, resume: bool = False, overwrite: bool = False,
-                 marker: Optional[str] = "checkpoint.pt", main: bool = True):
+                 marker: Optional[str] = "checkpoint.pt", main: bool = True, keep_partial: bool = False):
         self.path = Path(path)
         self.work = self.path
         self.resume = resume
         self.overwrite = overwrite
         self.main = main
+        self.marker = marker
+        self.keep_partial = keep_partial
+        self.existed = self.path.exists()
+        self.fresh = False  # a new run in a folder that holds nothing yet (everything in it is ours)
         if not main:  # another rank of a distributed run: rank 0 checks, creates and renames the folder
             return
         if resume and overwrite:
@@ -80,6 +87,7 @@ class RunFolder:
             raise RunFolderError(f"--out {self.path}: already holds a run; pass --resume to continue it or "
                                  f"--overwrite to replace it")
         self.work = self.path
+        self.fresh = not resume and not holds_files(self.path)
         if overwrite and holds_files(self.path):
             self.work = self.path.parent / f".{self.path.name}.effst-new-{os.getpid()}"
             if self.work.exists():
@@ -107,6 +115,25 @@ class RunFolder:
         return self.path
 
     def discard(self) -> None:
-        """Remove the temporary folder of an ``--overwrite`` run that failed (the old run stays)."""
-        if self.main and self.work != self.path and self.work.exists():
-            shutil.rmtree(self.work, ignore_errors=True)
+        """After a failed run: remove the temporary folder of an ``--overwrite`` run (the old run
+        stays), or what a new run created when it saved nothing resumable (no ``marker`` file)."""
+        if not self.main:
+            return
+        if self.work != self.path:
+            if self.work.exists():
+                shutil.rmtree(self.work, ignore_errors=True)
+            return
+        if not self.fresh or not self.path.is_dir():
+            return
+        if self.marker is not None and (self.path / self.marker).is_file():
+            return  # e.g. a diverged training run: its last good checkpoint is kept
+        if self.keep_partial and any(self.path.iterdir()):
+            return  # the caller keeps partial outputs (logs of a long study) for inspection
+        if not self.existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for child in self.path.iterdir():  # the folder was there, empty: empty it again
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
