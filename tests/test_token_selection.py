@@ -337,3 +337,49 @@ def test_loss_inputs_of_the_wrong_rank_are_named():
         intra_alignment_loss(torch.rand(4, 5))
     with pytest.raises(ValueError, match="decisions: expected \\[B, N\\]"):
         ratio_loss([torch.rand(5)], [0.5])
+
+
+def _stata_full_grid_reference(model, images):
+    """Independent oracle of the STATA forward (eval): every token stays on the full grid, a
+    dropped (token, t) gets zero input current at every neuron and is masked out as a key; the
+    top-k is a plain sort by (-head-mean anchor score, token index) among the kept tokens."""
+    selection = model.token_selection
+    model.reset()
+    x = model.patch_embed(model.time_major(images))
+    T, B, N, D = x.shape
+    x = torch.cat([model.selector.anchor[:, None, None, :].to(x.dtype).expand(T, B, 1, D), x], dim=2)
+    keep = torch.ones(T, B, N + 1, dtype=x.dtype)
+    for i, block in enumerate(model.blocks):
+        a, m = block.attn, block.mlp
+
+        def fire(neuron, current):
+            return neuron(current * keep[..., None])
+
+        q, k, v = (a._heads(fire(getattr(a, f"{p}_lif"), a._project(x, getattr(a, f"{p}_linear"), getattr(a, f"{p}_bn"))))
+                   for p in ("q", "k", "v"))
+        scores = (q @ k.transpose(-2, -1)) * a.scale * keep[:, :, None, None, :]
+        y = fire(a.attn_lif, (scores @ v).transpose(2, 3).reshape(T, B, N + 1, -1))
+        x = x + fire(a.proj_lif, a._project(y, a.proj_linear, a.proj_bn))
+        if i in selection.stata_blocks:
+            anchor_row = scores[:, :, :, 0, 1:].mean(dim=2)
+            count = keep_count(int(keep[0, 0, 1:].sum()), selection.keep_ratio)
+            new = torch.zeros_like(keep)
+            new[..., 0] = 1
+            for t in range(T):
+                for b in range(B):
+                    kept = sorted((j for j in range(N) if keep[t, b, j + 1] > 0),
+                                  key=lambda j: (-float(anchor_row[t, b, j]), j))[:count]
+                    new[t, b, [j + 1 for j in kept]] = 1
+            keep = new
+        x = x + fire(m.fc2_lif, m._project(fire(m.fc1_lif, m._project(x, m.fc1, m.fc1_bn)), m.fc2, m.fc2_bn))
+    kept = keep[..., 1:]
+    pooled = (x[:, :, 1:] * kept[..., None]).sum(dim=(0, 2)) / kept.sum(dim=(0, 2))[:, None]
+    model.reset()
+    return model.head(pooled)
+
+
+def test_stata_forward_equals_a_full_grid_reference():
+    model = _model("stata", 0.6, stata_blocks=[0, 2]).double().eval()      # two drops: 16 -> 9 -> 5
+    images = _images(batch=2, seed=3).double()
+    with torch.no_grad():
+        assert torch.equal(model(images), _stata_full_grid_reference(model, images))
