@@ -383,3 +383,9 @@ def test_stata_forward_equals_a_full_grid_reference():
     images = _images(batch=2, seed=3).double()
     with torch.no_grad():
         assert torch.equal(model(images), _stata_full_grid_reference(model, images))
+
+
+def test_the_student_cannot_be_its_own_teacher():
+    model = _model("sts", 0.7)
+    with pytest.raises(ValueError, match="teacher: expected a separate"):
+        model.set_teacher(model)

@@ -527,6 +527,9 @@ class Spikformer(nn.Module):
             raise TypeError(f"teacher: expected an nn.Module or None, got {type(teacher).__name__}")
         if teacher is not None and (self.selector is None or self.selector.selection.family != "sts"):
             raise ValueError("teacher: distillation is part of STS training; this model has no STS selector")
+        if teacher is self:
+            # Running the student as its own teacher would switch it to eval mode mid-training.
+            raise ValueError("teacher: expected a separate (dense) model, got the student itself")
         self.__dict__["_teacher"] = teacher    # bypasses nn.Module registration on purpose
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
