@@ -175,6 +175,11 @@ def _settings(stage: str, args: argparse.Namespace, extra: Optional[dict] = None
     return settings, given
 
 
+# Pipeline options that change what a finished stage holds: a resumed pipeline reuses its finished
+# stages, so these cannot change on --resume (seeds, sparsities, methods, controls, workers, device can).
+PIPELINE_STAGE_CONTENT = ("data", "model", "block_size", "pretrain_epochs", "finetune_epochs", "baseline", "train",
+                          "finetune")
+
 # A resumed run gets back every saved setting except the test-only stop hook.
 RESUME_NOT_RESTORED = ("stop_after_steps",)
 
@@ -383,6 +388,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         if saved is not None:
             now = asdict(options)
             changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now) if k in saved and saved[k] != now[k]]
+            stale = [k for k in PIPELINE_STAGE_CONTENT if k in saved and saved[k] != now[k]]
+            if stale:  # finished stages are reused as they are: they would not reflect the change
+                raise ValueError(f"--resume: {', '.join(c for c in changed if c.split()[0] in stale)} would change "
+                                 f"what the stages finished in {out} were made with, and they are reused as they are; "
+                                 "resume without changing them, or start again with --overwrite or another --out")
             print(f"effst: resuming {out} with the options saved in its plan.json"
                   + (f"; overridden here: {', '.join(changed)}" if changed else ""), file=sys.stderr)
         result = _in_folder(folder, lambda work: run_pipeline(options, work, resume=args.resume, shown_as=out))

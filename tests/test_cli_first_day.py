@@ -355,6 +355,23 @@ def test_resuming_a_finished_run_with_other_epochs_is_refused(trained, tmp_path,
     assert _snapshot(copy) == before
 
 
+def test_resuming_a_pipeline_with_options_its_finished_stages_ignore_is_refused(tmp_path, capsys):
+    # Finished stages are reused on --resume: a new --finetune-epochs would apply to the unfinished
+    # stages only, and the report would mix both without a word.
+    from dataclasses import asdict
+
+    from effst.train.pipeline import PipelineOptions
+
+    out = tmp_path / "pipeline"
+    out.mkdir()
+    options = PipelineOptions(data="synthetic", seeds=[0], finetune_epochs=2).validate()
+    (out / "plan.json").write_text(json.dumps({"options": asdict(options), "jobs": []}))
+    before = _snapshot(out)
+    result = _in_process(capsys, "pipeline", "--out", out, "--resume", "--finetune-epochs", "3")
+    _one_clean_line(result, "--resume: finetune_epochs 2 -> 3", str(out), "--overwrite")
+    assert _snapshot(out) == before
+
+
 def test_resuming_past_the_asked_epochs_is_refused():
     from effst.train.loop import _check_epochs_reachable
 
