@@ -232,3 +232,12 @@ def test_repeated_indices_and_empty_samples_are_refused():
     mask[:, 1] = 0
     with pytest.raises(ValueError, match="at least one token"):
         ts.masked_mean(torch.ones(2, 3, 4, 5), mask)
+
+
+def test_run_neuron_on_tokens_names_bad_shapes():
+    from effst.nn import LIF
+
+    with pytest.raises(ValueError, match="current: expected a 4-D"):
+        ts.run_neuron_on_tokens(LIF(), torch.ones(2, 3, 4), torch.zeros(2, 3, dtype=torch.int64), 5)
+    with pytest.raises(ValueError, match="index: expected shape"):
+        ts.run_neuron_on_tokens(LIF(), torch.ones(2, 1, 2, 3), torch.tensor([[0, 1], [1, 2]]), 5)

@@ -284,7 +284,11 @@ def run_neuron_on_tokens(neuron, current: torch.Tensor, index: torch.Tensor, tok
     membrane decays as the neuron's own dynamics say), the neuron runs over T there, and the
     spikes of the kept (token, t) are gathered back.
     """
+    _check_rows("current", current, 4)
     T, B, K, C = current.shape
+    if not isinstance(index, torch.Tensor) or tuple(index.shape) != (T, B, K):
+        raise ValueError(f"index: expected shape {(T, B, K)} (one token id per compact slot), "
+                         f"got {tuple(getattr(index, 'shape', ()))}")
     full = scatter_tokens(current.reshape(T * B, K, C), index.reshape(T * B, K), tokens, backend=backend)
     spikes = neuron(full.reshape(T, B, tokens, C))
     return gather_tokens(spikes.reshape(T * B, tokens, C), index.reshape(T * B, K), backend=backend).reshape(T, B, K, C)
