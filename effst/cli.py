@@ -18,6 +18,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -53,7 +54,7 @@ def _add_settings_flags(p: argparse.ArgumentParser, *, training: bool = True) ->
         t.add_argument("--min-lr-ratio", type=float, help="final lr of the cosine schedule ÷ peak lr")
         t.add_argument("--label-smoothing", type=float)
         t.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
-        t.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no tqdm bars")
+        t.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars and no per-epoch lines")
         t.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False)
         t.add_argument("--resume", action="store_true",
                        help="continue OUT/checkpoint.pt where it stopped, with its saved settings (flags given override)")
@@ -211,10 +212,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     print(f"effst {args.command}: starting (loading torch)", file=sys.stderr, flush=True)
     previous_sigterm = _sigterm_as_interrupt()
+    previous_format, warnings.formatwarning = warnings.formatwarning, _warning_line
     try:
         return _run(args)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+        warnings.formatwarning = previous_format
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings (a block tile adapted to a small layer, a fallback backend) as one line each, without
+    the library's file name and source line that made them look like a traceback."""
+    return f"effst: warning: {message}\n"
 
 
 def _sigterm_as_interrupt():

@@ -185,6 +185,20 @@ def test_filesystem_errors_during_a_run_are_one_line_with_the_path():
     assert _os_error_text(FileNotFoundError("config: no such file x.yaml")) == "config: no such file x.yaml"
 
 
+def test_warnings_are_one_line_each_without_source_lines(trained, tmp_path):
+    # A tile too large for spikformer-tiny's layers is adapted with a warning per layer; Python's
+    # default format printed each with effst's file name and a line of its source code.
+    run, _ = trained
+    env = {k: v for k, v in cli_env().items() if k != "PYTHONWARNINGS"}
+    result = subprocess.run([sys.executable, "-m", "effst.cli", "prune", str(run / "checkpoint.pt"), "--method",
+                             "block-l1p", "--sparsity", "0.8", "--block-size", "64", "64", "--out", str(tmp_path / "p")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "tiles cannot express" in line]
+    assert warned and all(line.startswith("effst: warning: ") for line in warned), result.stderr
+    assert "UserWarning" not in result.stderr and ".py:" not in result.stderr, result.stderr
+
+
 # ----------------------------------------------------------------------------- 5. honest reports
 def test_student_t_quantiles_match_the_tables():
     # Two-sided 95 % critical values of Student's t (standard tables).
