@@ -224,6 +224,9 @@ def test_opcheck_library_ops(spike_dtype, with_v_init):
     (lambda: SLIF(surrogate="relu"), "surrogate"),
     (lambda: SLIF(alpha=0.0), "alpha"),
     (lambda: SLIF(channels=0), "channels"),
+    (lambda: SLIF(v_threshold=float("nan")), "v_threshold: expected a finite value"),
+    (lambda: LIF(v_threshold=float("inf")), "v_threshold: expected a finite value"),
+    (lambda: SLIF(v_reset=float("-inf")), "v_reset: expected a finite value"),
     (lambda: SLIF(channels=4)(torch.zeros(2, 3, 5)), "channels"),
 ])
 def test_bad_input_gets_a_clear_error(call, match):

@@ -6,6 +6,7 @@ calls until ``reset()`` (which ``spikingjelly.activation_based.functional.reset_
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -66,6 +67,9 @@ class SLIF(nn.Module):
             raise TypeError(f"v_threshold: expected a float, got {type(v_threshold).__name__}")
         if v_reset is not None and (isinstance(v_reset, bool) or not isinstance(v_reset, (int, float))):
             raise TypeError(f"v_reset: expected a float or None (soft reset), got {type(v_reset).__name__}")
+        for value, name in ((v_threshold, "v_threshold"), (v_reset, "v_reset")):
+            if value is not None and not math.isfinite(value):  # NaN/inf: a neuron that never (or always) fires
+                raise ValueError(f"{name}: expected a finite value, got {value}")
         if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
             raise ValueError(f"channels: expected None (per layer) or a positive int, got {channels!r}")
         if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
