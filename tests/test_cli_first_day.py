@@ -199,6 +199,23 @@ def test_warnings_are_one_line_each_without_source_lines(trained, tmp_path):
     assert "UserWarning" not in result.stderr and ".py:" not in result.stderr, result.stderr
 
 
+def test_config_and_setting_errors_are_one_honest_line(tmp_path, capsys):
+    # YAML's parse error spanned 8 lines (a source excerpt and a caret); lr=inf was refused with
+    # "expected a number in [0.0, inf]", which inf is; a NaN noise made NaN images without a word.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1\n")
+    result = _in_process(capsys, "train", "--config", bad, "--out", tmp_path / "run")
+    _one_clean_line(result, f"config {bad}: cannot be parsed (line 2, column 1: expected ',' or ']'")
+    assert len(result.stderr.splitlines()) == 2  # the start line and the error
+    bad.write_text("lr: .inf\n")
+    _one_clean_line(_in_process(capsys, "train", "--config", bad, "--out", tmp_path / "run"),
+                    "lr: expected a finite number > 0, got inf")
+    bad.write_text("data: synthetic\nsynthetic: {noise: .nan}\n")
+    _one_clean_line(_in_process(capsys, "train", "--config", bad, "--out", tmp_path / "run"),
+                    "synthetic.noise: expected a finite number >= 0, got nan")
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------- 5. honest reports
 def test_student_t_quantiles_match_the_tables():
     # Two-sided 95 % critical values of Student's t (standard tables).

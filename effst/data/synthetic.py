@@ -1,6 +1,8 @@
 """``synthetic``: class prototypes plus Gaussian noise, made from a seed (for tests)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from effst.data.splits import DatasetInfo, DataSplit
@@ -20,6 +22,10 @@ def make_synthetic(
                             ("in_channels", in_channels, 1), ("image_size", image_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"synthetic.{key}: expected an int >= {low}, got {value!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"synthetic.noise: expected a finite number >= 0, got {noise!r}")  # NaN made NaN images
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"synthetic.seed: expected an int, got {seed!r}")
     gen = torch.Generator().manual_seed(int(seed))
     prototypes = torch.rand(num_classes, in_channels, image_size, image_size, generator=gen)
 

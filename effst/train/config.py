@@ -73,13 +73,15 @@ class Settings:
                 _check_int(name, getattr(self, name), 1)
         _check_int("seed", self.seed, 0)
         _check_int("workers", self.workers, 0)
-        for name, low, high in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf),
-                                ("warmup_epochs", 0.0, math.inf), ("min_lr_ratio", 0.0, 1.0),
-                                ("label_smoothing", 0.0, 1.0)):
+        for name, low, high, expected in (("lr", 0.0, math.inf, "a finite number > 0"),
+                                          ("weight_decay", 0.0, math.inf, "a finite number >= 0"),
+                                          ("warmup_epochs", 0.0, math.inf, "a finite number >= 0"),
+                                          ("min_lr_ratio", 0.0, 1.0, "a number in [0, 1]"),
+                                          ("label_smoothing", 0.0, 1.0, "a number in [0, 1]")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not (low <= value <= high) or (name == "lr" and value == 0):
-                raise ValueError(f"{name}: expected a number in [{low}, {high}]{' and > 0' if name == 'lr' else ''}, got {value!r}")
+                raise ValueError(f"{name}: expected {expected}, got {value!r}")
         for name in ("model_overrides", "synthetic"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name}: expected a mapping, got {type(getattr(self, name)).__name__}")
@@ -134,12 +136,20 @@ def load_config_file(path: str | Path) -> dict:
     except ImportError:
         raise
     except Exception as exc:
-        raise ValueError(f"config {path}: cannot be parsed ({exc})") from exc
+        raise ValueError(f"config {path}: cannot be parsed ({_parse_error_text(exc)})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"config {path}: expected a mapping of setting: value at the top level")
     return data
+
+
+def _parse_error_text(exc: Exception) -> str:
+    """A parser's error on one line: YAML's spans several (a quoted source excerpt and a caret)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:  # yaml.MarkedYAMLError
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(exc).split())
 
 
 def normalize_keys(values: dict, where: str, allowed: tuple[str, ...] = SETTING_NAMES) -> dict:
