@@ -383,6 +383,9 @@ def test_resuming_a_finished_run_with_other_epochs_is_refused(trained, tmp_path,
     before = _snapshot(copy)
     result = _in_process(capsys, "train", "--out", copy, "--resume", "--epochs", "2")
     _one_clean_line(result, f"the run in {copy} already finished its 1 epoch(s)", "effst finetune", "--neuron lif")
+    # Other training settings cannot change a finished run either: refused, not "overridden here".
+    result = _in_process(capsys, "train", "--out", copy, "--resume", "--seed", "7", "--lr", "0.5")
+    _one_clean_line(result, f"the run in {copy} has finished", "lr", "seed 0 -> 7")
     assert _snapshot(copy) == before
 
 

@@ -199,7 +199,7 @@ def fit(
         running.update(progress.get("running", {}))
         set_rng_state(ckpt["rng"])
         _check_epochs_reachable(progress, settings.epochs, path, recipe)
-        _warn_if_changed(ckpt.get("settings", {}), settings, path)
+        _warn_if_changed(ckpt.get("settings", {}), settings, path, finished=bool(progress.get("finished")))
         if progress.get("finished"):
             start_epoch, start_step = settings.epochs, 0
 
@@ -399,11 +399,16 @@ def _check_epochs_reachable(progress: dict, epochs: int, path: Path, recipe: lis
                          f"resume with --epochs {needed} or more")
 
 
-def _warn_if_changed(saved: dict, settings: Settings, path: Path) -> None:
-    """Resuming with other data-order or schedule settings cannot reproduce the original run."""
+def _warn_if_changed(saved: dict, settings: Settings, path: Path, finished: bool = False) -> None:
+    """Resuming with other data-order or schedule settings cannot reproduce the original run; a
+    finished run trains no more, so there such a change would only be reported, never applied."""
     current = settings.to_dict()
     changed = [k for k in ("data", "batch_size", "seed", "epochs", "lr", "weight_decay", "warmup_epochs", "min_lr_ratio")
                if k in saved and saved[k] != current.get(k)]
+    if changed and finished:
+        raise ValueError(f"--resume: the run in {path.parent} has finished, so "
+                         f"{', '.join(f'{k} {saved[k]!r} -> {current[k]!r}' for k in changed)} would change nothing "
+                         "it trained; drop the flag, or start a new run")
     if changed:
         print(f"effst: warning: resuming {path} with changed settings {', '.join(f'{k}: {saved[k]!r} -> {current[k]!r}' for k in changed)}; "
               "the result will differ from an uninterrupted run", file=sys.stderr)
