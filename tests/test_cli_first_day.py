@@ -71,6 +71,33 @@ def test_overwrite_replaces_the_folder_as_a_whole(trained, tmp_path):
     assert json.loads((target / "report.json").read_text())["stage"] == "prune"
 
 
+def test_overwrite_never_replaces_a_folder_that_is_not_an_effst_run(tmp_path, monkeypatch):
+    # `--out ~/notes --overwrite` deleted the user's files; `--out . --overwrite` failed with
+    # "Device or resource busy" and left a `..effst-new-<pid>` folder in the current directory.
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(RunFolderError, match=f"--out {mine}: holds files that are not an effst run \\(todo.txt\\)"):
+            RunFolder(mine, overwrite=overwrite, marker=None)
+    assert (mine / "todo.txt").read_text() == "precious"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text("{}")
+    monkeypatch.chdir(run)
+    for here in (Path("."), run, tmp_path):
+        if here == tmp_path:
+            (tmp_path / "report.md").write_text("an earlier run at the top")
+        with pytest.raises(RunFolderError, match="contains the current directory"):
+            RunFolder(here, overwrite=True, marker=None)
+    monkeypatch.chdir(tmp_path)
+    folder = RunFolder(Path("run/../run"), overwrite=True, marker=None)  # a relative --out: siblings by absolute path
+    (folder.create() / "report.json").write_text("new")
+    folder.commit()
+    assert (run / "report.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "report.md", "run"]
+
+
 def test_a_failed_overwrite_keeps_the_old_run(tmp_path):
     old = tmp_path / "run"
     old.mkdir()

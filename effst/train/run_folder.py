@@ -53,6 +53,21 @@ def holds_files(out: Path) -> bool:
     return Path(out).is_dir() and any(Path(out).iterdir())
 
 
+# What effst writes at the top of a run folder (stage runs, pipelines, token studies, their partial
+# states): a folder holding none of these is someone else's, never replaced by --overwrite.
+RUN_NAMES = frozenset({"checkpoint.pt", "plan.json", "report.json", "report.md", "summary.json", "log.csv", "tb"})
+
+
+def holds_an_effst_run(out: Path) -> bool:
+    names = {p.name for p in Path(out).iterdir()}
+    return bool(names & RUN_NAMES) or any(n.startswith("dense-seed") and n.endswith(".pt") for n in names)
+
+
+def _holds_cwd(path: Path) -> bool:
+    cwd, target = Path.cwd().resolve(), path.resolve()
+    return cwd == target or target in cwd.parents
+
+
 class RunFolder:
     """Where a run writes: ``path`` (the final folder) or a temporary sibling under ``--overwrite``.
 
@@ -83,15 +98,28 @@ class RunFolder:
             if marker is not None and not (self.path / marker).is_file():
                 raise RunFolderError(f"--resume: {self.path / marker} does not exist, so there is nothing to resume; "
                                      f"drop --resume to start a new run")
+        elif holds_files(self.path) and not holds_an_effst_run(self.path):
+            names = sorted(p.name for p in self.path.iterdir())
+            raise RunFolderError(f"--out {self.path}: holds files that are not an effst run "
+                                 f"({', '.join(names[:3])}{', …' if len(names) > 3 else ''}); pick a new or empty "
+                                 "folder (--overwrite replaces only an earlier effst run)")
         elif holds_files(self.path) and not overwrite:
             raise RunFolderError(f"--out {self.path}: already holds a run; pass --resume to continue it or "
                                  f"--overwrite to replace it")
+        elif holds_files(self.path) and _holds_cwd(self.path):
+            raise RunFolderError(f"--out {self.path}: is or contains the current directory, which --overwrite cannot "
+                                 "replace; run from another directory")
         self.work = self.path
         self.fresh = not resume and not holds_files(self.path)
         if overwrite and holds_files(self.path):
-            self.work = self.path.parent / f".{self.path.name}.effst-new-{os.getpid()}"
+            self.work = self._sibling("new")
             if self.work.exists():
                 shutil.rmtree(self.work)
+
+    def _sibling(self, kind: str) -> Path:
+        """A hidden folder beside ``path`` (``--out`` may be relative, even ``a/..``)."""
+        absolute = Path(os.path.abspath(self.path))
+        return absolute.parent / f".{absolute.name}.effst-{kind}-{os.getpid()}"
 
     def create(self) -> Path:
         """Create the working folder (one line with the path on a filesystem error)."""
@@ -107,9 +135,9 @@ class RunFolder:
         """Move an ``--overwrite`` run into place (the old run is deleted only after that)."""
         if not self.main or self.work == self.path or not self.work.exists():
             return self.path
-        old = self.path.parent / f".{self.path.name}.effst-old-{os.getpid()}"
-        os.replace(self.path, old)
-        os.replace(self.work, self.path)
+        old, target = self._sibling("old"), Path(os.path.abspath(self.path))  # `a/../a` stops resolving once a moves
+        os.replace(target, old)
+        os.replace(self.work, target)
         shutil.rmtree(old, ignore_errors=True)
         self.work = self.path
         return self.path
