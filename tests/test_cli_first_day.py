@@ -132,9 +132,9 @@ def test_a_new_run_that_fails_leaves_no_folder_behind(trained, tmp_path, capsys)
          "not 'spikformer-4-384'"),
     ]
     for i, (args, message) in enumerate(cases):
-        out = tmp_path / f"new{i}"
+        out = tmp_path / f"new{i}" / "runs" / "run"  # missing parents are made, and removed again
         _one_clean_line(_in_process(capsys, *args, "--out", out), message)
-        assert not out.exists(), args
+        assert not (tmp_path / f"new{i}").exists(), args
     # A folder that was there, empty, is left there, empty.
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -88,6 +88,9 @@ class RunFolder:
         self.marker = marker
         self.keep_partial = keep_partial
         self.existed = self.path.exists()
+        absolute = Path(os.path.abspath(self.path))
+        # The folders a run creates: ``path`` and its missing parents (removed again if it fails).
+        self.created = [absolute, *[p for p in absolute.parents if not p.exists()]]
         self.fresh = False  # a new run in a folder that holds nothing yet (everything in it is ours)
         if not main:  # another rank of a distributed run: rank 0 checks, creates and renames the folder
             return
@@ -159,6 +162,11 @@ class RunFolder:
             return  # the caller keeps partial outputs (logs of a long study) for inspection
         if not self.existed:
             shutil.rmtree(self.path, ignore_errors=True)
+            for parent in self.created[1:]:  # missing parents it made, if nothing else went there
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
             return
         for child in self.path.iterdir():  # the folder was there, empty: empty it again
             if child.is_dir() and not child.is_symlink():
