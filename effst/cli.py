@@ -349,8 +349,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             settings, given = _settings("finetune", args, {"neuron": args.neuron or "slif"}, data=source_data)
         runs.configure_threads(settings)
+        channels = not args.per_layer
+        if args.resume and not args.per_layer:  # --resume restores --per-layer too: it is in the recipe's convert step
+            from effst.train.checkpoint import load_checkpoint
+
+            converts = [s for s in load_checkpoint(out / "checkpoint.pt")["recipe"] if s.get("op") == "convert"]
+            channels = bool(converts[-1].get("channels", True)) if converts else True
         summary = _in_folder(folder, lambda work: runs.finetune(ckpt, settings, work, given=given, resume=args.resume,
-                                                                channels=not args.per_layer))
+                                                                channels=channels))
         _print_summary(summary, out)
         return 0
     if args.command == "eval":

@@ -433,6 +433,23 @@ def test_resuming_a_pipeline_with_options_its_finished_stages_ignore_is_refused(
     assert _snapshot(out) == before
 
 
+def test_finetune_resume_restores_per_layer(trained, tmp_path, capsys):
+    # --resume promises the run's own settings, but --per-layer was not among them: the resumed
+    # run rebuilt per-channel neurons and failed on a recipe dump of 300 characters.
+    run, config = trained
+    out = tmp_path / "finetune"
+    args = ["finetune", run / "checkpoint.pt", "--out", out]
+    assert _in_process(capsys, *args, "--config", config, "--per-layer", "--epochs", "2",
+                       "--stop-after-steps", "2").returncode == 130
+    result = _in_process(capsys, *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    recipe = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["recipe"]
+    assert recipe[-1] == {"op": "convert", "neuron": "slif", "channels": False}
+    # A changed neuron is named in one short line.
+    result = _in_process(capsys, *args, "--resume", "--neuron", "plif")
+    _one_clean_line(result, "made for another model (step 2 (convert): neuron 'slif' in the checkpoint, 'plif' here)")
+
+
 def test_resuming_past_the_asked_epochs_is_refused():
     from effst.train.loop import _check_epochs_reachable
 

@@ -187,7 +187,7 @@ def fit(
         path = Path(resume) if not isinstance(resume, bool) else ckpt_path
         ckpt = load_checkpoint(path)
         if _canonical(ckpt["recipe"]) != _canonical(recipe):
-            raise CheckpointError(f"checkpoint {path}: made for another model (recipe {ckpt['recipe']}), not {recipe}")
+            raise CheckpointError(f"checkpoint {path}: made for another model ({_recipe_difference(ckpt['recipe'], recipe)})")
         if ckpt.get("optimizer") is None:
             raise CheckpointError(f"checkpoint {path}: holds no optimizer state, so training cannot be resumed from it")
         model.load_state_dict(ckpt["model"])
@@ -371,6 +371,16 @@ def _flush(running: dict, pending: tuple[torch.Tensor, torch.Tensor]) -> tuple[t
         running["loss"] += float(loss)
         running["correct"] += float(correct)
     return _zero_pending(loss.device)
+
+
+def _recipe_difference(saved: list[dict], wanted: list[dict]) -> str:
+    """The first step where two recipes differ, and only the keys that differ."""
+    for i, (a, b) in enumerate(zip(saved, wanted)):
+        if _canonical([a]) != _canonical([b]):
+            keys = sorted(k for k in set(a) | set(b) if k != "backend" and a.get(k) != b.get(k))
+            return (f"step {i + 1} ({a.get('op')}): " +
+                    ", ".join(f"{k} {a.get(k)!r} in the checkpoint, {b.get(k)!r} here" for k in keys))
+    return f"{len(saved)} recipe steps in the checkpoint, {len(wanted)} here"
 
 
 def _canonical(recipe: list[dict]) -> str:
