@@ -234,7 +234,7 @@ def test_bad_input_gets_a_clear_error(call, match):
         call()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
+@pytest.mark.gpu  # a CUDA input with a CPU parameter; the meta-device test below covers the CPU
 def test_parameters_on_another_device():
     with pytest.raises(ValueError, match="w: expected a tensor on"):
         slif(torch.zeros(4, 3, device="cuda"), torch.zeros(()), 1.0)
