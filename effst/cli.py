@@ -400,6 +400,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite, marker="plan.json")
         saved = saved_options(out) if args.resume else None
         options = PipelineOptions.from_args(args, saved)
+        if options.baseline is not None:  # a corrupt baseline fails here, not in every seed's first stage
+            from effst.train.checkpoint import load_checkpoint
+
+            load_checkpoint(options.baseline)
         if saved is not None:
             now = asdict(options)
             changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now) if k in saved and saved[k] != now[k]]

@@ -243,6 +243,29 @@ def test_config_and_setting_errors_are_one_honest_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_corrupt_pipeline_baseline_is_refused_before_any_stage(tmp_path, capsys):
+    # It failed in every seed's first stage, after the run folder, plan and an empty plot were made.
+    corrupt = tmp_path / "baseline.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    out = tmp_path / "pipeline"
+    result = _in_process(capsys, "pipeline", "--data", "synthetic", "--seeds", "0", "--baseline", corrupt, "--out", out)
+    _one_clean_line(result, f"checkpoint {corrupt}: cannot be read")
+    assert "stage" not in result.stderr and not out.exists()
+
+
+def test_a_pipeline_plot_of_failed_stages_has_no_empty_legend(tmp_path):
+    import warnings
+
+    from effst.train.pipeline_report import plot_pipeline
+
+    rows = [{"method": "baseline", "acc_pruned": [None], "acc_lif": [None]},
+            {"method": "l1p", "sparsity": 0.5, "acc_pruned": [None], "acc_lif": [None], "acc_slif": [None]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib: "No artists with labels found to put in legend"
+        plot_pipeline(tmp_path / "p.png", {"rows": rows, "seeds": [0], "data": "synthetic", "model": "m", "T": 4})
+    assert (tmp_path / "p.png").is_file()
+
+
 # ----------------------------------------------------------------------------- 5. honest reports
 def test_student_t_quantiles_match_the_tables():
     # Two-sided 95 % critical values of Student's t (standard tables).

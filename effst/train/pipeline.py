@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -256,7 +255,7 @@ def run_pipeline(options: PipelineOptions, out: str | Path, *, resume: bool = Fa
                 except (Interrupted, KeyboardInterrupt):  # a stage was stopped (Ctrl-C reached it)
                     raise KeyboardInterrupt from None
                 except Exception as exc:  # a failed stage is reported, the others go on
-                    errors[job.key] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                    errors[job.key] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"  # one line, no module path
                     progress.line(f"effst: {job.key} FAILED: {errors[job.key]}")
                 else:
                     progress.line(f"effst: [{len(results)}/{len(jobs)}] {job.key}: accuracy {100 * r['accuracy']:.2f} %"

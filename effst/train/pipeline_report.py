@@ -308,7 +308,8 @@ def plot_pipeline(path: Path, p: dict) -> None:
                        label="baseline + same fine-tuning")
         ax.set_title(method)
         ax.set_xlabel("sparsity p")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # no curve when every stage of the panel failed
+            ax.legend(fontsize=7)
     axes[0][0].set_ylabel("test accuracy (%)")
     n = len(p["seeds"])
     spread = f"{n} seeds (mean ± std)" if n > 1 else "1 seed (no spread)"
