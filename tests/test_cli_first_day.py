@@ -91,6 +91,12 @@ def test_overwrite_never_replaces_a_folder_that_is_not_an_effst_run(tmp_path, mo
         with pytest.raises(RunFolderError, match="contains the current directory"):
             RunFolder(here, overwrite=True, marker=None)
     monkeypatch.chdir(tmp_path)
+    import effst.train.run_folder as run_folder
+
+    with monkeypatch.context() as patch:  # a read-only parent (root passes chmod, so it is simulated)
+        patch.setattr(run_folder, "_can_create_file_in", lambda directory: Path(directory) != tmp_path)
+        with pytest.raises(RunFolderError, match=f"--overwrite builds the new run beside it, but {tmp_path} is not"):
+            RunFolder(run, overwrite=True, marker=None)
     folder = RunFolder(Path("run/../run"), overwrite=True, marker=None)  # a relative --out: siblings by absolute path
     (folder.create() / "report.json").write_text("new")
     folder.commit()

@@ -116,6 +116,9 @@ class RunFolder:
         self.fresh = not resume and not holds_files(self.path)
         if overwrite and holds_files(self.path):
             self.work = self._sibling("new")
+            if not _can_create_file_in(self.work.parent):
+                raise RunFolderError(f"--out {self.path}: --overwrite builds the new run beside it, but "
+                                     f"{self.work.parent} is not writable")
             if self.work.exists():
                 shutil.rmtree(self.work)
 
