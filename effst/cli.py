@@ -249,6 +249,9 @@ def _run(args: argparse.Namespace) -> int:
     except Interrupted as stop:
         print(f"effst: {stop}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except _OverwriteDiscarded as stop:
+        print(f"effst: interrupted; the new run was discarded and {stop.path} is left as it was", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         where = getattr(args, "out", None)
         saved = where is not None and any((Path(where) / name).is_file() for name in ("checkpoint.pt", "plan.json"))
@@ -281,6 +284,14 @@ def _os_error_text(error: OSError) -> str:
     return text
 
 
+class _OverwriteDiscarded(KeyboardInterrupt):
+    """Ctrl-C stopped an ``--overwrite`` run before it saved anything: ``path`` still holds the old run."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+
+
 def _in_folder(folder, work):
     """Run ``work(path)`` in a RunFolder: committed when it finishes or stops resumably, else discarded."""
     from effst.train.loop import CHECKPOINT_NAME, Interrupted, TrainingDiverged
@@ -291,6 +302,11 @@ def _in_folder(folder, work):
     except Interrupted:
         folder.commit()
         raise Interrupted(folder.path / CHECKPOINT_NAME) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: nothing resumable saved
+        folder.discard()
+        if folder.work != folder.path:  # the folder in --out is still the old run, not this one
+            raise _OverwriteDiscarded(folder.path) from None
+        raise
     except TrainingDiverged as error:
         folder.discard()
         if folder.work != folder.path:  # --overwrite: the temporary folder (and its checkpoint) is gone
@@ -393,7 +409,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "pipeline":
         from dataclasses import asdict
 
-        from effst.train.pipeline import PipelineOptions, run_pipeline, saved_options
+        from effst.train.pipeline import PipelineOptions, StagesFailed, run_pipeline, saved_options
 
         out = args.out = args.out or default_out("pipeline")
         check_writable_location(out)
@@ -414,7 +430,15 @@ def _dispatch(args: argparse.Namespace) -> int:
                                  "resume without changing them, or start again with --overwrite or another --out")
             print(f"effst: resuming {out} with the options saved in its plan.json"
                   + (f"; overridden here: {', '.join(changed)}" if changed else ""), file=sys.stderr)
-        result = _in_folder(folder, lambda work: run_pipeline(options, work, resume=args.resume, shown_as=out))
+        def pipeline(work: Path):
+            try:
+                return run_pipeline(options, work, resume=args.resume, shown_as=out)
+            except StagesFailed as failed:  # a finished, resumable run: kept (under --overwrite, moved into place)
+                return failed
+
+        result = _in_folder(folder, pipeline)
+        if isinstance(result, StagesFailed):
+            raise RuntimeError(str(result))
         print(f"effst: pipeline report: {Path(out) / 'report.md'} ({result['wall_time_s']:.0f} s)")
         for line in result["conclusions"]["statements"]:
             print(f"  - {line}")

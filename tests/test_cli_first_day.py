@@ -104,6 +104,45 @@ def test_overwrite_never_replaces_a_folder_that_is_not_an_effst_run(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "report.md", "run"]
 
 
+def test_an_overwriting_pipeline_with_failed_stages_is_kept_and_named(tmp_path, capsys):
+    # It was discarded with the temporary folder, while the error said "see OUT/report.md": the old run's.
+    out = tmp_path / "pipeline"
+    out.mkdir()
+    (out / "plan.json").write_text("{}")
+    (out / "report.md").write_text("the old run")
+    config = tmp_path / "p.yaml"
+    config.write_text("seeds: [0]\nsparsities: [0.5]\nmethods: [l1p]\nblock: false\nrandom_sparsity: null\n"
+                      "workers: 1\ntrain: {batch_size: 1000, synthetic: {num_train: 64, num_test: 16}}\n")
+    result = _in_process(capsys, "pipeline", "--data", "synthetic", "--config", config, "--out", out, "--overwrite",
+                         "--no-progress")
+    _one_clean_line(result, "stage(s) failed", f"see {out / 'report.md'}", "larger than the training set")
+    assert (out / "report.md").read_text() != "the old run" and "larger than the training set" in (
+        out / "report.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml", "pipeline"]
+
+
+def test_ctrl_c_before_an_overwrite_run_saved_anything_names_the_kept_run(tmp_path, capsys, monkeypatch):
+    import effst.cli as cli
+
+    old = tmp_path / "run"
+    old.mkdir()
+    (old / "checkpoint.pt").write_text("old")
+
+    def dispatch(args):
+        def work(path: Path):
+            (path / "log.csv").write_text("new")
+            raise KeyboardInterrupt  # a second Ctrl-C, or one while the data loads
+
+        return cli._in_folder(RunFolder(old, overwrite=True), work)
+
+    monkeypatch.setattr(cli, "_dispatch", dispatch)
+    assert cli.main(["train", "--out", str(old), "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    # Not "the run is kept — continue it with --resume": that would resume the old run.
+    assert f"interrupted; the new run was discarded and {old} is left as it was" in err and "--resume" not in err
+    assert (old / "checkpoint.pt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
 def test_a_failed_overwrite_keeps_the_old_run(tmp_path):
     old = tmp_path / "run"
     old.mkdir()

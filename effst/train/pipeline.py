@@ -277,9 +277,13 @@ def run_pipeline(options: PipelineOptions, out: str | Path, *, resume: bool = Fa
     (out / "report.md").write_text(pipeline_markdown(summary))
     plot_pipeline(out / "pipeline.png", summary)
     if errors:
-        raise RuntimeError(f"pipeline: {len(errors)} stage(s) failed (see {shown / 'report.md'}): "
-                           + "; ".join(f"{k}: {v}" for k, v in list(errors.items())[:3]))
+        raise StagesFailed(f"pipeline: {len(errors)} stage(s) failed (see {shown / 'report.md'}; --resume reruns "
+                           "them): " + "; ".join(f"{k}: {v}" for k, v in list(errors.items())[:3]))
     return summary
+
+
+class StagesFailed(RuntimeError):
+    """The pipeline ran to its end and wrote its report, but some stages failed (``--resume`` reruns them)."""
 
 
 def _stop(executor, running: dict) -> None:
@@ -293,4 +297,4 @@ def _stop(executor, running: dict) -> None:
     executor.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["PipelineOptions", "Job", "default_workers", "plan", "run_pipeline"]
+__all__ = ["PipelineOptions", "Job", "StagesFailed", "default_workers", "plan", "run_pipeline"]
