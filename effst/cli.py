@@ -345,6 +345,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "prune":
         out = args.out = args.out or default_out(f"prune-{args.method}-{args.sparsity}")
+        _keep_input(args.checkpoint, out, args.overwrite)
         folder = RunFolder(out, overwrite=args.overwrite, marker=None)
         block = tuple(args.block_size) if args.block_size else runs.default_block_size()
         runs.prune_step(args.method, args.sparsity, block_size=block)  # bad values fail before any work
@@ -357,6 +358,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "finetune":
         out = args.out = args.out or default_out(f"finetune-{args.neuron or 'slif'}")
+        _keep_input(args.checkpoint, out, args.overwrite)
         folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite, main=_is_main_rank())
         ckpt = _checkpoint(args)
         source_data = runs.checkpoint_dataset(ckpt)
@@ -376,6 +378,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_summary(summary, out)
         return 0
     if args.command == "eval":
+        if args.out is not None:
+            _keep_input(args.checkpoint, args.out, args.overwrite)
         folder = RunFolder(args.out, overwrite=args.overwrite, marker=None) if args.out is not None else None
         ckpt = _checkpoint(args)
         settings, given = _settings("finetune", args, data=runs.checkpoint_dataset(ckpt))
@@ -417,6 +421,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         saved = saved_options(out) if args.resume else None
         options = PipelineOptions.from_args(args, saved)
         if options.baseline is not None:  # a corrupt baseline fails here, not in every seed's first stage
+            _keep_input(Path(options.baseline), out, args.overwrite, flag="--baseline")
             from effst.train.checkpoint import load_checkpoint
 
             load_checkpoint(options.baseline)
@@ -444,6 +449,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"  - {line}")
         return 0
     raise AssertionError(args.command)
+
+
+def _keep_input(checkpoint: Path, out: Path, overwrite: bool, flag: str = "checkpoint") -> None:
+    """``--overwrite`` deletes the old folder: refuse when the checkpoint being read lives in it."""
+    if not overwrite or not Path(out).is_dir():
+        return
+    source, target = Path(checkpoint).resolve(), Path(out).resolve()
+    if target == source or target in source.parents:
+        raise ValueError(f"--out {out} --overwrite would delete {flag} {checkpoint}, which this command reads; "
+                         "write the result to another folder")
 
 
 def _is_main_rank() -> bool:

@@ -143,6 +143,26 @@ def test_ctrl_c_before_an_overwrite_run_saved_anything_names_the_kept_run(tmp_pa
     assert (old / "checkpoint.pt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
+def test_overwrite_never_deletes_the_checkpoint_it_reads(trained, tmp_path, capsys):
+    # `effst eval run/checkpoint.pt --out run --overwrite` replaced the run by its report: the trained
+    # model was gone.
+    import shutil
+
+    run, config = trained
+    outer = tmp_path / "outer"
+    copy = outer / "run"
+    shutil.copytree(run, copy)
+    (outer / "report.json").write_text("{}")  # the folder above is an effst run too
+    before = _snapshot(outer)
+    source = copy / "checkpoint.pt"
+    for args in (["eval", source], ["prune", source, "--method", "l1p", "--sparsity", "0.5"],
+                 ["finetune", source, "--config", config], ["pipeline", "--data", "synthetic", "--baseline", source]):
+        for out in (copy, outer):
+            result = _in_process(capsys, *args, "--out", out, "--overwrite")
+            _one_clean_line(result, f"--out {out} --overwrite would delete", str(source))
+    assert _snapshot(outer) == before
+
+
 def test_a_failed_overwrite_keeps_the_old_run(tmp_path):
     old = tmp_path / "run"
     old.mkdir()
