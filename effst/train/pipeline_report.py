@@ -185,10 +185,12 @@ def conclusions(rows: list[dict], options, num_classes: Optional[int], test_samp
         c = paired_comparison(e["acc_slif"], b["acc_slif"])
         if c.n:
             statements.append(_verdict(
-                f"Element L1P more accurate than block L1P ({options.block_size[0]}×{options.block_size[1]} tiles) "
-                f"at p={b['sparsity']:g}", c,
+                f"Element L1P more accurate than block L1P ({options.block_size[0]}×{options.block_size[1]} tiles "
+                f"requested) at p={b['sparsity']:g}", c,
                 f" (both fine-tuned with sLIF; {_count(e['params_blocks'])} vs {_count(b['params_blocks'])} block weights "
-                "kept — block L1P removes whole tiles, so on small matrices it can remove more than p)"))
+                "kept — block L1P removes whole tiles, so on small matrices it can remove more than p; a matrix "
+                "with too few tiles of the requested size for p is pruned with halved tiles, down to 16×16, "
+                "as the run's warnings name)"))
             facts.setdefault("element_minus_block", []).append({"sparsity": b["sparsity"], **c.to_dict()})
 
     # 4. The control: how much does the same extra training do for the unpruned baseline?
