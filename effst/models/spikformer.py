@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -39,6 +39,7 @@ from effst.nn import LIF, PLIF, SLIF
 from effst.ops.slif import BACKENDS
 from effst.ops.token_select import run_neuron_on_tokens
 from effst.models.token_selection import DEFAULT_KEEP_RATIO, SELECTORS, TokenSelection, TokenSelector, distillation_loss
+from effst.models.token_selection import dataclass_from_dict, dataclass_to_dict
 
 #: Neuron kinds :func:`build_model` accepts. ``spikingjelly`` is the installed SpikingJelly's
 #: ``LIFNode(step_mode='m')`` (2.0.0 picks its own kernels); ``spikingjelly-cupy`` is
@@ -140,22 +141,13 @@ class SpikformerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable fields (for checkpoints and reports)."""
-        data = asdict(self)
-        if data["pool_after"] is not None:
-            data["pool_after"] = list(data["pool_after"])
-        return data
+        return dataclass_to_dict(self, ("pool_after",))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SpikformerConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config: unknown fields {unknown}; expected a subset of {sorted(known)}")
-        data = dict(data)
-        if data.get("pool_after") is not None:
-            data["pool_after"] = tuple(data["pool_after"])
-        return cls(**data)
+        """Inverse of :meth:`to_dict`; unknown keys are an error (``__post_init__`` makes
+        ``pool_after`` a tuple)."""
+        return dataclass_from_dict(cls, data, "config", ("pool_after",))
 
 
 #: The paper's architectures (docs/pruning.md) and a small one for the embedded digits data

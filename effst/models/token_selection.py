@@ -76,6 +76,32 @@ def keep_count(tokens: int, ratio: float) -> int:
     return max(1, int(nearest if abs(product - nearest) < 1e-9 else math.floor(product)))
 
 
+def dataclass_to_dict(obj, sequence_fields: tuple[str, ...]) -> dict[str, Any]:
+    """``asdict(obj)`` with the tuple fields named in ``sequence_fields`` as lists (JSON)."""
+    data = asdict(obj)
+    for name in sequence_fields:
+        if data[name] is not None:
+            data[name] = list(data[name])
+    return data
+
+
+def dataclass_from_dict(cls, data: dict[str, Any], what: str, sequence_fields: tuple[str, ...]):
+    """Inverse of :func:`dataclass_to_dict`: unknown keys are an error naming ``what``; lists
+    in ``sequence_fields`` become tuples again."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown fields {unknown}; expected a subset of {sorted(known)}")
+    data = dict(data)
+    for name in sequence_fields:
+        if isinstance(data.get(name), list):
+            data[name] = tuple(data[name])
+    return cls(**data)
+
+
+_BLOCK_LIST_FIELDS = ("sts_blocks", "stata_blocks", "align_blocks")
+
+
 @dataclass(frozen=True)
 class TokenSelection:
     """Options of a token selector (see the module docstring). ``None`` block lists mean the
@@ -155,24 +181,12 @@ class TokenSelection:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable fields (for checkpoints)."""
-        data = asdict(self)
-        for name in ("sts_blocks", "stata_blocks", "align_blocks"):
-            if data[name] is not None:
-                data[name] = list(data[name])
-        return data
+        return dataclass_to_dict(self, _BLOCK_LIST_FIELDS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TokenSelection":
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"token selection: unknown fields {unknown}; expected a subset of {sorted(known)}")
-        data = dict(data)
-        for name in ("sts_blocks", "stata_blocks", "align_blocks"):
-            if isinstance(data.get(name), list):
-                data[name] = tuple(data[name])
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "token selection", _BLOCK_LIST_FIELDS)
 
 
 # --------------------------------------------------------------------------- losses
