@@ -37,9 +37,21 @@ def test_schedules_and_rounding():
     assert sts_blocks_default(4) == (1, 2, 3) and sts_blocks_default(2) == (1,) and sts_blocks_default(1) == (0,)
     assert stata_blocks_default(4) == (1,) and stata_blocks_default(8) == (2, 5)
     assert align_blocks_default(4) == (0, 2, 3) and align_blocks_default(8) == (0, 3, 7)
-    assert [keep_count(64, 0.7 ** i) for i in (1, 2, 3)] == [44, 31, 21]
-    assert [keep_count(64, 0.5 ** i) for i in (1, 2, 3)] == [32, 16, 8]
-    assert keep_count(10, 0.3) == 3 and keep_count(3, 0.1) == 1
+
+
+def test_keep_count_reproduces_the_authors_int_of_a_float64_product():
+    """SparseSpikformer's code: ``int(init_n * token_ratio[i])``, ``token_ratio = [r, r**2, r**3]``."""
+    spec_table = {0.9: [64, 57, 51, 46], 0.8: [64, 51, 40, 32], 0.7: [64, 44, 31, 21],
+                  0.6: [64, 38, 23, 13], 0.5: [64, 32, 16, 8]}        # TOKEN_SPARSITY.md §2.3, N = 64
+    for rho, tokens in spec_table.items():
+        assert [64] + [keep_count(64, rho ** i) for i in (1, 2, 3)] == tokens, rho
+        config = CONFIGS["spikformer-4-384"]
+        assert [n for n, _ in token_schedule(config, TokenSelection("sts", rho))] == tokens
+    # 90 * 0.7 is 62.99999999999999 in float64: the authors' int() keeps 62, not 63.
+    assert 90 * 0.7 < 63 and keep_count(90, 0.7) == int(90 * 0.7) == 62
+    # Exact products stay exact; at least one token is kept.
+    assert keep_count(10, 0.3) == 3 and keep_count(64, 0.5) == 32 and keep_count(3, 0.1) == 1
+    assert keep_count(1, 0.2) == 1
 
 
 def test_mac_counts_match_sparsespikformer_table():

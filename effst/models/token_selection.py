@@ -69,11 +69,13 @@ def align_blocks_default(depth: int) -> tuple[int, ...]:
 
 
 def keep_count(tokens: int, ratio: float) -> int:
-    """``max(1, floor(tokens * ratio))``; the product is snapped to an integer within 1e-9 so
-    that e.g. 64 * 0.7^2 stays 31 and 10 * 0.3 is 3, not 2.9999."""
-    product = tokens * ratio
-    nearest = round(product)
-    return max(1, int(nearest if abs(product - nearest) < 1e-9 else math.floor(product)))
+    """Tokens kept out of ``tokens``: ``max(1, int(tokens * ratio))`` in float64, exactly as the
+    authors' code computes it (SparseSpikformer: ``int(init_n * token_ratio[i])`` with
+    ``token_ratio = [rho, rho ** 2, rho ** 3]``, so pass ``ratio = rho ** i``; STATA: floor of
+    ``gamma * n``). No rounding to the nearest integer first: ``int(90 * 0.7)`` is 62 because
+    ``90 * 0.7 == 62.99999999999999`` in float64, and effst keeps 62 as well
+    (docs/token_sparsity.md)."""
+    return max(1, int(tokens * ratio))
 
 
 def dataclass_to_dict(obj, sequence_fields: tuple[str, ...]) -> dict[str, Any]:
