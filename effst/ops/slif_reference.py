@@ -28,6 +28,13 @@ def broadcastable_parameter(param: torch.Tensor, step_shape: torch.Size, channel
     return param
 
 
+def _in(value: Scalar, dtype: torch.dtype, device) -> torch.Tensor:
+    """A number or tensor as a tensor of ``dtype`` (a Python float is not rounded via float32)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype)
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
 def slif_reference(
     x: torch.Tensor,
     w: Scalar,
@@ -44,25 +51,30 @@ def slif_reference(
 ):
     """sLIF over ``x = [T, *]`` by a Python loop over T (docs/slif.md); autograd backward.
 
-    Arguments mean what they mean in :func:`effst.slif`. Computes in ``x.dtype``.
+    Arguments mean what they mean in :func:`effst.slif`. Computes in float64 for float64 input
+    and in float32 otherwise (the state is float32 whatever the input dtype, as in the fused
+    kernels: a bfloat16 membrane would fire differently); the spikes come back in ``x.dtype``
+    and the final state in the compute dtype.
     """
     _, alpha = resolve_surrogate(surrogate, alpha)
-    w = torch.as_tensor(w, dtype=x.dtype, device=x.device)
-    theta = torch.as_tensor(v_threshold, dtype=x.dtype, device=x.device)
+    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(cdtype)
+    w = _in(w, cdtype, x.device)
+    theta = _in(v_threshold, cdtype, x.device)
     step_shape = x.shape[1:]
     k = torch.sigmoid(broadcastable_parameter(w, step_shape, channel_dim, "w"))
     theta = broadcastable_parameter(theta, step_shape, channel_dim, "v_threshold")
     rest = 0.0 if v_reset is None else float(v_reset)
     if v_init is None:
-        v = torch.full(step_shape, rest, dtype=x.dtype, device=x.device)
+        v = torch.full(step_shape, rest, dtype=cdtype, device=x.device)
     else:
-        v = v_init.to(x.dtype).expand(step_shape)
+        v = _in(v_init, cdtype, x.device).expand(step_shape)
     spikes = []
     for t in range(x.shape[0]):
         if decay_input:
-            h = v + k * (x[t] - (v - rest))
+            h = v + k * (xc[t] - (v - rest))
         else:
-            h = v - k * (v - rest) + x[t]
+            h = v - k * (v - rest) + xc[t]
         s = SpikeFunction.apply(h - theta, surrogate, alpha)
         s_reset = s.detach() if detach_reset else s
         if v_reset is None:
@@ -70,7 +82,7 @@ def slif_reference(
         else:
             v = (1.0 - s_reset) * h + s_reset * rest
         spikes.append(s)
-    out = torch.stack(spikes)
+    out = torch.stack(spikes).to(x.dtype)
     if return_state:
         return out, v
     return out
