@@ -1,12 +1,15 @@
 """DSP (docs/pruning.md): kept widths, which dims are kept, what is sliced, and that a model whose
 pruned dims were already dead computes exactly what it computed before."""
+import math
+import warnings
+
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from effst.models import build_model, build_model_from_spec, count_parameters, record_firing_rates
-from effst.prune.dsp import dsp, dsp_random, dsp_widths
+from effst.prune.dsp import dsp, dsp_random, dsp_weight_sparsity, dsp_widths
 from model_helpers import attention_rate, lively, small
 
 # Paper Table III: Spikformer-4-384-1536 (12 heads) on CIFAR10 and 2-256-1024 (16 heads) on
@@ -61,7 +64,14 @@ def test_spikformer_4_384_shapes_at_every_paper_sparsity():
 def test_spikformer_2_256_shapes_follow_the_paper_dvs_table():
     model = build_model("spikformer-2-256")
     for p, (width, hidden) in zip(SPARSITIES, DVS_SHAPES):
-        pruned = dsp(model, p)  # the DVS variant rounds the attention width down by default
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pruned = dsp(model, p)  # the DVS variant rounds the attention width down by default
+        messages = [str(w.message) for w in caught if "cannot be met" in str(w.message)]
+        if p < 0.9:
+            assert messages == []
+        else:  # 16 of 256 dims (25.6 asked) leave 8.72 % of the projection weights, not 10 %
+            assert len(messages) == 1 and "keep 8.72% of their weights (fewer than the requested 10.00%" in messages[0]
         assert (pruned.config.width, pruned.config.hidden) == (width, hidden)
         a, m = pruned.blocks[1].attn, pruned.blocks[1].mlp
         assert a.q_linear.weight.shape == (width, 256, 1) and a.proj_linear.weight.shape == (256, width, 1)
@@ -208,3 +218,72 @@ def test_dsp_rejects_what_it_cannot_prune():
     torch_prune.l1_unstructured(model.blocks[0].mlp.fc1, "weight", amount=0.5)
     with pytest.raises(TypeError, match="blocks.0.mlp.fc1"):
         dsp(model, 0.5)
+
+
+# --------------------------------------------------------------------- the request it cannot meet
+def _kept_share(width, hidden, a, h):
+    """Oracle: share of a block's q/k/v/proj (a x D each) and fc1/fc2 (h x D each) weights kept."""
+    return (4 * a + 2 * h) / (4 * width + 2 * hidden)
+
+
+@pytest.mark.parametrize("p", [0.95, 0.99, 0.999])
+def test_very_high_sparsity_warns_with_the_achieved_weight_sparsity(p):
+    """spikformer-tiny (D = 32, 4 heads, hidden 128): one dim per head and whole hidden units
+    cannot reach these sparsities; DSP says so and by how much, and dsp_weight_sparsity agrees."""
+    model = small()
+    with pytest.warns(UserWarning, match=r"dsp: sparsity .* cannot be met") as caught:
+        pruned = dsp(model, p)
+    a, h = pruned.config.width, pruned.config.hidden
+    achieved = 1 - _kept_share(32, 128, a, h)
+    assert a >= 4 and a % 4 == 0 and h >= 1
+    assert dsp_weight_sparsity(32, 128, a, h) == pytest.approx(achieved, abs=1e-15)
+    assert f"weight sparsity {achieved:.2%}" in str(caught[0].message)
+    assert abs(_kept_share(32, 128, a, h) / (1 - p) - 1) > 0.1   # it really missed
+    kept = sum(getattr(b.attn, f"{n}_linear").weight.numel() for b in pruned.blocks for n in "qkv") \
+        + sum(b.attn.proj_linear.weight.numel() + b.mlp.fc1.weight.numel() + b.mlp.fc2.weight.numel()
+              for b in pruned.blocks)
+    total = sum(getattr(b.attn, f"{n}_linear").weight.numel() for b in model.blocks for n in "qkv") \
+        + sum(b.attn.proj_linear.weight.numel() + b.mlp.fc1.weight.numel() + b.mlp.fc2.weight.numel()
+              for b in model.blocks)
+    assert kept / total == pytest.approx(1 - achieved, abs=1e-12)
+
+
+def test_dsp_random_warns_like_dsp():
+    with pytest.warns(UserWarning, match="cannot be met"):
+        dsp_random(small(), 0.99, seed=1)
+
+
+def test_no_warning_where_the_request_is_met():
+    """Within 10 % of the requested kept share (every CIFAR10 shape of the paper): silent."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for p in (0.0, 0.5, 0.8, 0.9):
+            dsp(small(), p)
+    for p, (a, h) in zip(SPARSITIES, CIFAR_SHAPES):
+        assert abs(_kept_share(384, 1536, a, h) / (1 - p) - 1) <= 0.1
+
+
+def test_widths_oracle_over_many_shapes():
+    """dsp_widths against the spec typed out: attention (1-p)W rounded to a multiple of the heads
+    (at least one per head), hidden floor((1-p)H) (at least 1), exact decimal arithmetic."""
+    from fractions import Fraction
+    for heads, per_head, hidden in ((1, 7, 13), (4, 8, 128), (12, 32, 1536), (16, 16, 1024), (3, 5, 10)):
+        width = heads * per_head
+        for p in ("0", "0.05", "0.1", "0.25", "0.3", "0.45", "0.5", "0.66", "0.7", "0.9", "0.97"):
+            keep = 1 - Fraction(p)
+            for rounding in ("up", "down"):
+                ph = keep * per_head
+                ph = math.ceil(ph) if rounding == "up" else math.floor(ph)
+                want = (min(max(ph, 1), per_head) * heads, min(max(math.floor(keep * hidden), 1), hidden))
+                assert dsp_widths(width, hidden, heads, float(p), rounding) == want, (heads, width, hidden, p, rounding)
+
+
+def test_dsp_widths_rejects_bad_counts():
+    for args, name in (((384, 1536, 0), "heads"), ((384, 1536, 12.0), "heads"), ((0, 1536, 12), "attn_width"),
+                       ((384, -1, 12), "hidden"), ((384, 1536, True), "heads"), ((385, 1536, 12), "attn_width")):
+        with pytest.raises(ValueError, match=name):
+            dsp_widths(*args, 0.5)
+    with pytest.raises(ValueError, match="kept_attn"):
+        dsp_weight_sparsity(384, 1536, 400, 10)
+    with pytest.raises(ValueError, match="kept_hidden"):
+        dsp_weight_sparsity(384, 1536, 12, 0)

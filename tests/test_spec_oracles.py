@@ -54,19 +54,9 @@ def psi(x: torch.Tensor, name: str, a: float) -> torch.Tensor:
     return PSI[name](x, a)
 
 
-class _Theta(torch.autograd.Function):
-    """Θ(x) with Θ(0) = 1; derivative replaced by σ'."""
-
-    @staticmethod
-    def forward(ctx, x, name, a):
-        ctx.save_for_backward(x)
-        ctx.name, ctx.a = name, a
-        return (x >= 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * psi(x, ctx.name, ctx.a), None, None
+def heaviside(x: torch.Tensor, name: str, a: float) -> torch.Tensor:
+    """Θ(x) with Θ(0) = 1 in the forward; d/dx is σ'(x) (the added term is exactly 0 in value)."""
+    return (x >= 0).to(x.dtype) + (x - x.detach()) * psi(x.detach(), name, a)
 
 
 def spread(p: torch.Tensor, form: str, step_shape, channel_dim: int) -> torch.Tensor:
@@ -90,7 +80,7 @@ def oracle(x, w, theta, *, v_reset, v_init, surrogate, alpha, detach_reset, deca
     for x_t in x.unbind(0):
         # decay_input: H = V + k(X - (V - V_r)); else H = V - k(V - V_r) + X
         h = v - k * (v - vr) + (k * x_t if decay_input else x_t)
-        s = _Theta.apply(h - theta, surrogate, alpha)
+        s = heaviside(h - theta, surrogate, alpha)
         sr = s.detach() if detach_reset else s
         v = h - sr * theta if v_reset is None else (1.0 - sr) * h + sr * vr
         out.append(s)

@@ -15,12 +15,24 @@ Per block:
   BatchNorm and neuron and fc2's matching input columns; the kept width is
   ``floor((1-p)·hidden)`` (1228/921/614/307/153 for 1536), at least 1.
 
-Kept dims keep their original order. Ties in the score go to the lower index. Neurons with
+Kept dims keep their original order. Ties in the score go to the lower index (scores are
+computed in float64, so rounding cannot reorder rows of nearly equal mean |w|). Neurons with
 per-channel parameters keep the parameters of the kept channels.
+
+Whole dims, a multiple of the head count and at least one dim per head and one hidden unit
+cannot express every sparsity: the weights kept in the six projections of a block
+(``dim * (4 * attn + 2 * hidden)``) can differ from the requested ``(1 - p)`` share. When the
+request needed fewer than one dim per head or than one hidden unit, or when the kept share of
+projection weights is more than :data:`SPARSITY_TOLERANCE` (relative) away from ``1 - p``, DSP
+warns, naming the requested and the achieved widths and weight sparsity
+(:func:`dsp_weight_sparsity` gives the achieved figure).
 """
 from __future__ import annotations
 
 import copy
+import math
+import numbers
+import warnings
 from dataclasses import replace
 from typing import Callable, Optional
 
@@ -33,31 +45,85 @@ from effst.prune.l1p import ceil_count, check_sparsity, floor_count
 
 ATTN_ROUNDINGS = ("up", "down")
 
+#: Relative gap between the kept share of projection weights and ``1 - p`` above which DSP warns.
+SPARSITY_TOLERANCE = 0.1
+
 # Decides which of ``width`` dims to keep: (scores or None, width, keep, heads) -> sorted indices.
 Chooser = Callable[[Optional[torch.Tensor], int, int, int], torch.Tensor]
+
+
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _widths(attn_width: int, hidden: int, heads: int, sparsity: float,
+            attn_rounding: str) -> tuple[int, int, bool]:
+    """(kept attention width, kept hidden width, whether a minimum of one had to be imposed)."""
+    sparsity = check_sparsity(sparsity)
+    if attn_rounding not in ATTN_ROUNDINGS:
+        raise ValueError(f"attn_rounding: expected one of {list(ATTN_ROUNDINGS)}, got {attn_rounding!r}")
+    attn_width = _check_count(attn_width, "attn_width")
+    hidden = _check_count(hidden, "hidden")
+    heads = _check_count(heads, "heads")
+    if attn_width % heads != 0:
+        raise ValueError(f"attn_width: {attn_width} is not a multiple of heads={heads}")
+    # (1 - 0.9) * 1000 is 99.99999999999997 in floats: the counts snap exact products first.
+    per_head = (1.0 - sparsity) * attn_width / heads
+    per_head = ceil_count(per_head) if attn_rounding == "up" else floor_count(per_head)
+    kept_hidden = floor_count((1.0 - sparsity) * hidden)
+    clamped = per_head < 1 or kept_hidden < 1
+    per_head = min(max(per_head, 1), attn_width // heads)
+    kept_hidden = min(max(kept_hidden, 1), hidden)
+    return per_head * heads, kept_hidden, clamped
 
 
 def dsp_widths(attn_width: int, hidden: int, heads: int, sparsity: float,
                attn_rounding: str = "up") -> tuple[int, int]:
     """Kept (attention width, MLP hidden width) at ``sparsity`` (see the module docstring)."""
-    sparsity = check_sparsity(sparsity)
-    if attn_rounding not in ATTN_ROUNDINGS:
-        raise ValueError(f"attn_rounding: expected one of {list(ATTN_ROUNDINGS)}, got {attn_rounding!r}")
-    if attn_width % heads != 0:
-        raise ValueError(f"attention width {attn_width} is not a multiple of heads={heads}")
-    # (1 - 0.9) * 1000 is 99.99999999999997 in floats: the counts snap exact products first.
-    per_head = (1.0 - sparsity) * attn_width / heads
-    per_head = ceil_count(per_head) if attn_rounding == "up" else floor_count(per_head)
-    per_head = min(max(per_head, 1), attn_width // heads)
-    kept_hidden = min(max(floor_count((1.0 - sparsity) * hidden), 1), hidden)
-    return per_head * heads, kept_hidden
+    kept_attn, kept_hidden, _ = _widths(attn_width, hidden, heads, sparsity, attn_rounding)
+    return kept_attn, kept_hidden
+
+
+def dsp_weight_sparsity(attn_width: int, hidden: int, kept_attn: int, kept_hidden: int) -> float:
+    """Share of a block's projection weights (q, k, v, proj, fc1, fc2; biases aside) that DSP
+    removes when it keeps ``kept_attn`` of ``attn_width`` attention dims and ``kept_hidden`` of
+    ``hidden`` hidden units: ``1 - (4*kept_attn + 2*kept_hidden) / (4*attn_width + 2*hidden)``
+    (every projection has the model width D on its other side, which cancels)."""
+    for value, name in ((attn_width, "attn_width"), (hidden, "hidden")):
+        _check_count(value, name)
+    for value, bound, name in ((kept_attn, attn_width, "kept_attn"), (kept_hidden, hidden, "kept_hidden")):
+        if _check_count(value, name) > bound:
+            raise ValueError(f"{name}: expected at most {bound}, got {value}")
+    return 1.0 - (4 * kept_attn + 2 * kept_hidden) / (4 * attn_width + 2 * hidden)
+
+
+def _warn_if_missed(width: int, hidden: int, heads: int, sparsity: float, kept_attn: int,
+                    kept_hidden: int, clamped: bool, rounding: str) -> None:
+    achieved = dsp_weight_sparsity(width, hidden, kept_attn, kept_hidden)
+    gap = abs((1.0 - achieved) / (1.0 - sparsity) - 1.0)
+    if not clamped and gap <= SPARSITY_TOLERANCE:
+        return
+    why = ("it asks for fewer than one dim per head or than one hidden unit, and DSP keeps at least "
+           "one of each" if clamped else
+           f"the attention width is rounded {rounding} to a multiple of the {heads} heads and the "
+           "hidden width down to whole units")
+    more_or_fewer = "more" if achieved < sparsity else "fewer"
+    warnings.warn(
+        f"dsp: sparsity {sparsity:g} cannot be met on attention width {width} ({heads} heads) and hidden "
+        f"width {hidden}: {why}. Kept attention {kept_attn} of {width} (requested "
+        f"{(1.0 - sparsity) * width:.4g}), hidden {kept_hidden} of {hidden} (requested "
+        f"{(1.0 - sparsity) * hidden:.4g}): the projections keep {1.0 - achieved:.2%} of their weights "
+        f"({more_or_fewer} than the requested {1.0 - sparsity:.2%}; weight sparsity {achieved:.2%})",
+        UserWarning, stacklevel=4)
 
 
 # --------------------------------------------------------------------------- choosing dims
 def _row_scores(layer: nn.Module) -> torch.Tensor:
     """DVA of each output dim: the mean |w| of its row."""
     weight = layer.weight.detach()
-    return weight.abs().reshape(weight.shape[0], -1).float().mean(dim=1)
+    return weight.abs().reshape(weight.shape[0], -1).double().mean(dim=1)
 
 
 def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -168,7 +234,7 @@ def _prune(model: nn.Module, sparsity: float, choose: Chooser, attn_rounding: Op
     if attn_rounding is None:
         attn_rounding = "down" if config.variant == "dvs" else "up"
     width, hidden = config.width, config.hidden
-    new_width, new_hidden = dsp_widths(width, hidden, config.heads, sparsity, attn_rounding)
+    new_width, new_hidden, clamped = _widths(width, hidden, config.heads, sparsity, attn_rounding)
     for i, block in enumerate(inner.blocks):
         attn, mlp = block.attn, block.mlp
         prefix = f"blocks.{i}"
@@ -204,6 +270,7 @@ def _prune(model: nn.Module, sparsity: float, choose: Chooser, attn_rounding: Op
 
     pruned.config = replace(config, attn_dim=new_width, hidden=new_hidden)
     pruned.reset()
+    _warn_if_missed(width, hidden, config.heads, sparsity, new_width, new_hidden, clamped, attn_rounding)
     return pruned
 
 
@@ -243,4 +310,4 @@ def dsp_random(model: nn.Module, sparsity: float, seed: int = 0, *,
     return _prune(model, sparsity, _choose_randomly(generator), attn_rounding, scored=False)
 
 
-__all__ = ["dsp", "dsp_random", "dsp_widths", "ATTN_ROUNDINGS"]
+__all__ = ["dsp", "dsp_random", "dsp_widths", "dsp_weight_sparsity", "ATTN_ROUNDINGS", "SPARSITY_TOLERANCE"]
