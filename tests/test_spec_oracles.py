@@ -417,3 +417,230 @@ def test_backends_match_spikingjelly_plif(v_reset, detach_reset, decay_input, de
             if parametric:
                 torch.testing.assert_close(w_grad, node.w.grad.reshape(()).to(F64), rtol=1e-9, atol=1e-9,
                                            msg=lambda m: f"{what} w: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning oracles (docs/pruning.md "L1P", "Block L1P", "Random controls";
+# docs/token_sparsity.md "IMP"), exact decimal arithmetic for k = ceil(p * n)
+# ---------------------------------------------------------------------------------------------
+from fractions import Fraction  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+import effst.prune as prune  # noqa: E402
+from effst.prune.imp import prune_round  # noqa: E402
+
+
+def pruned_count(p, n: int) -> int:
+    """k = ceil(p * n) with p read as the decimal it was written as (0.07 * 100 = 7, not 8)."""
+    return math.ceil(Fraction(str(p)) * n)
+
+
+def keep_rule(scores: list, p) -> list:
+    """Prune every score <= the k-th smallest (1-indexed); k = 0 prunes nothing."""
+    k = pruned_count(p, len(scores))
+    if k == 0:
+        return [True] * len(scores)
+    threshold = sorted(scores)[k - 1]
+    return [s > threshold for s in scores]
+
+
+def tile_scores(w: torch.Tensor, bm: int, bk: int) -> list:
+    """L1 norm of every bm x bk tile (edge tiles: their real entries), row-major, as exact floats."""
+    rows, cols = w.shape
+    return [math.fsum(abs(float(v)) for v in w[r:r + bm, c:c + bk].flatten())
+            for r in range(0, rows, bm) for c in range(0, cols, bk)]
+
+
+def adversarial_weight(g: torch.Generator, shape, levels: int) -> torch.Tensor:
+    """Weights on a few magnitudes with random signs: many exact ties in |w|, zeros included."""
+    mags = torch.randint(0, levels, shape, generator=g).to(F64) / levels
+    signs = torch.randint(0, 2, shape, generator=g).to(F64) * 2 - 1
+    return mags * signs
+
+
+PRUNE_PS = ("0", "0.07", "0.1", "0.29", "0.5", "0.55", "0.77", "0.9", "0.99")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.float16, torch.bfloat16])
+def test_l1p_mask_oracle_with_ties(dtype):
+    g = torch.Generator().manual_seed(3)
+    for i, shape in enumerate(((37, 53), (1, 7), (64, 48), (5, 1))):
+        w = adversarial_weight(g, shape, levels=(3, 50)[i % 2]).to(dtype)
+        for p in PRUNE_PS:
+            want = keep_rule([abs(float(v)) for v in w.flatten()], p)
+            got = prune.l1p_mask(w, float(p))
+            assert got.dtype == torch.bool and got.shape == w.shape
+            assert got.flatten().tolist() == want, f"{dtype} {shape} p={p}"
+
+
+def test_block_l1p_mask_oracle_with_ties_and_edge_tiles():
+    g = torch.Generator().manual_seed(4)
+    for shape, block in (((40, 72), (16, 16)), ((64, 48), (32, 16)), ((33, 100), (16, 32))):
+        w = adversarial_weight(g, shape, levels=4).to(torch.float32)
+        w[:16, :] = 0.0  # whole tiles of equal (zero) norm
+        grid = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+        for p in PRUNE_PS:
+            if grid[0] * grid[1] - pruned_count(p, grid[0] * grid[1]) < 1:
+                continue  # a request that keeps no tile is adapted (and warned about) by effst
+            want = keep_rule(tile_scores(w, *block), p)
+            got = prune.block_l1p_mask(w, float(p), block)
+            assert got.shape == grid and got.flatten().tolist() == want, f"{shape} {block} p={p}"
+
+
+class _Mixed(nn.Module):
+    """Every kind of tensor a model holds: which ones L1P and IMP may prune differs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(2, 6, 3)          # IMP only
+        self.bn = nn.BatchNorm1d(6)               # neither
+        self.fc = nn.Linear(30, 20)               # both (bias: neither)
+        self.pointwise = nn.Conv1d(20, 12, 1)     # both
+        self.conv3 = nn.Conv1d(12, 12, 3)         # IMP only
+        self.head = nn.Linear(12, 5, bias=False)  # both
+
+    def forward(self, x):  # x [B, 2, 7, 7]
+        h = self.conv2d(x).flatten(2).mean(2)
+        h = self.bn(h).repeat(1, 5)
+        h = self.pointwise(self.fc(h).unsqueeze(2).repeat(1, 1, 4))
+        return self.head(self.conv3(h).mean(2))
+
+
+def _mixed(seed: int, levels: int = 0) -> _Mixed:
+    torch.manual_seed(seed)
+    model = _Mixed()
+    if levels:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(adversarial_weight(g, p.shape, levels).to(p.dtype))
+    return model
+
+
+def test_l1p_is_per_matrix_on_linear_layers_only_and_the_report_says_so():
+    model = _mixed(0)
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
+    p = 0.63
+    prune.l1p(model, p)
+    expected_pruned, expected_total = 0, 0
+    for name in before:
+        module = model.get_submodule(name)
+        if name in ("fc", "pointwise", "head"):
+            want = keep_rule([abs(float(v)) for v in before[name].flatten()], p)
+            assert prune.get_mask(module).flatten().tolist() == want, name
+            assert module.weight.detach().flatten().tolist() == [
+                float(v) if k else 0.0 for v, k in zip(before[name].flatten(), want)]
+            expected_pruned += want.count(False)
+            expected_total += len(want)
+        else:
+            assert not prune.is_pruned(module), f"{name} is not a linear layer and must stay dense"
+            assert torch.equal(module.weight, before[name])
+    assert model.fc.bias.count_nonzero() == model.fc.bias.numel()
+    rep = prune.report(model)
+    assert {layer.name for layer in rep.layers} == {"fc", "pointwise", "head"}
+    assert rep.params == expected_total and rep.params - rep.kept == expected_pruned
+    assert rep.sparsity == pytest.approx(expected_pruned / expected_total, abs=1e-15)
+    every = sum(p.numel() for p in model.parameters())
+    assert rep.model_params == every and rep.model_kept == every - expected_pruned
+
+
+@pytest.mark.parametrize("method", ["l1p", "block_l1p", "random"])
+def test_pruned_weights_get_zero_gradients_and_stay_zero_under_adamw(method):
+    model = _mixed(1)
+    if method == "block_l1p":
+        with pytest.warns(UserWarning):   # these matrices are smaller than one 16x16 tile
+            prune.block_l1p(model, 0.5)
+    else:
+        getattr(prune, method)(model, 0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    for step in range(3):
+        loss = model(torch.randn(4, 2, 7, 7)).square().sum()
+        opt.zero_grad()
+        loss.backward()
+        for name in ("fc", "pointwise", "head"):
+            m = getattr(model, name)
+            original = m.parametrizations.weight.original
+            assert not original.grad[~prune.get_mask(m)].any(), f"{method} {name}: pruned entries got gradient"
+        opt.step()
+    for name in ("fc", "pointwise", "head"):
+        m = getattr(model, name)
+        assert not m.weight[~prune.get_mask(m)].any() and not m.parametrizations.weight.original[~prune.get_mask(m)].any()
+
+
+def test_random_control_prunes_exactly_ceil_p_n_per_matrix():
+    for p in PRUNE_PS:
+        model = _mixed(2)
+        prune.random(model, float(p), seed=7)
+        for name in ("fc", "pointwise", "head"):
+            m = getattr(model, name)
+            n = m.weight.numel()
+            assert int((~prune.get_mask(m)).sum()) == pruned_count(p, n), f"{name} p={p}"
+    big = nn.Linear(96, 64)
+    prune.random(big, 0.55, structure="block", seed=1, block_size=16)
+    tiles = prune.get_mask(big).reshape(4, 16, 6, 16).permute(0, 2, 1, 3).reshape(24, 256)
+    assert bool((tiles.all(1) | ~tiles.any(1)).all())          # whole tiles
+    assert int((~tiles.any(1)).sum()) == pruned_count("0.55", 24)
+
+
+def imp_oracle(model: nn.Module, rounds: int, fraction: str = "0.25") -> list:
+    """Global IMP masks after ``rounds``: every module weight of >= 2 dims, one ranking of |w|
+    (ties: earlier tensor in module order, then lower flat index), keep round(n (1-f)^k) (half up)."""
+    tensors = [m.weight.detach().flatten() for _, m in model.named_modules()
+               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
+    entries = [(abs(float(v)), t, i) for t, w in enumerate(tensors) for i, v in enumerate(w)]
+    n = len(entries)
+    keep_n = math.floor(n * (1 - Fraction(fraction)) ** rounds + Fraction(1, 2))
+    pruned = set((t, i) for _, t, i in sorted(entries)[:n - keep_n])
+    return [[(t, i) not in pruned for i in range(w.numel())] for t, w in enumerate(tensors)]
+
+
+@pytest.mark.parametrize("levels", [0, 3])
+def test_imp_rounds_match_the_global_oracle(levels):
+    """One global ranking over conv, linear and head weights (not BN, not biases); the masks after
+    rounds 1..4 equal the oracle's, with heavy ties when ``levels`` = 3."""
+    model = _mixed(5, levels)
+    reference = _mixed(5, levels)  # unpruned copy: the oracle ranks the original magnitudes
+    bias, bn = model.fc.bias.detach().clone(), model.bn.weight.detach().clone()
+    for k in range(1, 5):
+        prune_round(model, k)
+        want = imp_oracle(reference, k)
+        masked = [m for _, m in model.named_modules()
+                  if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
+        assert [prune.get_mask(m).flatten().tolist() for m in masked] == want, f"round {k}"
+    assert not prune.is_pruned(model.bn)
+    assert torch.equal(model.fc.bias, bias) and torch.equal(model.bn.weight, bn)
+
+
+# ------------------------------------------------------------------------------- bad input
+BAD_PRUNE_CALLS = [
+    (lambda: prune.l1p_mask(torch.ones(3, 3, dtype=torch.int64), 0.5), TypeError, "weight: expected a floating-point"),
+    (lambda: prune.l1p_mask([[1.0, 2.0]], 0.5), TypeError, "weight: expected a tensor"),
+    (lambda: prune.l1p_mask(torch.tensor(1.0), 0.5), ValueError, "weight: expected a tensor of >= 1"),
+    (lambda: prune.block_l1p_mask(torch.ones(4, 4, dtype=torch.int32), 0.5), TypeError, "weight: expected a floating-point"),
+    (lambda: prune.tile_l1_norms(torch.ones(4, 4, dtype=torch.bool), 16), TypeError, "weight: expected a floating-point"),
+    (lambda: prune.l1p_mask(torch.ones(3, 3), 1.0), ValueError, r"sparsity: expected a number in \[0, 1\)"),
+    (lambda: prune.l1p_mask(torch.ones(3, 3), -0.1), ValueError, "sparsity"),
+    (lambda: prune.l1p_mask(torch.ones(3, 3), float("nan")), ValueError, "sparsity"),
+    (lambda: prune.l1p_mask(torch.ones(3, 3), torch.tensor(0.5)), TypeError, "sparsity"),
+    (lambda: prune.block_l1p_mask(torch.ones(32, 32), 0.5, (24, 16)), ValueError, "block_size"),
+    (lambda: prune.block_l1p(nn.Linear(32, 32), 0.5, block_size=0), ValueError, "block_size"),
+    (lambda: prune.random(nn.Linear(4, 4), 0.5, structure="tile"), ValueError, "structure"),
+    (lambda: prune.random(nn.Linear(4, 4), 0.5, seed="1"), TypeError, "seed"),
+    (lambda: prune.l1p(nn.Conv2d(2, 2, 3), 0.5), ValueError, "model_or_module: .*nothing to prune"),
+    (lambda: prune.l1p(nn.Conv2d(2, 2, 3), 0.5, targets=""), ValueError, "targets: .*not a linear layer"),
+    (lambda: prune.l1p("model", 0.5), TypeError, "model_or_module: expected an nn.Module"),
+    (lambda: prune.report([]), TypeError, "model: expected an nn.Module"),
+    (lambda: prune_round(nn.Linear(4, 4), 1, fraction=1.5), ValueError, r"fraction: expected a float in \(0, 1\)"),
+    (lambda: prune_round(nn.Linear(4, 4), 1, fraction="0.25"), TypeError, "fraction: expected a float"),
+    (lambda: prune_round(nn.Linear(4, 4), -1), ValueError, "rounds: expected an int >= 0"),
+    (lambda: prune_round("model", 1), TypeError, "model: expected an nn.Module"),
+    (lambda: prune_round(nn.BatchNorm1d(4), 1), ValueError, "no weight tensor of >= 2 dimensions"),
+]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_PRUNE_CALLS)))
+def test_pruning_rejects_bad_input_by_name(index):
+    call, error, match = BAD_PRUNE_CALLS[index]
+    with pytest.raises(error, match=match):
+        call()

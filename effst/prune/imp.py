@@ -40,7 +40,10 @@ Trainer = Callable[[nn.Module, int, Callable[[], None]], Any]
 
 
 def _check_fraction(fraction: float) -> Fraction:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise TypeError(f"fraction: expected a float in (0, 1) (share of survivors removed per round), "
+                        f"got {type(fraction).__name__}")
+    if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction: expected a float in (0, 1) (share of survivors removed per round), got {fraction!r}")
     return Fraction(str(fraction))
 
@@ -57,6 +60,8 @@ def survivors(total: int, rounds: int, fraction: float = DEFAULT_FRACTION) -> in
 
 def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every module whose ``weight`` has >= 2 dimensions, in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     out = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)

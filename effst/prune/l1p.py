@@ -62,6 +62,17 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     return value
 
 
+def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """A floating-point tensor of at least one dimension (a weight to score), or a clear error."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor (a weight matrix), got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {weight.dtype}")
+    if weight.dim() < 1:
+        raise ValueError(f"{name}: expected a tensor of >= 1 dimension ([out, in] or [out, in, 1]), got a scalar")
+    return weight
+
+
 def _name_matches(name: str, target: str) -> bool:
     if any(ch in target for ch in "*?["):
         return fnmatch.fnmatchcase(name, target)
@@ -74,7 +85,11 @@ def resolve_targets(model: nn.Module, targets: Targets = None) -> list[tuple[str
         raise TypeError(f"model_or_module: expected an nn.Module, got {type(model).__name__}")
     named = list(model.named_modules())
     if targets is None:
-        return [(n, m) for n, m in named if is_prunable(m)]
+        found = [(n, m) for n, m in named if is_prunable(m)]
+        if not found:
+            raise ValueError(f"model_or_module: a {type(model).__name__} with no nn.Linear or 1x1 nn.Conv1d "
+                             "layer: nothing to prune")
+        return found
     if isinstance(targets, (str, type)):
         targets = [targets]
     if not isinstance(targets, (list, tuple)):
@@ -119,13 +134,14 @@ def _scores_dtype(weight: torch.Tensor) -> torch.dtype:
 def l1p_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Element L1P keep-mask (bool, weight's shape) of one weight matrix."""
     sparsity = check_sparsity(sparsity)
+    weight = check_weight(weight)
     scores = weight.detach().abs().to(_scores_dtype(weight))
     return keep_above_kth(scores, sparsity)
 
 
 def tile_l1_norms(weight: torch.Tensor, block_size: BlockSize) -> torch.Tensor:
     """L1 norm (float64) of every ``bm x bk`` tile of the ``[out, in]`` matrix (edge tiles: their real entries)."""
-    return _tile_norms(_matrix(weight), *check_block_size(block_size))
+    return _tile_norms(_matrix(check_weight(weight)), *check_block_size(block_size))
 
 
 def block_l1p_mask(weight: torch.Tensor, sparsity: float, block_size: BlockSize = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
