@@ -644,3 +644,51 @@ def test_pruning_rejects_bad_input_by_name(index):
     call, error, match = BAD_PRUNE_CALLS[index]
     with pytest.raises(error, match=match):
         call()
+
+
+def _bad_slif_calls():
+    from effst.ops.parametrization import check_tau, tau_to_w, w_to_decay, w_to_tau
+    from effst.ops.slif_reference import slif_reference
+    from effst.ops.surrogates import resolve_surrogate, spike, surrogate_grad
+    x = torch.ones(2, 3)
+    return [
+        (lambda: tau_to_w(torch.tensor([2.0, math.inf])), ValueError, "tau: expected every value finite and > 1"),
+        (lambda: tau_to_w(torch.tensor([2.0, 1.0])), ValueError, "tau: expected every value finite and > 1"),
+        (lambda: tau_to_w(torch.tensor([2, 3])), TypeError, "tau: expected a floating-point tensor"),
+        (lambda: tau_to_w("2"), TypeError, "tau: expected a float > 1"),
+        (lambda: check_tau(1.0), ValueError, "tau: expected a finite value > 1"),
+        (lambda: check_tau(math.nan), ValueError, "tau"),
+        (lambda: w_to_tau(torch.tensor([1, 2])), TypeError, "w: expected a floating-point tensor"),
+        (lambda: w_to_decay(0.0), TypeError, "w: expected a floating-point tensor"),
+        (lambda: surrogate_grad(torch.tensor([1, 2]), "atan"), TypeError, "x: expected a floating-point tensor"),
+        (lambda: surrogate_grad(torch.ones(2), "atan", -2.0), ValueError, "alpha: expected a finite value > 0"),
+        (lambda: surrogate_grad(torch.ones(2), "Atan"), ValueError, "surrogate: expected one of"),
+        (lambda: spike([0.5], "atan"), TypeError, "x: expected a floating-point tensor"),
+        (lambda: resolve_surrogate("atan", math.inf), ValueError, "alpha"),
+        (lambda: resolve_surrogate("atan", "2"), TypeError, "alpha"),
+        (lambda: slif_reference(torch.ones(2, 3, dtype=torch.int32), 0.0, 1.0), TypeError, "x: expected a floating-point"),
+        (lambda: slif_reference(x, torch.zeros(4), 1.0), ValueError, r"w: shape \(4,\) matches no parameter form"),
+        (lambda: slif(x, 0.0, torch.ones(2, 2)), ValueError, "v_threshold: shape"),
+        (lambda: slif(torch.ones(2, 3, 4), torch.zeros(4), 1.0, channel_dim=2), ValueError, "channel_dim"),
+        (lambda: slif(x, 0.0, 1.0, surrogate="gauss"), ValueError, "surrogate"),
+        (lambda: slif(x.long(), 0.0, 1.0), TypeError, "x: expected a float16/bfloat16/float32/float64"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(20))
+def test_slif_math_helpers_reject_bad_input_by_name(index):
+    calls = _bad_slif_calls()
+    assert len(calls) == 20
+    call, error, match = calls[index]
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("surrogate", SURROGATES)
+def test_effst_surrogate_table_matches_the_spec(surrogate):
+    from effst.ops.surrogates import DEFAULT_ALPHA, surrogate_grad
+    assert DEFAULT_ALPHA[surrogate] == ALPHA[surrogate]
+    x = torch.linspace(-3, 3, 1201, dtype=F64)
+    for a in (None, 0.7, 3.3):
+        want = psi(x, surrogate, ALPHA[surrogate] if a is None else a)
+        torch.testing.assert_close(surrogate_grad(x, surrogate, a), want, rtol=1e-13, atol=1e-15)

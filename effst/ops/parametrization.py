@@ -23,19 +23,31 @@ def check_tau(tau: Number, name: str = "tau") -> float:
 
 
 def tau_to_w(tau: Union[Number, torch.Tensor]) -> Union[float, torch.Tensor]:
-    """Decay logit ``w`` with ``sigmoid(w) = 1/tau``: ``w = -log(tau - 1)``."""
+    """Decay logit ``w`` with ``sigmoid(w) = 1/tau``: ``w = -log(tau - 1)``.
+
+    ``tau`` is a number or a floating-point tensor, every value finite and > 1 (an infinite tau,
+    a neuron without leak, has no finite ``w``)."""
     if isinstance(tau, torch.Tensor):
-        if not bool((tau > 1).all()):
-            raise ValueError("tau: expected every value > 1")
+        if not tau.is_floating_point():
+            raise TypeError(f"tau: expected a floating-point tensor, got dtype {tau.dtype}")
+        if not bool((torch.isfinite(tau) & (tau > 1)).all()):
+            raise ValueError("tau: expected every value finite and > 1 (decay 1/tau in (0, 1))")
         return -torch.log(tau - 1.0)
     return -math.log(check_tau(tau) - 1.0)
 
 
+def _check_w(w: torch.Tensor) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        what = f"dtype {w.dtype}" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise TypeError(f"w: expected a floating-point tensor (the decay logit), got {what}")
+    return w
+
+
 def w_to_decay(w: torch.Tensor) -> torch.Tensor:
-    """Decay ``k = 1/tau = sigmoid(w)``."""
-    return torch.sigmoid(w)
+    """Decay ``k = 1/tau = sigmoid(w)`` of a floating-point tensor ``w``."""
+    return torch.sigmoid(_check_w(w))
 
 
 def w_to_tau(w: torch.Tensor) -> torch.Tensor:
-    """Membrane time constant ``tau = 1/sigmoid(w) = 1 + exp(-w)``."""
-    return 1.0 + torch.exp(-w)
+    """Membrane time constant ``tau = 1/sigmoid(w) = 1 + exp(-w)`` of a floating-point tensor ``w``."""
+    return 1.0 + torch.exp(-_check_w(w))

@@ -56,6 +56,9 @@ def slif_reference(
     kernels: a bfloat16 membrane would fire differently); the spikes come back in ``x.dtype``
     and the final state in the compute dtype.
     """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x: expected a floating-point tensor [T, *], got {what}")
     _, alpha = resolve_surrogate(surrogate, alpha)
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(cdtype)

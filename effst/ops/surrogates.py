@@ -55,8 +55,22 @@ def resolve_surrogate(surrogate: str, alpha: Optional[float]) -> tuple[int, floa
     return SURROGATE_NAMES.index(surrogate), alpha
 
 
-def surrogate_grad(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
-    """sigma'(x): derivative of the spike w.r.t. ``x = H - theta`` (torch, any float dtype)."""
+def _check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        what = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x: expected a floating-point tensor, got {what}")
+
+
+def surrogate_grad(x: torch.Tensor, surrogate: str, alpha: Optional[float] = None) -> torch.Tensor:
+    """sigma'(x): derivative of the spike w.r.t. ``x = H - theta`` (torch, any float dtype);
+    ``alpha`` None = the surrogate's default."""
+    _check_input(x)
+    _, alpha = resolve_surrogate(surrogate, alpha)
+    return _surrogate_grad(x, surrogate, alpha)
+
+
+def _surrogate_grad(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
+    """:func:`surrogate_grad` without validation (the autograd backward calls it every step)."""
     if surrogate == "sigmoid":
         s = torch.sigmoid(alpha * x)
         return alpha * s * (1.0 - s)
@@ -90,11 +104,12 @@ class SpikeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spike: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return grad_spike * surrogate_grad(x, ctx.surrogate, ctx.alpha), None, None
+        return grad_spike * _surrogate_grad(x, ctx.surrogate, ctx.alpha), None, None
 
 
 def spike(x: torch.Tensor, surrogate: str = "atan", alpha: Optional[float] = None) -> torch.Tensor:
     """Heaviside spike of ``x`` with the named surrogate gradient (autograd-aware)."""
+    _check_input(x)
     _, alpha = resolve_surrogate(surrogate, alpha)
     return SpikeFunction.apply(x, surrogate, alpha)
 
