@@ -326,3 +326,48 @@ def test_membrane_state_carries_over_mid_sequence(v_reset):
         assert torch.equal(ours(second), expected)
         ours[1].reset()  # the state mattered: from rest the outputs differ
         assert not torch.equal(ours(second), expected)
+
+
+SJ_SURROGATE_CLASSES = ("Sigmoid", "ATan", "PiecewiseQuadratic", "PiecewiseExp", "SoftSign", "SuperSpike",
+                        "Erf", "Rect")
+
+
+@pytest.mark.parametrize("index", range(len(SJ_SURROGATE_CLASSES) * 3))
+def test_converted_neuron_is_the_spikingjelly_neuron_float64(index):
+    """Every surrogate (a non-default alpha; Rect's alpha is the reciprocal of effst's), each
+    reset, decay_input, detach_reset and target kind: the converted neuron gives SpikingJelly
+    2.0.0's spikes exactly and its x (and PLIF w) gradients to 1e-9, with tau and V_th carried
+    over (w = -log(tau - 1))."""
+    import math
+    name = SJ_SURROGATE_CLASSES[index % len(SJ_SURROGATE_CLASSES)]
+    v_reset = (0.0, -0.3, None)[index % 3]
+    detach, decay = bool(index % 2), bool((index // 2) % 2)
+    target = ("slif", "stl", "plif", "lif")[index % 4]
+    parametric = index % 5 in (0, 3)
+    tau = (1.7, 2.0, 5.0)[(index // 3) % 3]
+    kw = dict(v_threshold=0.7, v_reset=v_reset, detach_reset=detach, decay_input=decay, step_mode="m",
+              surrogate_function=getattr(surrogate, name)(alpha=0.8 if name == "Rect" else 1.3))
+    node = (neuron.ParametricLIFNode(init_tau=tau, **kw) if parametric else neuron.LIFNode(tau=tau, **kw))
+    net = nn.Sequential(nn.Linear(5, 5), node).double()
+    g = torch.Generator().manual_seed(index)
+    x = torch.randn(7, 3, 5, generator=g, dtype=torch.float64) + 0.5
+    weights = torch.randn(7, 3, 5, generator=g, dtype=torch.float64)
+    xs = x.clone().requires_grad_(True)
+    (node(xs) * weights).sum().backward()
+    node.reset()
+    with torch.no_grad():
+        want_spikes = node(x)
+    node.reset()
+    convert(net, target, backend="native")
+    new = net[1]
+    assert float(new.v_threshold.detach().reshape(-1)[0]) == 0.7
+    w_expected = node.w.detach().double() if parametric else torch.tensor(-math.log(tau - 1.0), dtype=torch.float64)
+    assert torch.equal(new.w.detach().reshape(-1)[0], w_expected.reshape(()))
+    xe = x.clone().requires_grad_(True)
+    spikes = new(xe)
+    (spikes * weights).sum().backward()
+    what = f"{name} v_reset={v_reset} detach={detach} decay={decay} -> {target}"
+    assert torch.equal(spikes.detach(), want_spikes), what
+    torch.testing.assert_close(xe.grad, xs.grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"{what}: {m}")
+    if parametric and target in ("slif", "plif"):
+        torch.testing.assert_close(new.w.grad.sum(), node.w.grad.double().reshape(()), rtol=1e-9, atol=1e-9)
