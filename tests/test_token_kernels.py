@@ -2,6 +2,7 @@
 Triton's interpreter on the CPU (or on CUDA with EFFST_TEST_DEVICE=cuda), and AOT-compiled for
 sm_80 / sm_90 without a GPU."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,122 @@ def test_neuron_membrane_follows_token_identity():
             assert torch.equal(out[t, b], s[b, index[t, b]])
 
 
+class _OracleSpike(torch.autograd.Function):
+    """Heaviside forward, the surrogate's derivative backward (SPEC: sigmoid'(alpha x) * alpha,
+    atan: (alpha / 2) / (1 + (pi/2 alpha x)^2))."""
+
+    @staticmethod
+    def forward(ctx, x, surrogate, alpha):
+        ctx.save_for_backward(x)
+        ctx.surrogate, ctx.alpha = surrogate, alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        a = ctx.alpha
+        if ctx.surrogate == "sigmoid":
+            d = a * torch.sigmoid(a * x) * (1 - torch.sigmoid(a * x))
+        else:
+            d = (a / 2) / (1 + (math.pi / 2 * a * x) ** 2)
+        return grad * d, None, None
+
+
+def _lif_oracle(x, w, theta, *, v, hard, detach, decay, surrogate, alpha):
+    """float64 LIF on the full token grid ``x`` [T, B, N, C], written from the spec equations."""
+    k = torch.sigmoid(w)
+    rest = 0.0 if hard else 0.0
+    spikes = []
+    for t in range(x.shape[0]):
+        h = v + k * (x[t] - (v - rest)) if decay else v - k * (v - rest) + x[t]
+        s = _OracleSpike.apply(h - theta, surrogate, alpha)
+        r = s.detach() if detach else s
+        v = h * (1 - r) + rest * r if hard else h - r * theta
+        spikes.append(s)
+    return torch.stack(spikes), v
+
+
+ROUTED_CASES = [  # hard reset, detach_reset, decay_input, per-channel, surrogate, dtype
+    (True, True, True, False, "sigmoid", torch.float64),     # Spikformer's neuron
+    (False, False, False, True, "atan", torch.float64),
+    (True, False, True, True, "atan", torch.float32),
+    (False, True, True, False, "sigmoid", torch.float16),   # bf16: the GPU test (the interpreter cannot convert to it)
+]
+
+
+@pytest.mark.parametrize("hard,detach,decay,per_channel,surrogate,dtype", ROUTED_CASES)
+def test_fused_routed_neuron_matches_a_float64_oracle(device, hard, detach, decay, per_channel, surrogate, dtype):
+    """The fused per-token-identity neuron against a hand-stepped float64 LIF on the full grid
+    (zero input for a dropped (token, t)); spikes exact, state and every gradient close; two
+    calls in a row carry the membrane (v_init) and its gradient."""
+    from effst.nn import SLIF
+
+    T, B, N, K, C = 4, 2, 19, 7, 70     # 19 tokens: two token tiles, 70 channels: two channel tiles
+    g = torch.Generator().manual_seed(11)
+    neuron = SLIF(tau=1.7, v_threshold=0.8, v_reset=0.0 if hard else None, surrogate=surrogate,
+                  detach_reset=detach, decay_input=decay, channels=C if per_channel else None, backend="triton")
+    with torch.no_grad():
+        neuron.w.add_(torch.randn(neuron.w.shape, generator=g) * 0.3)
+        neuron.v_threshold.add_(torch.rand(neuron.v_threshold.shape, generator=g) * 0.4)
+    neuron = neuron.to(device, torch.float64 if dtype == torch.float64 else torch.float32)
+    routes = [torch.stack([torch.stack([torch.sort(torch.randperm(N, generator=g)[:K]).values for _ in range(B)])
+                           for _ in range(T)]) for _ in range(2)]
+    currents = [(torch.rand(T, B, K, C, generator=g, dtype=torch.float64) * 2.2 - 0.3).to(dtype) for _ in range(2)]
+    weights = [torch.randn(T, B, K, C, generator=g, dtype=torch.float64) for _ in range(2)]
+    inputs = [c.clone().to(device).requires_grad_() for c in currents]
+    assert ts._fusable(neuron, inputs[0], N, "triton")      # the fused kernel runs, not the fallback
+    spikes = [ts.run_neuron_on_tokens(neuron, x, r.to(device), N, backend="triton") for x, r in zip(inputs, routes)]
+    assert neuron.v.shape == (B, N, C)
+    loss = sum((s.double() * w.to(device)).sum() for s, w in zip(spikes, weights)) + 0.5 * neuron.v.double().sum()
+    loss.backward()
+
+    w = neuron.w.detach().double().cpu().requires_grad_()
+    theta = neuron.v_threshold.detach().double().cpu().requires_grad_()
+    oracle_inputs = [c.detach().clone().double().requires_grad_() for c in currents]
+    v = torch.zeros(B, N, C, dtype=torch.float64)
+    oracle_loss = 0
+    for x, r, weight, out in zip(oracle_inputs, routes, weights, spikes):
+        full = torch.zeros(T, B, N, C, dtype=torch.float64)
+        for t in range(T):
+            for b in range(B):
+                full[t, b, r[t, b]] = x[t, b]
+        s, v = _lif_oracle(full, w, theta, v=v, hard=hard, detach=detach, decay=decay, surrogate=surrogate,
+                           alpha=neuron.alpha)
+        kept = torch.stack([torch.stack([s[t, b, r[t, b]] for b in range(B)]) for t in range(T)])
+        assert torch.equal(out.detach().double().cpu(), kept.detach())
+        oracle_loss = oracle_loss + (kept * weight).sum()
+    (oracle_loss + 0.5 * v.sum()).backward()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-3}[dtype]
+    assert torch.allclose(neuron.v.detach().double().cpu(), v.detach(), atol=tol)
+    for got, expected in ((inputs[0].grad, oracle_inputs[0].grad), (inputs[1].grad, oracle_inputs[1].grad),
+                          (neuron.w.grad, w.grad), (neuron.v_threshold.grad, theta.grad)):
+        assert torch.allclose(got.double().cpu(), expected.reshape(got.shape), atol=tol, rtol=tol)
+
+
+def test_fused_routed_neuron_integer_spikes_and_fallbacks():
+    """uint8 spikes at inference equal the float spikes; the unfused path (fused=False, or a
+    neuron that is not an effst sLIF on Triton) gives the same spikes."""
+    from effst.nn import LIF
+
+    T, B, N, K, C = 3, 2, 6, 3, 4
+    g = torch.Generator().manual_seed(12)
+    index = torch.stack([torch.stack([torch.sort(torch.randperm(N, generator=g)[:K]).values for _ in range(B)])
+                         for _ in range(T)])
+    current = torch.rand(T, B, K, C, generator=g) * 2
+    fused = ts.run_neuron_on_tokens(LIF(backend="triton"), current, index, N)
+    with torch.no_grad():
+        packed = ts.run_neuron_on_tokens(LIF(backend="triton", spike_dtype=torch.uint8), current, index, N)
+    assert packed.dtype == torch.uint8 and torch.equal(packed.float(), fused)
+    assert torch.equal(ts.run_neuron_on_tokens(LIF(backend="triton"), current, index, N, fused=False), fused)
+    assert torch.equal(ts.run_neuron_on_tokens(LIF(backend="reference"), current, index, N), fused)
+    assert ts.token_slots(index, N)[0, 0].tolist().count(-1) == N - K
+    # A hooked neuron (record_firing_rates) is called itself, on the full token grid.
+    hooked, seen = LIF(backend="triton"), []
+    hooked.register_forward_hook(lambda module, inputs, output: seen.append(tuple(output.shape)))
+    assert not ts._fusable(hooked, current, N, "auto")
+    assert torch.equal(ts.run_neuron_on_tokens(hooked, current, index, N), fused) and seen == [(T, B, N, C)]
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="k: expected"):
         ts.anchor_topk_gather(torch.ones(2, 4), torch.ones(2, 5, 4), torch.ones(2, 5, 3), 6)
@@ -155,7 +272,7 @@ def _aot_entries(arch):
                                       "score_ptr": "*i32", "index_ptr": "*i64", "out_ptr": f"*{x_type}",
                                       "N": "i32", "W": "i32", "C": "i32", "K": "i32"},
                         "constexprs": {"BLOCK_N": 256, "BLOCK_W": 64, "BLOCK_C": 64}})
-        for scatter in (False, True):
+        for scatter in (False, True) if x_type != "fp16" else ():     # a plain copy: bf16 covers 16-bit
             entries.append({"module": mod, "kernel": "_move_tokens_kernel", "arch": arch,
                             "signature": {"src_ptr": f"*{x_type}", "index_ptr": "*i64", "dst_ptr": f"*{x_type}",
                                           "N": "i32", "K": "i32", "C": "i32"},
@@ -164,6 +281,26 @@ def _aot_entries(arch):
                         "signature": {"x_ptr": f"*{x_type}", "mask_ptr": f"*{x_type}", "out_ptr": f"*{x_type}",
                                       "T": "i32", "B": "i32", "N": "i32", "C": "i32"},
                         "constexprs": {"ACC_DTYPE": "tl.float32", "BLOCK_N": 32, "BLOCK_C": 128}})
+    # The routed neuron: bf16 with Spikformer's LIF (hard reset, detach_reset, sigmoid, nothing
+    # learned); fp32 with every option flipped (soft reset, sLIF gradients, state in and out).
+    for x_type, lif in (("bf16", True), ("fp32", False)):
+        sizes = {n: "i32" for n in ("B", "N", "K", "C", "w_channels", "theta_channels")}
+        fp32 = {n: "*fp32" for n in ("w_ptr", "theta_ptr", "v_init_ptr", "scalars_ptr")}
+        entries.append({"module": mod, "kernel": "_routed_neuron_forward_kernel", "arch": arch,
+                        "signature": {"x_ptr": f"*{x_type}", "slot_ptr": "*i32", **fp32, "spikes_ptr": f"*{x_type}",
+                                      "v_final_ptr": "*fp32", **sizes},
+                        "constexprs": {"T": 4, "HAS_V_INIT": not lif, "HARD_RESET": lif, "DECAY_INPUT": True,
+                                       "COMPUTE_DTYPE": "tl.float32", "BLOCK_N": ts.ROUTED_FORWARD_BLOCK[0],
+                                       "BLOCK_C": ts.ROUTED_FORWARD_BLOCK[1]}})
+        entries.append({"module": mod, "kernel": "_routed_neuron_backward_kernel", "arch": arch,
+                        "signature": {"grad_s_ptr": f"*{x_type}", "grad_v_final_ptr": "*fp32", "x_ptr": f"*{x_type}",
+                                      "slot_ptr": "*i32", **fp32, "grad_x_ptr": f"*{x_type}", "grad_w_ptr": "*fp32",
+                                      "grad_theta_ptr": "*fp32", "grad_v_init_ptr": "*fp32", **sizes},
+                        "constexprs": {"T": 4, "HAS_V_INIT": not lif, "HAS_GRAD_V_FINAL": not lif, "HARD_RESET": lif,
+                                       "DECAY_INPUT": True, "DETACH_RESET": lif, "SURROGATE": 0 if lif else 1,
+                                       "NEED_GRAD_W": not lif, "NEED_GRAD_THETA": not lif,
+                                       "COMPUTE_DTYPE": "tl.float32", "BLOCK_N": ts.ROUTED_BACKWARD_BLOCK[0],
+                                       "BLOCK_C": ts.ROUTED_BACKWARD_BLOCK[1]}})
     return entries
 
 
@@ -187,6 +324,14 @@ def test_kernels_on_cuda_at_stata_sizes_without_host_sync():
     x = torch.randn(R, N, C, generator=g).to("cuda", torch.bfloat16)
     mask = (torch.rand(4, 64, N, generator=g) < 0.5).cuda()
     mask[:, :, 0] = True
+    from effst.nn import LIF
+
+    neuron = LIF(surrogate="sigmoid", alpha=4.0, detach_reset=True, backend="triton").cuda()
+    current = (torch.randn(R, k, C, generator=g) + 0.8).to("cuda", torch.bfloat16).view(4, 64, k, C).requires_grad_()
+    route = torch.sort(torch.rand(R, N, generator=g).argsort(dim=1)[:, :k], dim=1).values.cuda().view(4, 64, k)
+    ts.run_neuron_on_tokens(neuron, current, route, N).float().sum().backward()    # compile and cache outside
+    neuron.reset()
+    current.grad = None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -194,8 +339,17 @@ def test_kernels_on_cuda_at_stata_sizes_without_host_sync():
         full = ts.scatter_tokens(compact, index, N, backend="triton")
         again = ts.gather_tokens(full, index, backend="triton")
         pooled = ts.masked_mean(x.view(4, 64, N, C), mask, backend="triton")
+        spikes = ts.run_neuron_on_tokens(neuron, current, route, N)          # the fused routed neuron
+        (spikes.float() * x[:, :k].reshape(4, 64, k, C).float()).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    fused_grad, current.grad = current.grad, None
+    neuron.reset()
+    unfused = ts.run_neuron_on_tokens(neuron, current, route, N, fused=False)
+    (unfused.float() * x[:, :k].reshape(4, 64, k, C).float()).sum().backward()
+    # Same arithmetic; the compiler may contract a multiply-add differently in the two kernels.
+    assert float((spikes != unfused).float().mean()) < 1e-4
+    assert torch.allclose(fused_grad.float(), current.grad.float(), atol=1e-2, rtol=1e-2)
     ref_scores, ref_index, ref_compact = ts.anchor_topk_gather(query, keys, x, k, backend="torch")
     assert torch.equal(scores, ref_scores) and torch.equal(index, ref_index) and torch.equal(compact, ref_compact)
     assert torch.equal(again, compact)

@@ -401,3 +401,36 @@ def test_the_student_cannot_be_its_own_teacher():
     model = _model("sts", 0.7)
     with pytest.raises(ValueError, match="teacher: expected a separate"):
         model.set_teacher(model)
+
+
+def test_stata_fused_routed_neurons_leave_outputs_and_gradients_unchanged(monkeypatch):
+    """After STATA's drop the blocks' neurons run the fused per-token-identity kernel (Triton
+    neurons); the logits, auxiliary losses and every parameter gradient equal those of the torch
+    path (reference neurons: scatter the current to all tokens, run the neuron, gather)."""
+    from effst.nn import SLIF
+    from effst.ops import token_select
+
+    fused_calls = []
+    real = token_select._run_fused
+    monkeypatch.setattr(token_select, "_run_fused", lambda *args: fused_calls.append(1) or real(*args))
+    results = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        model = build_model("spikformer-tiny", token_selector="stata", keep_ratio=0.5, depth=2, dim=16, heads=2,
+                            hidden=32, backend="reference").double()
+        for module in model.blocks.modules():
+            if isinstance(module, SLIF):
+                module.backend = backend
+        model.train()
+        logits = model(_images(batch=2, seed=4).double())
+        losses = model.auxiliary_losses()
+        (logits.logsumexp(-1).sum() + sum(losses.values())).backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), {k: v.detach() for k, v in losses.items()}, grads))
+    assert len(fused_calls) == 2 + 7      # block 0's MLP after the drop, then all of block 1
+    (logits, losses, grads), (ref_logits, ref_losses, ref_grads) = results
+    assert torch.allclose(logits, ref_logits, atol=1e-12, rtol=0)
+    assert losses.keys() == ref_losses.keys() and all(torch.allclose(losses[k], ref_losses[k]) for k in losses)
+    assert grads.keys() == ref_grads.keys() and "selector.anchor" in grads
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], atol=1e-10, rtol=1e-10), name

@@ -15,10 +15,16 @@ Data flow, top to bottom:
    beat it, so the selection needs no sort and no host synchronisation.
 2. :func:`gather_tokens` / :func:`scatter_tokens` -- compact <-> full. They are each other's
    gradient: the gradient of a gather is a scatter into zeros (``index_add`` with unique
-   indices, so no atomics and deterministic), and vice versa. The scatter (zeros elsewhere) is
-   also how a neuron keeps its membrane per token identity when the kept set changes per
-   timestep: scatter the compact input current to the full token axis (a dropped (token, t) gets
-   zero input, so its membrane decays), run the multi-step neuron there, gather the kept spikes.
+   indices, so no atomics and deterministic), and vice versa.
+2b. :func:`run_neuron_on_tokens` -- a neuron whose membrane follows the token identity when the
+   kept set changes per timestep (STATA): a dropped (token, t) gets zero input, so its membrane
+   decays. For effst's sLIF / PLIF / LIF on Triton one fused kernel per direction does it: one
+   program per (sample, token tile, channel tile) of the full grid keeps the membrane in
+   registers over T, reads the input of step t from the compact slot that holds the token then
+   (:func:`token_slots`, the route's inverse) and writes the spike back there; the backward
+   recomputes the forward in registers and walks back in time, parameter gradients as one
+   partial per program summed in a fixed order (deterministic). The full-grid current and
+   spikes are never materialised. Any other neuron: scatter, run the neuron, gather.
 3. :func:`masked_mean` -- ``out[b, c] = sum_{t,n} m[t,b,n] x[t,b,n,c] / sum_{t,n} m[t,b,n]``,
    the head's pooling over kept tokens only.
 
@@ -33,6 +39,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from effst.ops.slif import _charge, _fire_and_reset
+from effst.ops.surrogates import surrogate_grad_triton
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -275,20 +284,319 @@ def scatter_tokens(x: torch.Tensor, index: torch.Tensor, tokens: int, *, backend
     return _ScatterTokens.apply(x, index, tokens, backend)
 
 
+# ---------------------------------------------------------------------------------------------
+# 2b. A neuron whose membrane follows the token identity (STATA), fused
+# ---------------------------------------------------------------------------------------------
+#: Longest T the fused routed neuron unrolls (its backward keeps every step in registers);
+#: longer runs take the scatter -> neuron -> gather path.
+MAX_ROUTED_T = 16
+ROUTED_FORWARD_BLOCK = (16, 64)     # (tokens, channels) per program; reasoned, not tuned
+ROUTED_BACKWARD_BLOCK = (8, 64)
+
+
+@triton.jit
+def _routed_load(slot_ptr, x_ptr, b, t, tokens, channels, grid_mask, B, N, K, C, COMPUTE_DTYPE: tl.constexpr):
+    """Step ``t`` of the neurons ``(b, tokens, channels)``: which are kept (the slot that holds
+    each token at ``t``; -1 = dropped), their compact offsets, and the input (0 where dropped)."""
+    slot = tl.load(slot_ptr + (t * B + b) * N + tokens, mask=tokens < N, other=-1)
+    kept = (slot >= 0)[:, None] & grid_mask
+    compact = ((t * B + b) * K + slot.to(tl.int64))[:, None] * C + channels[None, :]
+    return kept, compact, tl.load(x_ptr + compact, mask=kept, other=0.0).to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def _lif_backward_step(grad_s, carry, x, v_prev, k, theta, v_rest, alpha, zero, HARD_RESET: tl.constexpr,
+                       DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr):
+    """Reverse one sLIF step from its input ``x`` and ``V_{t-1}``, given dL/dS_t (``grad_s``) and
+    dL/dV_t (``carry``): returns ``(dL/dX_t, dL/dV_{t-1}, dL/dk, dL/dtheta)`` (the last two
+    per neuron; unused ones are compiled away)."""
+    h = _charge(v_prev, x, k, v_rest, DECAY_INPUT)
+    s = (h >= theta).to(h.dtype)
+    psi = surrogate_grad_triton(h - theta, alpha, SURROGATE)
+    # dV_t/dH_t and dV_t/dtheta: the reset's own terms, plus the path through the spike's
+    # surrogate unless detach_reset cuts it.
+    if HARD_RESET:
+        dv_dh = 1.0 - s
+        dv_dtheta = zero
+        through_spike = (v_rest - h) * psi
+    else:
+        dv_dh = zero + 1.0
+        dv_dtheta = -s
+        through_spike = -theta * psi
+    if not DETACH_RESET:
+        dv_dh += through_spike
+        dv_dtheta -= through_spike
+    grad_h = grad_s * psi + carry * dv_dh
+    if DECAY_INPUT:
+        grad_k = grad_h * (x - (v_prev - v_rest))
+        grad_x = grad_h * k
+    else:
+        grad_k = grad_h * (v_rest - v_prev)
+        grad_x = grad_h
+    return grad_x, grad_h * (1.0 - k), grad_k, carry * dv_dtheta - grad_s * psi
+
+
+@triton.jit
+def _routed_tile(w_ptr, theta_ptr, scalars_ptr, N, C, w_channels, theta_channels,
+                 COMPUTE_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's sample, tokens, channels, mask, state offsets, k = sigmoid(w), theta, V_rest."""
+    tiles = tl.cdiv(N, BLOCK_N)
+    b = (tl.program_id(0) // tiles).to(tl.int64)
+    tokens = (tl.program_id(0) % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_c = channels < C
+    grid_mask = (tokens < N)[:, None] & in_c[None, :]
+    state = (b * N + tokens)[:, None] * C + channels[None, :]
+    k = tl.sigmoid(tl.load(w_ptr + channels % w_channels, mask=in_c, other=0.0).to(COMPUTE_DTYPE))[None, :]
+    theta = tl.load(theta_ptr + channels % theta_channels, mask=in_c, other=0.0).to(COMPUTE_DTYPE)[None, :]
+    v_rest = tl.load(scalars_ptr).to(COMPUTE_DTYPE)
+    return b, tokens, channels, grid_mask, state, k, theta, v_rest
+
+
+@triton.jit
+def _routed_neuron_forward_kernel(x_ptr, slot_ptr, w_ptr, theta_ptr, v_init_ptr, scalars_ptr, spikes_ptr, v_final_ptr,
+                                  B, N, K, C, w_channels, theta_channels, T: tl.constexpr,
+                                  HAS_V_INIT: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+                                  COMPUTE_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program per (sample, BLOCK_N tokens, BLOCK_C channels) of the FULL token grid; the
+    # membrane stays in registers over all T and each step reads / writes the compact slot.
+    b, tokens, channels, grid_mask, state, k, theta, v_rest = _routed_tile(
+        w_ptr, theta_ptr, scalars_ptr, N, C, w_channels, theta_channels, COMPUTE_DTYPE, BLOCK_N, BLOCK_C)
+    if HAS_V_INIT:
+        v = tl.load(v_init_ptr + state, mask=grid_mask, other=0.0).to(COMPUTE_DTYPE)
+    else:
+        v = tl.zeros([BLOCK_N, BLOCK_C], dtype=COMPUTE_DTYPE) + v_rest
+    for t in tl.static_range(T):
+        kept, compact, x = _routed_load(slot_ptr, x_ptr, b, t, tokens, channels, grid_mask, B, N, K, C,
+                                        COMPUTE_DTYPE)
+        h = _charge(v, x, k, v_rest, DECAY_INPUT)
+        tl.store(spikes_ptr + compact, (h >= theta).to(spikes_ptr.dtype.element_ty), mask=kept)
+        _, v = _fire_and_reset(h, theta, v_rest, HARD_RESET)
+    tl.store(v_final_ptr + state, v, mask=grid_mask)
+
+
+@triton.jit
+def _routed_neuron_backward_kernel(grad_s_ptr, grad_v_final_ptr, x_ptr, slot_ptr, w_ptr, theta_ptr, v_init_ptr,
+                                   scalars_ptr, grad_x_ptr, grad_w_ptr, grad_theta_ptr, grad_v_init_ptr,
+                                   B, N, K, C, w_channels, theta_channels, T: tl.constexpr,
+                                   HAS_V_INIT: tl.constexpr, HAS_GRAD_V_FINAL: tl.constexpr,
+                                   HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
+                                   SURROGATE: tl.constexpr, NEED_GRAD_W: tl.constexpr,
+                                   NEED_GRAD_THETA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, tokens, channels, grid_mask, state, k, theta, v_rest = _routed_tile(
+        w_ptr, theta_ptr, scalars_ptr, N, C, w_channels, theta_channels, COMPUTE_DTYPE, BLOCK_N, BLOCK_C)
+    alpha = tl.load(scalars_ptr + 1).to(COMPUTE_DTYPE)
+    if HAS_V_INIT:
+        v = tl.load(v_init_ptr + state, mask=grid_mask, other=0.0).to(COMPUTE_DTYPE)
+    else:
+        v = tl.zeros([BLOCK_N, BLOCK_C], dtype=COMPUTE_DTYPE) + v_rest
+    # Recompute the forward (nothing is saved on the full grid), keeping V_{t-1} and the step's
+    # compact offsets in registers; then walk back in time.
+    v_prevs = ()
+    for t in tl.static_range(T):
+        v_prevs = v_prevs + (v,)
+        _, _, x = _routed_load(slot_ptr, x_ptr, b, t, tokens, channels, grid_mask, B, N, K, C, COMPUTE_DTYPE)
+        _, v = _fire_and_reset(_charge(v, x, k, v_rest, DECAY_INPUT), theta, v_rest, HARD_RESET)
+    zero = tl.zeros([BLOCK_N, BLOCK_C], dtype=COMPUTE_DTYPE)
+    grad_k = zero
+    grad_theta = zero
+    carry = zero            # dL/dV_t, from step t + 1 (and from the final state's own gradient)
+    if HAS_GRAD_V_FINAL:
+        carry = tl.load(grad_v_final_ptr + state, mask=grid_mask, other=0.0).to(COMPUTE_DTYPE)
+    for t in tl.static_range(T - 1, -1, -1):
+        kept, compact, x = _routed_load(slot_ptr, x_ptr, b, t, tokens, channels, grid_mask, B, N, K, C,
+                                        COMPUTE_DTYPE)
+        grad_s = tl.load(grad_s_ptr + compact, mask=kept, other=0.0).to(COMPUTE_DTYPE)
+        grad_x, carry, step_k, step_theta = _lif_backward_step(grad_s, carry, x, v_prevs[t], k, theta, v_rest, alpha,
+                                                               zero, HARD_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE)
+        grad_k += step_k
+        grad_theta += step_theta
+        tl.store(grad_x_ptr + compact, grad_x.to(grad_x_ptr.dtype.element_ty), mask=kept)
+    # Parameter gradients: one partial per program and channel, summed by the host in a fixed
+    # order (deterministic, no atomics).
+    partial = tl.program_id(0).to(tl.int64) * C + channels
+    if NEED_GRAD_W:
+        tl.store(grad_w_ptr + partial, tl.sum(tl.where(grid_mask, grad_k * k * (1.0 - k), 0.0), axis=0),
+                 mask=channels < C)
+    if NEED_GRAD_THETA:
+        tl.store(grad_theta_ptr + partial, tl.sum(tl.where(grid_mask, grad_theta, 0.0), axis=0), mask=channels < C)
+    if HAS_V_INIT:
+        tl.store(grad_v_init_ptr + state, carry, mask=grid_mask)
+
+
+_ROUTE_SCALARS: dict = {}
+
+
+def _route_scalars(v_reset: Optional[float], alpha: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """``[V_rest, alpha]`` in the compute dtype on the device, cached (no copy per call)."""
+    key = (v_reset, alpha, dtype, device)
+    if key not in _ROUTE_SCALARS:
+        _ROUTE_SCALARS[key] = torch.tensor([0.0 if v_reset is None else v_reset, alpha], dtype=dtype, device=device)
+    return _ROUTE_SCALARS[key]
+
+
+def token_slots(index: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Inverse of a route: ``slots[t, b, n]`` = the compact slot holding token ``n`` at ``(t, b)``,
+    or -1 where it was dropped (int32 ``[T, B, tokens]``); ``index`` is ``[T, B, K]``, unique per row."""
+    T, B, K = index.shape
+    slots = torch.full((T, B, tokens), -1, dtype=torch.int32, device=index.device)
+    return slots.scatter_(2, index, torch.arange(K, dtype=torch.int32, device=index.device).expand(T, B, K))
+
+
+class _RoutedNeuron(torch.autograd.Function):
+    """Fused per-token-identity neuron: ``(current [T, B, K, C], w [Cw], theta [Ct], v_init
+    [B, N, C] or None, slots [T, B, N]) -> (spikes [T, B, K, C], v_final [B, N, C])``."""
+
+    @staticmethod
+    def forward(ctx, current, w, theta, v_init, slots, options):
+        T, B, K, C = current.shape
+        N = slots.shape[2]
+        v_reset, surrogate_id, alpha, detach_reset, decay_input, spike_dtype = options
+        cdtype = torch.float64 if current.dtype == torch.float64 else torch.float32
+        spikes = torch.empty_like(current, dtype=current.dtype if spike_dtype is None else spike_dtype)
+        v_final = torch.empty(B, N, C, dtype=cdtype, device=current.device)
+        scalars = _route_scalars(v_reset, alpha, cdtype, current.device)
+        block_n, block_c = ROUTED_FORWARD_BLOCK
+        if v_final.numel():
+            grid = (B * triton.cdiv(N, block_n), triton.cdiv(C, block_c))
+            _routed_neuron_forward_kernel[grid](
+                current, slots, w, theta, v_final if v_init is None else v_init, scalars, spikes, v_final,
+                B, N, K, C, w.numel(), theta.numel(), T=T, HAS_V_INIT=v_init is not None,
+                HARD_RESET=v_reset is not None, DECAY_INPUT=decay_input, COMPUTE_DTYPE=_tl_dtype(cdtype),
+                BLOCK_N=block_n, BLOCK_C=block_c)
+        ctx.save_for_backward(current, w, theta, v_init, slots, scalars)
+        ctx.options = options
+        if not spikes.is_floating_point():
+            ctx.mark_non_differentiable(spikes)
+        ctx.set_materialize_grads(False)
+        return spikes, v_final
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_v_final):
+        current, w, theta, v_init, slots, scalars = ctx.saved_tensors
+        v_reset, surrogate_id, _, detach_reset, decay_input, _ = ctx.options
+        need_w, need_theta = ctx.needs_input_grad[1:3]
+        T, B, K, C = current.shape
+        N = slots.shape[2]
+        block_n, block_c = ROUTED_BACKWARD_BLOCK
+        programs = B * triton.cdiv(N, block_n)
+        if grad_spikes is None:
+            grad_spikes = torch.zeros_like(current)
+        cdtype = scalars.dtype
+        grad_x = torch.empty_like(current)
+        grad_w = torch.empty(programs, C, dtype=cdtype, device=current.device) if need_w else None
+        grad_theta = torch.empty(programs, C, dtype=cdtype, device=current.device) if need_theta else None
+        grad_v_init = torch.empty_like(v_init) if v_init is not None else None
+        if programs and C:
+            _routed_neuron_backward_kernel[(programs, triton.cdiv(C, block_c))](
+                grad_spikes.contiguous(), grad_v_final.contiguous() if grad_v_final is not None else scalars, current,
+                slots, w, theta, v_init if v_init is not None else scalars, scalars, grad_x,
+                grad_w if need_w else scalars, grad_theta if need_theta else scalars,
+                grad_v_init if v_init is not None else scalars, B, N, K, C, w.numel(), theta.numel(), T=T,
+                HAS_V_INIT=v_init is not None, HAS_GRAD_V_FINAL=grad_v_final is not None,
+                HARD_RESET=v_reset is not None, DECAY_INPUT=decay_input, DETACH_RESET=detach_reset,
+                SURROGATE=surrogate_id, NEED_GRAD_W=need_w, NEED_GRAD_THETA=need_theta,
+                COMPUTE_DTYPE=_tl_dtype(cdtype), BLOCK_N=block_n, BLOCK_C=block_c)
+
+        def to_parameter(partials, parameter):
+            if partials is None:
+                return None
+            total = partials.sum(dim=0)                     # fixed-order reduction: deterministic
+            return total.sum().reshape(parameter.shape) if parameter.numel() == 1 else total
+
+        return grad_x, to_parameter(grad_w, w), to_parameter(grad_theta, theta), grad_v_init, None, None
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    """True when calling ``module`` would run forward hooks (its own or global ones)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
+def _fusable(neuron, current: torch.Tensor, tokens: int, backend: str) -> bool:
+    """True when ``neuron`` is an effst sLIF/PLIF/LIF that would run its Triton kernel here, with
+    per-layer or last-dim per-channel parameters, T <= MAX_ROUTED_T and a state that fits."""
+    from effst.nn.neurons import SLIF        # effst.nn builds on effst.ops: import late
+    from effst.ops.layout import resolve_parameter_layout
+    from effst.ops.slif import resolve_backend
+
+    if not isinstance(neuron, SLIF) or neuron.step_mode != "m" or not _use_triton(current.device, backend):
+        return False
+    if _has_hooks(neuron):
+        return False           # hooks (record_firing_rates) see the neuron's own call, as before
+    if current.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return False
+    if current.shape[0] > MAX_ROUTED_T or resolve_backend(neuron.backend, current.device) != "triton":
+        return False
+    T, B, K, C = current.shape
+    step = (B, tokens, C)
+    for parameter, name in ((neuron.w, "w"), (neuron.v_threshold, "v_threshold")):
+        if parameter.device != current.device:
+            return False
+        try:
+            layout = resolve_parameter_layout(parameter.shape, step, neuron.channel_dim, name)
+        except ValueError:
+            return False       # the neuron itself reports the error
+        if not (layout.form == "layer" or (layout.form == "channel" and layout.inner == 1)):
+            return False
+    state = neuron.v
+    return not isinstance(state, torch.Tensor) or tuple(state.shape) == step
+
+
+def _run_fused(neuron, current: torch.Tensor, index: torch.Tensor, tokens: int) -> torch.Tensor:
+    from effst.ops.slif import check_integer_spikes_need_no_grad
+
+    T, B, K, C = current.shape
+    cdtype = torch.float64 if current.dtype == torch.float64 else torch.float32
+    state = neuron.v
+    rest = 0.0 if neuron.v_reset is None else neuron.v_reset
+    if isinstance(state, torch.Tensor):
+        v_init = state.to(cdtype).contiguous()
+    elif state != rest:
+        v_init = torch.full((B, tokens, C), float(state), dtype=cdtype, device=current.device)
+    else:
+        v_init = None
+    if neuron.spike_dtype is not None:
+        check_integer_spikes_need_no_grad(neuron.spike_dtype, (current, neuron.w, neuron.v_threshold, state))
+    options = (neuron.v_reset, neuron.surrogate_id, neuron.alpha, neuron.detach_reset, neuron.decay_input,
+               neuron.spike_dtype)
+    spikes, neuron.v = _RoutedNeuron.apply(current.contiguous(), neuron.w.to(cdtype).reshape(-1),
+                                           neuron.v_threshold.to(cdtype).reshape(-1), v_init,
+                                           token_slots(index, tokens), options)
+    return spikes
+
+
 def run_neuron_on_tokens(neuron, current: torch.Tensor, index: torch.Tensor, tokens: int, *,
-                         backend: str = "auto") -> torch.Tensor:
+                         backend: str = "auto", fused: bool = True) -> torch.Tensor:
     """Run a multi-step neuron on a compact ``[T, B, K, C]`` input whose kept tokens ``index``
     ``[T, B, K]`` differ per timestep, keeping its membrane per token identity.
 
-    The input current is scattered to all ``tokens`` (zero for a dropped (token, t), so its
-    membrane decays as the neuron's own dynamics say), the neuron runs over T there, and the
-    spikes of the kept (token, t) are gathered back.
+    A dropped (token, t) gets zero input current, so its membrane decays as the neuron's own
+    dynamics say, and its spike is not output. For an effst sLIF / PLIF / LIF neuron whose own
+    backend is Triton (with per-layer or per-channel parameters along the last dim and
+    ``T <= MAX_ROUTED_T``), one fused kernel does it (one more for the backward): it walks the
+    full token grid with the membrane in registers and reads / writes only the compact slots,
+    so the full-grid current and spikes are never materialised. Otherwise (any other neuron,
+    ``backend='torch'``, ``fused=False``, or a neuron with forward hooks, which must see its own
+    call) the current is scattered to all ``tokens``, the neuron runs there and the kept spikes
+    are gathered back. Both leave the neuron's state
+    ``[B, tokens, C]`` in ``neuron.v`` and give the same spikes and gradients.
     """
     _check_rows("current", current, 4)
     T, B, K, C = current.shape
     if not isinstance(index, torch.Tensor) or tuple(index.shape) != (T, B, K):
         raise ValueError(f"index: expected shape {(T, B, K)} (one token id per compact slot), "
                          f"got {tuple(getattr(index, 'shape', ()))}")
+    _check_index(index.reshape(T * B, K), T * B, tokens)
+    if fused and _fusable(neuron, current, tokens, backend):
+        return _run_fused(neuron, current, index, tokens)
     full = scatter_tokens(current.reshape(T * B, K, C), index.reshape(T * B, K), tokens, backend=backend)
     spikes = neuron(full.reshape(T, B, tokens, C))
     return gather_tokens(spikes.reshape(T * B, tokens, C), index.reshape(T * B, K), backend=backend).reshape(T, B, K, C)
@@ -367,4 +675,4 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, backend: str = "auto") -
 
 
 __all__ = ["anchor_topk_gather", "anchor_scores_reference", "topk_tokens_reference", "gather_tokens",
-           "scatter_tokens", "run_neuron_on_tokens", "masked_mean", "masked_mean_reference", "BACKENDS"]
+           "scatter_tokens", "run_neuron_on_tokens", "token_slots", "MAX_ROUTED_T", "masked_mean", "masked_mean_reference", "BACKENDS"]
