@@ -667,7 +667,24 @@ BAD_PRUNE_CALLS = [
     (lambda: prune_round(nn.Linear(4, 4), -1), ValueError, "rounds: expected an int >= 0"),
     (lambda: prune_round("model", 1), TypeError, "model: expected an nn.Module"),
     (lambda: prune_round(nn.BatchNorm1d(4), 1), ValueError, "no weight tensor of >= 2 dimensions"),
+    (lambda: prune.two_four_mask(torch.ones(4, 8, dtype=torch.int8)), TypeError, "weight: expected a floating-point"),
+    (lambda: prune.two_four_mask(torch.ones(4, 6)), ValueError, "multiple of 4"),
+    (lambda: prune.fit_block_pruning("w", 0.5, 16), TypeError, "weight: expected a tensor"),
+    (lambda: prune.fit_block_pruning(torch.ones(4, 4), 1.5, 16), ValueError, "sparsity"),
 ]
+
+
+def test_two_four_oracle_with_ties():
+    """Each group of 4 consecutive inputs keeps its 2 largest |w|; equal |w|: the lower index."""
+    g = torch.Generator().manual_seed(8)
+    w = adversarial_weight(g, (9, 24), levels=3).to(torch.float32)
+    want = []
+    for row in w.tolist():
+        for start in range(0, 24, 4):
+            group = [abs(v) for v in row[start:start + 4]]
+            best = sorted(range(4), key=lambda j: (-group[j], j))[:2]
+            want += [j in best for j in range(4)]
+    assert prune.two_four_mask(w).flatten().tolist() == want
 
 
 @pytest.mark.parametrize("index", range(len(BAD_PRUNE_CALLS)))

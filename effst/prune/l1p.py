@@ -38,7 +38,7 @@ from effst.ops.block_sparse_linear import (
 )
 # ceil_count / floor_count are re-exported: DSP and callers import them from here.
 from effst.ops.magnitude import ceil_count, floor_count, keep_above_kth, tile_l1_norms as _tile_norms  # noqa: F401
-from effst.prune.masks import apply_mask, get_mask, is_prunable, why_not_prunable
+from effst.prune.masks import apply_mask, check_weight, get_mask, is_prunable, why_not_prunable
 from effst.prune.semi_structured import PATTERN as TWO_FOUR, two_four_mask
 
 # DEFAULT_BLOCK_SIZE: the tile of block L1P / block random pruning wherever none is given (CLI,
@@ -60,17 +60,6 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     if not (0.0 <= value < 1.0):  # also rejects NaN
         raise ValueError(f"{name}: expected a number in [0, 1) (the fraction removed), got {sparsity!r}")
     return value
-
-
-def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    """A floating-point tensor of at least one dimension (a weight to score), or a clear error."""
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor (a weight matrix), got {type(weight).__name__}")
-    if not weight.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {weight.dtype}")
-    if weight.dim() < 1:
-        raise ValueError(f"{name}: expected a tensor of >= 1 dimension ([out, in] or [out, in, 1]), got a scalar")
-    return weight
 
 
 def _name_matches(name: str, target: str) -> bool:
@@ -158,8 +147,9 @@ def fit_block_pruning(weight: torch.Tensor, sparsity: float, block_size: BlockSi
     16x16 until one does; if even 16x16 keeps nothing, 16x16 with the sparsity lowered to
     ``(n-1)/n`` (the single highest-scoring tile kept). Each adaptation warns, naming the layer.
     """
+    sparsity = check_sparsity(sparsity)
     block = check_block_size(block_size)
-    shape = tuple(_matrix(weight).shape)
+    shape = tuple(_matrix(check_weight(weight)).shape)
     label = name or "<root>"
 
     def tiles(b):

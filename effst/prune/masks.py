@@ -46,6 +46,17 @@ class WeightMask(nn.Module):
         return torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
 
 
+def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """A floating-point tensor of at least one dimension (a weight to score), or a clear error."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor (a weight matrix), got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {weight.dtype}")
+    if weight.dim() < 1:
+        raise ValueError(f"{name}: expected a tensor of >= 1 dimension ([out, in] or [out, in, 1]), got a scalar")
+    return weight
+
+
 def is_prunable(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and 1x1, ungrouped ``nn.Conv1d`` (the layers L1P targets)."""
     if isinstance(module, nn.Linear):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from effst.prune.masks import _mask_parametrization
+from effst.prune.masks import _mask_parametrization, check_weight
 
 PATTERN = "2:4"
 GROUP = 4
@@ -28,7 +28,7 @@ def two_four_mask(weight: torch.Tensor) -> torch.Tensor:
 
     ``weight`` is ``[out, in]`` (or ``[out, in, 1]`` for a 1x1 Conv1d) with ``in % 4 == 0``.
     """
-    matrix = weight.detach().reshape(weight.shape[0], -1)
+    matrix = check_weight(weight).detach().reshape(weight.shape[0], -1)
     out_features, in_features = matrix.shape
     if in_features % GROUP:
         raise ValueError(
