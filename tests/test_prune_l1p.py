@@ -300,12 +300,12 @@ def test_block_pruning_never_keeps_nothing():
     torch.manual_seed(9)
     net = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 128), nn.Linear(256, 256))
     with pytest.warns(UserWarning) as caught:
-        prune.block_l1p(net, 0.8)  # DEFAULT_BLOCK_SIZE
+        prune.block_l1p(net, 0.8, block_size=(32, 32))
     messages = " ".join(str(w.message) for w in caught)
     assert "0: even 16x16" in messages and "1: (32, 32) tiles cannot express" in messages
     assert "2:" not in messages  # 64 tiles of 32x32: 12 kept, nothing to adapt
     masks = [m.parametrizations.weight[0] for m in net]
-    assert prune.DEFAULT_BLOCK_SIZE == (32, 32) and masks[2].block_size == (32, 32)
+    assert masks[2].block_size == (32, 32)
     assert masks[0].block_size == (16, 16) and int(masks[0].mask.sum()) == 256  # 1 of 4 tiles
     # (128, 32) weight: 32x32 -> 4 tiles, 0 kept; 16x32 -> 8 tiles, 8 - ceil(6.4) = 1 kept.
     assert masks[1].block_size == (16, 32) and int(masks[1].mask.sum()) == 16 * 32
@@ -315,7 +315,7 @@ def test_block_pruning_never_keeps_nothing():
     assert [m.block_size for m in converted] == [(16, 16), (16, 32), (32, 32)]
     # Random block pruning follows the same rule.
     with pytest.warns(UserWarning, match="cannot express"):
-        prune.random(nn.Linear(32, 32), 0.9, structure="block", seed=0)
+        prune.random(nn.Linear(32, 32), 0.9, structure="block", seed=0, block_size=(32, 32))
     assert prune.fit_block_pruning(torch.zeros(64, 64), 0.5, 32) == ((32, 32), 0.5)
 
 

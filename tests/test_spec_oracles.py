@@ -671,6 +671,15 @@ BAD_PRUNE_CALLS = [
     (lambda: prune.two_four_mask(torch.ones(4, 6)), ValueError, "multiple of 4"),
     (lambda: prune.fit_block_pruning("w", 0.5, 16), TypeError, "weight: expected a tensor"),
     (lambda: prune.fit_block_pruning(torch.ones(4, 4), 1.5, 16), ValueError, "sparsity"),
+    (lambda: prune.get_mask("fc"), TypeError, "module: expected an nn.Module"),
+    (lambda: prune.remove("model"), TypeError, "model: expected an nn.Module"),
+    (lambda: prune.strip_masks([1, 2]), TypeError, "state_dict: expected a mapping"),
+    (lambda: prune.load_pruned_state_dict(nn.Linear(2, 2), [1]), TypeError, "state_dict: expected a mapping"),
+    (lambda: prune.to_block_sparse("model"), TypeError, "model: expected an nn.Module"),
+    (lambda: prune.to_block_sparse(nn.Linear(32, 32), block_size=3), ValueError, "block_size"),
+    (lambda: prune.to_block_sparse(nn.Linear(32, 32), backend="gpu"), ValueError, "backend: expected one of"),
+    (lambda: prune.apply_mask(nn.Linear(2, 2), torch.ones(2, 2, dtype=torch.bool), structure="rows"), ValueError,
+     "structure: expected one of"),
 ]
 
 

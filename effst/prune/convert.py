@@ -7,9 +7,16 @@ import torch
 from torch import nn
 
 from effst.nn.block_sparse import BlockSparseLinear
-from effst.ops.block_sparse_linear import DEFAULT_BLOCK_SIZE, BlockSize, check_block_size, expand_block_mask, tiles_with_any
+from effst.ops.block_sparse_linear import (
+    BACKENDS,
+    DEFAULT_BLOCK_SIZE,
+    BlockSize,
+    check_block_size,
+    expand_block_mask,
+    tiles_with_any,
+)
 from effst.prune.l1p import Targets, resolve_targets
-from effst.prune.masks import _mask_parametrization
+from effst.prune.masks import _mask_parametrization, check_module
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -29,6 +36,11 @@ def to_block_sparse(
     element-pruned layer would let its pruned entries move. Returns the model (modified in
     place; a bare ``nn.Linear`` passed as ``model`` is returned converted).
     """
+    check_module(model)
+    if block_size is not None:
+        check_block_size(block_size)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     if targets is None:
         chosen = [(n, m) for n, m in model.named_modules() if _mask_parametrization(m) is not None]
     else:

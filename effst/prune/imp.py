@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from effst.prune.masks import WeightMask, apply_mask, get_mask, is_prunable
+from effst.prune.masks import WeightMask, apply_mask, check_module, get_mask, is_prunable
 
 #: Fraction of the surviving weights removed per round (SparseSpikformer: p = 25 %).
 DEFAULT_FRACTION = 0.25
@@ -60,8 +60,7 @@ def survivors(total: int, rounds: int, fraction: float = DEFAULT_FRACTION) -> in
 
 def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every module whose ``weight`` has >= 2 dimensions, in module order."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_module(model)
     out = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -192,6 +191,8 @@ def run_imp(model: nn.Module, train: Trainer, *, rounds: int, fraction: float = 
     _check_fraction(fraction)
     if not callable(train):
         raise TypeError(f"train: expected a callable train(model, round, mark_rewind_point), got {type(train).__name__}")
+    if directory is not None and not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected None or a path (str or os.PathLike), got {type(directory).__name__}")
     attach_masks(model)
     folder = None if directory is None else Path(directory)
     history: list[dict] = []

@@ -38,7 +38,7 @@ from effst.ops.block_sparse_linear import (
 )
 # ceil_count / floor_count are re-exported: DSP and callers import them from here.
 from effst.ops.magnitude import ceil_count, floor_count, keep_above_kth, tile_l1_norms as _tile_norms  # noqa: F401
-from effst.prune.masks import apply_mask, check_weight, get_mask, is_prunable, why_not_prunable
+from effst.prune.masks import apply_mask, check_module, check_weight, get_mask, is_prunable, why_not_prunable
 from effst.prune.semi_structured import PATTERN as TWO_FOUR, two_four_mask
 
 # DEFAULT_BLOCK_SIZE: the tile of block L1P / block random pruning wherever none is given (CLI,
@@ -70,9 +70,7 @@ def _name_matches(name: str, target: str) -> bool:
 
 def resolve_targets(model: nn.Module, targets: Targets = None) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` layers selected by ``targets`` (see the module doc), in model order."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model_or_module: expected an nn.Module, got {type(model).__name__}")
-    named = list(model.named_modules())
+    named = list(check_module(model, "model_or_module").named_modules())
     if targets is None:
         found = [(n, m) for n, m in named if is_prunable(m)]
         if not found:

@@ -57,6 +57,16 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
     return weight
 
 
+def check_module(model: nn.Module, name: str = "model") -> nn.Module:
+    """``model`` if it is an ``nn.Module``, else a clear error naming the argument."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}: expected an nn.Module, got {type(model).__name__}")
+    return model
+
+
+STRUCTURES = ("element", "block", "2:4")
+
+
 def is_prunable(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and 1x1, ungrouped ``nn.Conv1d`` (the layers L1P targets)."""
     if isinstance(module, nn.Linear):
@@ -84,13 +94,13 @@ def _mask_parametrization(module: nn.Module) -> Optional[WeightMask]:
 
 def get_mask(module: nn.Module) -> Optional[torch.Tensor]:
     """The bool keep-mask of a pruned layer's weight (same shape), or None if not pruned."""
-    p = _mask_parametrization(module)
+    p = _mask_parametrization(check_module(module, "module"))
     return None if p is None else p.mask
 
 
 def is_pruned(module: nn.Module) -> bool:
     """Whether the layer carries a pruning mask."""
-    return _mask_parametrization(module) is not None
+    return _mask_parametrization(check_module(module, "module")) is not None
 
 
 def apply_mask(
@@ -98,8 +108,12 @@ def apply_mask(
 ) -> nn.Module:
     """Attach (or replace) the keep-mask of ``module.weight`` and zero the pruned entries.
 
-    ``mask`` is a bool (or 0/1 integer) tensor of the weight's shape; True = kept.
+    ``mask`` is a bool (or 0/1 integer) tensor of the weight's shape; True = kept. ``structure``
+    (one of :data:`STRUCTURES`) and ``block_size`` record how the mask was made.
     """
+    check_module(module, "module")
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure: expected one of {list(STRUCTURES)}, got {structure!r}")
     if not is_prunable(module):
         raise TypeError(f"module: {why_not_prunable(module)}")
     weight = module.weight
@@ -130,7 +144,7 @@ def apply_mask(
 
 def pruned_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` for every layer of ``model`` that carries a pruning mask."""
-    for name, module in model.named_modules():
+    for name, module in check_module(model).named_modules():
         if is_pruned(module):
             yield name, module
 
@@ -140,6 +154,7 @@ def remove(model: nn.Module) -> nn.Module:
 
     After this, fine-tuning may move the zeros again; the state_dict has plain keys.
     """
+    check_module(model)
     for _, module in list(pruned_modules(model)):
         parametrize.remove_parametrizations(module, _PARAM, leave_parametrized=True)
     return model
@@ -148,6 +163,8 @@ def remove(model: nn.Module) -> nn.Module:
 def strip_masks(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A pruned model's state_dict with plain ``P.weight`` keys (masked values) and no masks,
     loadable with ``strict=True`` into the unpruned model."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key.endswith(_MASK_SUFFIX):
@@ -171,7 +188,9 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
       loaded weight is masked by it.
     Returns ``model.load_state_dict``'s result.
     """
-    modules = dict(model.named_modules())
+    modules = dict(check_module(model).named_modules())
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
     state = dict(state_dict)
     for key in list(state):
         if key.endswith(_MASK_SUFFIX):

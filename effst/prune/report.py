@@ -7,7 +7,7 @@ from torch import nn
 
 from effst.nn.block_sparse import BlockSparseLinear
 from effst.nn.weight_counts import weight_counts, weight_mask  # noqa: F401 (also exported here)
-from effst.prune.masks import _mask_parametrization, is_prunable
+from effst.prune.masks import _mask_parametrization, check_module, is_prunable
 
 
 @dataclass
@@ -84,8 +84,7 @@ class PruneReport:
 
 def report(model: nn.Module) -> PruneReport:
     """Sparsity of every nn.Linear / 1x1 Conv1d / BlockSparseLinear in ``model`` and totals."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_module(model)
     result = PruneReport()
     seen: set[int] = set()
     pruned_total = 0
