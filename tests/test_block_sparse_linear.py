@@ -90,6 +90,9 @@ CASES = [
     ("32-fp64", (4, 3, 64), 64, (32, 32), 0.5, (), torch.float64),
     ("128x64-odd", (2, 5, 130), 140, (128, 64), 0.7, (), torch.float32),
     ("many-groups-16", (3, 11, 200), 300, (16, 16), 0.3, (2, 9), torch.float32),
+    ("128-square-odd", (2, 3, 150), 140, (128, 128), 0.75, (), torch.float32),
+    ("rect-64x16", (3, 4, 40), 100, (64, 16), 0.6, (1,), torch.float32),
+    ("rect-32x128-fp16", (2, 5, 130), 70, (32, 128), 0.7, (), torch.float16),
     ("dense", (2, 7, 48), 40, (16, 16), 1.0, (), torch.float32),
     ("all-pruned", (2, 6, 48), 40, (16, 16), 0.0, (), torch.float32),
 ]
@@ -354,7 +357,19 @@ def test_sparse_bench_rows_on_cpu(monkeypatch):
     monkeypatch.setattr(sparse, "_plan", lambda device, quick: (32, [((64, 96), 16, 0.5, "dense"), ((64, 96), 16, 0.75, "spike")]))
     rows: list = []
     returned = sparse.run("cpu", True, rows=rows, log=lambda line: None)
-    assert returned is rows and [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert returned is rows and [(r["kind"], r["status"]) for r in rows] == [
+        ("spike-bytes", "ok"), ("layer", "ok"), ("layer", "ok")], rows
+    spikes = rows.pop(0)
+    # Spikformer-4-384 at 224 px, per image and timestep (independent count from the architecture):
+    # patch splitting 48*224^2 + 96*112^2 + 192*56^2 + 384*28^2 + 384*14^2 (RPE) = 4,591,104;
+    # per block q, k, v, attention, projection 5*196*384 + fc1 196*1536 + fc2 196*384 = 752,640.
+    per_image_step, readers = 4_591_104 + 4 * 752_640, 4 * (3 * 196 * 384 + 196 * 1536)
+    batch_steps = 16 * 4  # quick: batch 16, T = 4
+    assert spikes["spikes_per_step"] == per_image_step * batch_steps and spikes["neurons"] == 33
+    assert spikes["byte_reader_spikes_per_step"] == readers * batch_steps
+    assert spikes["spike_bytes_bf16"] == 2 * 2 * per_image_step * batch_steps  # written + read, 2 B
+    assert spikes["byte_reader_spike_bytes_uint8"] == 2 * readers * batch_steps
+    assert spikes["byte_reader_saving_bytes_vs_bf16"] == 2 * readers * batch_steps
     first = rows[0]
     for key in ("effst_fwd_ms", "effst_fwd_bwd_ms", "dense_fwd_ms", "dense_fwd_bwd_ms", "speedup_fwd_bwd",
                 "tflops_ratio_fwd_bwd", "floor_bytes_fwd_bwd", "block_sparsity", "date", "machine", "command"):
@@ -441,3 +456,86 @@ def test_gpu_no_host_sync_cuda_graph_and_compile(device):
         for _ in range(3):
             y = compiled(x)
         torch.testing.assert_close(y, layer(x), rtol=1e-2, atol=1e-2)
+
+
+def test_one_autograd_node_per_call():
+    """An eager call of any leading shape is one autograd node, straight onto the leaves (no
+    view/reshape nodes generated around it)."""
+    layer = BlockSparseLinear(48, 40, block_size=16)
+    x = torch.randn(2, 3, 48, requires_grad=True)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "BlockSparseLinearFunctionBackward"
+    assert sorted(type(fn).__name__ for fn, _ in y.grad_fn.next_functions if fn is not None) == ["AccumulateGrad"] * 3
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_launch_parameters_worked_out_once_per_call_shape(monkeypatch):
+    """The second call of a shape reuses the cached launch parameters (no config lookup); a new
+    number of rows gets its own."""
+    from effst.ops import block_sparse_linear as bsl
+
+    calls = []
+    real = bsl._config
+    monkeypatch.setattr(bsl, "_config", lambda kind, *a, **k: (calls.append(kind), real(kind, *a, **k))[1])
+    bsl._LAUNCHES.clear()
+    layer = BlockSparseLinear(48, 40, block_size=16, backend="triton")
+    x = torch.randn(5, 48, requires_grad=True)
+    for _ in range(2):
+        layer(x).sum().backward()
+    assert sorted(calls) == ["forward", "grad_input", "grad_weight"]
+    layer(torch.randn(7, 48)).sum().backward()
+    assert len(calls) == 5  # forward and grad-weight for M = 7; no input gradient asked
+
+
+def test_torch_backend_in_row_chunks(monkeypatch):
+    """The torch implementation bounds its temporaries by cutting M into chunks: same results."""
+    from effst.ops import block_sparse_linear as bsl
+
+    g = torch.Generator().manual_seed(14)
+    block = (16, 32)
+    block_mask = random_block_mask(50, 70, block, 0.6, g, empty_rows=(2,))
+    layer, weight, bias, _ = make_layer(70, 50, block, block_mask, torch.float32, "cpu")
+    layer.backend = "torch"
+    monkeypatch.setattr(bsl, "_TORCH_CHUNK_ELEMENTS", 7 * int(block_mask.sum()) * 32)  # 7 rows a chunk
+    x = torch.randn(4, 6, 70, generator=g, dtype=torch.float64).float().requires_grad_()
+    y = layer(x)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).float()
+    y.backward(grad_y)
+    y_ref, gx_ref, gw_ref, gb_ref = reference(x, weight, bias, grad_y)
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(x.grad, gx_ref, torch.float32, "grad x")
+    assert_close(layer.values.grad, tiles_of(gw_ref, block_mask, block), torch.float32, "grad values")
+    assert_close(layer.bias.grad, gb_ref, torch.float32, "grad bias")
+
+
+def test_spikformer_inference_with_uint8_spikes_end_to_end():
+    """sLIF neurons emit uint8 spikes (inference) straight into BlockSparseLinear layers, pruned
+    (block L1P) and dense (every tile kept), and into the residual adds: the logits equal those
+    of the float-spike model bit for bit (0/1 is exact in every dtype)."""
+    from effst import prune
+    from effst.benchmarks.sparse import SPIKE_BYTE_READERS
+    from effst.models import build_model
+    from effst.models.spikformer import prune_targets
+
+    torch.manual_seed(15)
+    net = build_model("spikformer-tiny", neuron="slif", backend="reference").eval()
+    targets = prune_targets(net)
+    prune.block_l1p(net, 0.5, targets=[t for t in targets if t.endswith("fc2")], block_size=(16, 16))
+    prune.to_block_sparse(net, targets=targets)  # fc2 pruned, the rest dense BlockSparseLinear
+    assert all(type(net.get_submodule(t)).__name__ == "BlockSparseLinear" for t in targets)
+    x = torch.rand(2, 1, 8, 8) * 3
+    with torch.no_grad():
+        expected = net(x)
+        readers = [m for name, m in net.neurons() if name.endswith(SPIKE_BYTE_READERS)]
+        assert len(readers) == 4
+        for module in readers:
+            module.spike_dtype = torch.uint8
+        seen = []
+        hooks = [net.get_submodule(t).register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+                 for t in targets if t.endswith(("proj_linear", "fc2"))]
+        got = net(x)
+        for hook in hooks:
+            hook.remove()
+    assert seen == [torch.uint8, torch.uint8]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -32,6 +32,16 @@ Spikformer rows (``kind='model'``, CUDA): Spikformer-4-384 and -8-512 at the Ima
 count (224x224 images, 196 tokens), batch 64 (quick 16), T = 4, bf16 autocast: dense vs
 block L1P 90 % on q/k/v/proj/fc1/fc2 converted with ``prune.to_block_sparse``, at
 ``effst.prune.DEFAULT_BLOCK_SIZE``: inference images/s and training step (AdamW) ms.
+
+Spike-byte row (``kind='spike-bytes'``, every device): the bytes the spikes of one
+Spikformer-4-384 inference step move (same batch, T and 196 tokens as the model rows), counted
+exactly from the activation shapes of a forward pass on the meta device: every neuron's output
+written once and read once by its consumer, at 4 B (fp32), 2 B (bf16, the dtype of the spikes
+under the model rows' autocast) and 1 B (uint8) per spike; in total and for the neurons whose
+consumers read uint8 directly (``SPIKE_BYTE_READERS``: attention / fc1 spikes into
+``BlockSparseLinear``, projection / fc2 spikes into the residual add). On CUDA also timed: the
+block-sparse model's inference with those neurons emitting bf16 vs uint8 spikes. Printed alone by
+``python -m effst.benchmarks.sparse --spike-bytes``.
 """
 from __future__ import annotations
 
@@ -218,36 +228,121 @@ def _two_four_row(m, k, n, device, dtype, quick, stamp) -> dict:
 
 
 IMAGENET_SHAPE = {"image_size": 224, "variant": "imagenet", "num_classes": 1000, "in_channels": 3}  # 196 tokens
+# Neurons (name suffixes) whose spikes the next op reads as uint8 without a conversion kernel:
+# attn_lif -> proj_linear and fc1_lif -> fc2 (BlockSparseLinear after to_block_sparse), proj_lif
+# and fc2_lif -> the residual add (type promotion inside the add). q/k/v spikes feed a matmul
+# and the patch-splitting spikes a convolution, which need floating inputs.
+SPIKE_BYTE_READERS = ("attn.attn_lif", "attn.proj_lif", "mlp.fc1_lif", "mlp.fc2_lif")
+SPIKE_BYTES_MODEL = "spikformer-4-384"
+
+
+def spike_elements(name: str = SPIKE_BYTES_MODEL, overrides: Optional[dict] = None) -> dict[str, int]:
+    """Spikes each neuron of model ``name`` emits per image and per timestep (``{qualified name:
+    elements}``, forward order), from one forward pass on the meta device (shapes only, no data).
+
+    ``overrides``: config fields (default: the ImageNet shape, 196 tokens)."""
+    from effst.models import build_model
+
+    net = build_model(name, neuron="lif", T=1, backend="reference",
+                      **(IMAGENET_SHAPE if overrides is None else overrides)).eval().to("meta")
+    cfg = net.config
+    counts: dict[str, int] = {}
+    hooks = [module.register_forward_hook(lambda mod, inp, out, key=key: counts.__setitem__(key, out[0, 0].numel()))
+             for key, module in net.neurons()]
+    try:
+        with torch.no_grad():
+            net(torch.empty(1, cfg.in_channels, cfg.image_size, cfg.image_size, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
+
+
+def spike_bytes(batch: int, T: int, name: str = SPIKE_BYTES_MODEL, overrides: Optional[dict] = None) -> dict:
+    """Bytes moved by the spikes of one inference step (each spike tensor written once, read once),
+    for the whole model and for the ``SPIKE_BYTE_READERS`` neurons, per spike dtype."""
+    per_image_step = spike_elements(name, overrides)
+    readers = sum(n for key, n in per_image_step.items() if key.endswith(SPIKE_BYTE_READERS))
+    total = sum(per_image_step.values())
+    out = {"spikes_per_step": total * batch * T, "byte_reader_spikes_per_step": readers * batch * T,
+           "neurons": len(per_image_step)}
+    for label, size in (("fp32", 4), ("bf16", 2), ("uint8", 1)):
+        out[f"spike_bytes_{label}"] = 2 * size * total * batch * T
+        out[f"byte_reader_spike_bytes_{label}"] = 2 * size * readers * batch * T
+    return out
+
+
+def _spike_bytes_row(device: str, quick: bool, stamp: dict, overrides: Optional[dict] = None) -> dict:
+    batch, T = (16 if quick else 64), 4
+    row = {"kind": "spike-bytes", "model": SPIKE_BYTES_MODEL, "batch": batch, "T": T, "status": "ok",
+           **spike_bytes(batch, T, overrides=overrides), **stamp}
+    row["byte_reader_saving_bytes_vs_bf16"] = row["byte_reader_spike_bytes_bf16"] - row["byte_reader_spike_bytes_uint8"]
+    if device == "cuda":  # time the saving: block-sparse model, byte readers emitting bf16 vs uint8
+        net, x = _block_sparse_model(SPIKE_BYTES_MODEL, device, batch, overrides)
+        readers = [m for key, m in net.neurons() if key.endswith(SPIKE_BYTE_READERS)]
+        for label, dtype in (("bf16", None), ("uint8", torch.uint8)):
+            for module in readers:
+                module.spike_dtype = dtype
+            row[f"inference_ms_{label}_spikes"] = _inference_ms(net, x, device, quick)["ms"]
+        row["inference_speedup_uint8_spikes"] = row["inference_ms_bf16_spikes"] / row["inference_ms_uint8_spikes"]
+        row["model_sparsity"], row["block"] = MODEL_SPARSITY, _default_block()
+        del net
+        torch.cuda.empty_cache()
+    return row
+
+
+def _default_block() -> list:
+    from effst import prune
+
+    return list(prune.DEFAULT_BLOCK_SIZE)
+
+
+def _build(name: str, device: str, batch: int, overrides: Optional[dict], block_sparse: bool):
+    """Spikformer ``name`` (effst LIF, T = 4) on ``device``, block-L1P-90 % + to_block_sparse when
+    ``block_sparse``; and a random input batch."""
+    from effst import prune
+    from effst.models import build_model
+    from effst.models.spikformer import prune_targets
+
+    torch.manual_seed(0)
+    net = build_model(name, neuron="lif", T=4, **(IMAGENET_SHAPE if overrides is None else overrides)).to(device)
+    if block_sparse:
+        prune.block_l1p(net, MODEL_SPARSITY, targets=prune_targets(net), block_size=prune.DEFAULT_BLOCK_SIZE)
+        prune.to_block_sparse(net)
+    cfg = net.config
+    return net, torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+
+
+def _block_sparse_model(name: str, device: str, batch: int, overrides: Optional[dict]):
+    net, x = _build(name, device, batch, overrides, block_sparse=True)
+    return net.eval(), x
+
+
+def _inference_ms(net, x, device: str, quick: bool) -> dict:
+    from effst.nn import reset
+
+    def infer(i=0):
+        reset(net)
+        with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
+            return net(x)
+
+    return timing.time_function(infer, device=device, warmup=2, reps=3 if quick else 8, min_reps=3, max_seconds=4.0)
 
 
 def _model_rows(name: str, device: str, quick: bool, stamp: dict, overrides: Optional[dict] = None) -> list[dict]:
     """Dense vs block-L1P-90 % BlockSparseLinear Spikformer: inference and training step.
 
     ``overrides``: config fields (default: the ImageNet shape, 196 tokens)."""
-    from effst import prune
-    from effst.models import build_model
-    from effst.models.spikformer import prune_targets
     from effst.nn import reset
 
     batch = 16 if quick else 64
-    overrides = IMAGENET_SHAPE if overrides is None else overrides
     out = []
     results = {}
     for variant in ("dense", "block-sparse"):
-        torch.manual_seed(0)
-        net = build_model(name, neuron="lif", T=4, **overrides).to(device)
-        if variant == "block-sparse":
-            prune.block_l1p(net, MODEL_SPARSITY, targets=prune_targets(net), block_size=prune.DEFAULT_BLOCK_SIZE)
-            prune.to_block_sparse(net)
+        net, x = _build(name, device, batch, overrides, block_sparse=variant == "block-sparse")
         cfg = net.config
-        x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
         y = torch.randint(0, cfg.num_classes, (batch,), device=device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-
-        def infer(i=0):
-            reset(net)
-            with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
-                return net(x)
 
         def train_step(i=0):
             reset(net)
@@ -257,19 +352,24 @@ def _model_rows(name: str, device: str, quick: bool, stamp: dict, overrides: Opt
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        for step, fn in (("inference", infer), ("train", train_step)):
+        for step in ("inference", "train"):
             net.train(step == "train")
-            t = timing.time_function(fn, device=device, warmup=2, reps=3 if quick else 8, min_reps=3, max_seconds=4.0)
+            if step == "inference":
+                t = _inference_ms(net, x, device, quick)
+            else:
+                t = timing.time_function(train_step, device=device, warmup=2, reps=3 if quick else 8, min_reps=3,
+                                         max_seconds=4.0)
             results[(variant, step)] = t["ms"]
             row = {"kind": "model", "model": name, "variant": variant, "step": step, "batch": batch, "T": 4,
                    "image_size": cfg.image_size, "dtype": "bfloat16 (autocast)", "ms": t["ms"], "ms_q1": t["ms_q1"], "ms_q3": t["ms_q3"],
                    "images_per_s": batch / (t["ms"] * 1e-3), "timing_method": t["method"], "status": "ok", **stamp}
             if variant == "block-sparse":
-                row.update(sparsity=MODEL_SPARSITY, block=list(prune.DEFAULT_BLOCK_SIZE),
+                row.update(sparsity=MODEL_SPARSITY, block=_default_block(),
                            speedup_vs_dense=results[("dense", step)] / t["ms"])
             out.append(row)
         del net, optimizer
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -290,7 +390,10 @@ def run(device: str, quick: bool, *, rows: Optional[list] = None, log: Callable[
     if device == "cuda":
         # After the 64x64 rows (the first len(SHAPES) * (sparsities + spikes) configs): 2:4, models.
         first = sum(1 for c in configs if c[1] == 64)
-        plan = plan[:first] + [("2:4", s) for s in SHAPES] + [("model", n) for n in MODELS[:1 if quick else 2]] + plan[first:]
+        plan = (plan[:first] + [("2:4", s) for s in SHAPES] + [("model", n) for n in MODELS[:1 if quick else 2]]
+                + [("spike-bytes", SPIKE_BYTES_MODEL)] + plan[first:])
+    else:
+        plan = [("spike-bytes", SPIKE_BYTES_MODEL)] + plan  # bytes only (no timing): a meta-device pass
     for kind, what in plan:
         try:
             if kind == "layer":
@@ -305,6 +408,8 @@ def run(device: str, quick: bool, *, rows: Optional[list] = None, log: Callable[
                 new = [row]
             elif kind == "2:4":
                 new = [dict(_two_four_row(m, what[0], what[1], device, dtype, quick, stamp), status="ok")]
+            elif kind == "spike-bytes":
+                new = [_spike_bytes_row(device, quick, stamp)]
             else:
                 new = _model_rows(what, device, quick, stamp)
         except Exception as exc:  # noqa: BLE001 - one failing configuration must not hide the others
@@ -322,3 +427,24 @@ def run(device: str, quick: bool, *, rows: Optional[list] = None, log: Callable[
                 + (f" {r.get('error', '')}" if r["status"] == "error" else ""))
         _break_even(rows)
     return rows
+
+
+def _print_spike_bytes(batch: int = 64, T: int = 4) -> None:
+    """The spike-byte figures of docs/block_sparse.md."""
+    b = spike_bytes(batch, T)
+    gb = 1e9
+    print(f"{SPIKE_BYTES_MODEL}, 224x224 images (196 tokens), batch {batch}, T = {T}, one inference step "
+          f"({b['neurons']} neurons; each spike tensor written once and read once):")
+    print(f"  all spikes:    {b['spikes_per_step']:,} -> fp32 {b['spike_bytes_fp32'] / gb:.3f} GB, "
+          f"bf16 {b['spike_bytes_bf16'] / gb:.3f} GB, uint8 {b['spike_bytes_uint8'] / gb:.3f} GB")
+    print(f"  byte readers ({', '.join(SPIKE_BYTE_READERS)}): {b['byte_reader_spikes_per_step']:,} -> "
+          f"fp32 {b['byte_reader_spike_bytes_fp32'] / gb:.3f} GB, bf16 {b['byte_reader_spike_bytes_bf16'] / gb:.3f} GB, "
+          f"uint8 {b['byte_reader_spike_bytes_uint8'] / gb:.3f} GB")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--spike-bytes"]:
+        sys.exit("usage: python -m effst.benchmarks.sparse --spike-bytes (the suite itself runs through 'effst bench sparse')")
+    _print_spike_bytes()

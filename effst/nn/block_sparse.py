@@ -101,7 +101,8 @@ class BlockSparseLinear(nn.Module):
     @property
     def layout(self) -> BlockLayout:
         """Index tensors of the kept tiles (row- and column-ordered)."""
-        return BlockLayout(*(getattr(self, name) for name in _LAYOUT_BUFFERS))
+        buffers = self._buffers  # read directly: nn.Module.__getattr__ costs ~1 µs a name
+        return BlockLayout._make([buffers[name] for name in _LAYOUT_BUFFERS])
 
     @property
     def nnz_blocks(self) -> int:
@@ -208,13 +209,15 @@ class BlockSparseLinear(nn.Module):
             bias = bias.to(dtype) if bias is not None else None
             if x.is_floating_point():
                 x = x.to(dtype)
-        if x.shape[-1:] != (self.in_features,):
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected shape [..., {self.in_features}], got {tuple(x.shape)}")
-        check_input_dtype(x, values.dtype)
+        if x.dtype != values.dtype:
+            check_input_dtype(x, values.dtype)
         triton_path = use_triton(x.device, self.backend)
         if self.backend == "triton" and not triton_path:
             raise RuntimeError("backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
-        # The layer's own state was validated when it was set (construction, loading).
+        # The layer's own state was validated when it was set (construction, loading); the
+        # launch parameters are cached per call shape by the op (one autograd node per call).
         return block_sparse_linear_unchecked(x, values, self.layout, self.out_features, bias, triton_path)
 
     def extra_repr(self) -> str:

@@ -109,11 +109,13 @@ class BlockLayout(NamedTuple):
     col_group_row: torch.Tensor  # [entries] block-row of each entry
     col_group_tile: torch.Tensor  # [entries, col_group]
     row_group_chunk: torch.Tensor  # [chunks] first entry of each run of col_group entries of a row group (dW)
+    row_len: torch.Tensor  # [block rows] kept tiles per block-row (torch implementation)
+    col_len: torch.Tensor  # [block cols] kept tiles per block-column
 
 
 def group_size(side: int, blocks: int) -> int:
     """Blocks per group so that a group spans ``GROUP_WIDTH`` columns (at most ``blocks``, a power of two)."""
-    return max(1, min(GROUP_WIDTH // side, triton.next_power_of_2(max(blocks, 1))))
+    return max(1, min(GROUP_WIDTH // side, _next_pow2(blocks)))
 
 
 def _group_entries(position: torch.Tensor, group: int, dummy_for_empty: bool):
@@ -167,7 +169,8 @@ def build_block_layout(block_mask: torch.Tensor, block_size: BlockSize = (32, 32
     group_ptr, _, _, group_of = row_groups
     offset_in_group = torch.arange(group_of.numel()) - group_ptr[group_of]
     chunks = (offset_in_group % col_group == 0).nonzero().flatten()
-    tensors = (row_ptr, cols, rows, col_ptr, csc_rows, csc_perm, *row_groups, *col_groups, chunks)
+    tensors = (row_ptr, cols, rows, col_ptr, csc_rows, csc_perm, *row_groups, *col_groups, chunks,
+               row_ptr.diff(), col_ptr.diff())
     return BlockLayout(*(t.to(device=device, dtype=torch.int32).contiguous() for t in tensors))
 
 
@@ -369,6 +372,16 @@ def _kernels_interpreted() -> bool:
 _INTERPRETER_PROGRAMS = 3  # a small persistent grid, so the interpreter walks the tile loop too
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Host-side integer helpers: triton.cdiv / next_power_of_2 are constexpr functions costing
+    # ~3.6 µs per call from Python (11 calls were 40 µs of every fwd+bwd).
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -407,20 +420,22 @@ def _autotune_enabled(device: torch.device) -> bool:
     return not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
 
 
-def _config(kind: str, key: tuple, device: torch.device, width: int, bk: int, dtype: torch.dtype, m: int, launch) -> LaunchConfig:
-    """Launch config of ``kind`` for ``key``; ``launch(cfg)`` runs the kernel once (for timing)."""
+def _config(kind: str, key: tuple, device: torch.device, width: int, bk: int, dtype: torch.dtype, m: int,
+            launch) -> tuple[LaunchConfig, bool]:
+    """Launch config of ``kind`` for ``key`` and whether it is final (cacheable); ``launch(cfg)``
+    runs the kernel once (for timing)."""
     if device.type != "cuda":
-        return LaunchConfig(max(16, min(32, triton.next_power_of_2(max(m, 1)))), 4, 1, 1)
+        return LaunchConfig(max(16, min(32, _next_pow2(m))), 4, 1, 1), True
     full_key = (kind, device.index) + key
     found = _TUNED.get(full_key)
     if found is not None:
-        return found
+        return found, True
     candidates = _candidates(kind, width, bk, dtype)
     if os.environ.get("EFFST_BSL_AUTOTUNE", "1") == "0" or len(candidates) == 1:
         _TUNED[full_key] = candidates[0]
-        return candidates[0]
+        return candidates[0], True
     if not _autotune_enabled(device):
-        return candidates[0]  # compiling or capturing: not cached, tuned on the next eager call
+        return candidates[0], False  # compiling or capturing: not cached, tuned on the next eager call
     best, best_ms = candidates[0], math.inf
     for cfg in candidates:
         try:
@@ -430,11 +445,7 @@ def _config(kind: str, key: tuple, device: torch.device, width: int, bk: int, dt
         if ms < best_ms:
             best, best_ms = cfg, ms
     _TUNED[full_key] = best
-    return best
-
-
-def _m_bucket(m: int) -> int:
-    return triton.next_power_of_2(max(m, 1))
+    return best, True
 
 
 def _persistent_grid(num_tiles: int, device: torch.device, cfg: LaunchConfig) -> int:
@@ -443,56 +454,95 @@ def _persistent_grid(num_tiles: int, device: torch.device, cfg: LaunchConfig) ->
     return max(1, min(num_tiles, _sm_count(device.index) * cfg.programs_per_sm))
 
 
+# Everything a launch needs besides its tensors (grid, scalars, compile-time constants), per
+# exact call shape: worked out (and tuned) on the first call, a dict lookup after that.
+_LAUNCHES: dict[tuple, tuple] = {}
+_MAX_LAUNCHES = 4096
+
+
+def _new_plan(key: tuple, kind: str, tune_key: tuple, device: torch.device, width: int, bk: int, dtype: torch.dtype,
+              m: int, make, run) -> tuple:
+    """Launch parameters ``make(cfg)`` for the config of ``kind`` (on CUDA tuned by timing
+    ``run(make(candidate))``), remembered under ``key`` once the config is final."""
+    cfg, final = _config(kind, tune_key, device, width, bk, dtype, m, lambda candidate: run(make(candidate)))
+    plan = make(cfg)
+    if final:
+        if len(_LAUNCHES) >= _MAX_LAUNCHES:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = plan
+    return plan
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers (inputs: 2-D, unit stride along the last dim; outputs in the layer dtype)
 # ---------------------------------------------------------------------------------------------
+def _persistent_plan(cfg: LaunchConfig, m: int, num_groups: int, device: torch.device, dtype: torch.dtype,
+                     **constants) -> tuple:
+    """(grid, num_groups, num_tiles, constants) of a persistent forward / grad-input launch."""
+    num_tiles = _cdiv(m, cfg.block_m) * num_groups
+    return (_persistent_grid(num_tiles, device, cfg),), num_groups, num_tiles, dict(
+        constants, BLOCK_M=cfg.block_m, ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_input_precision(dtype),
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def _triton_forward(x, values, bias, layout: BlockLayout, out_features: int) -> torch.Tensor:
     m, k = x.shape
-    nnz, bm, bk = values.shape
-    group = layout.row_group_tile.shape[1]
-    num_groups = layout.row_group_ptr.shape[0] - 1
     y = torch.empty((m, out_features), dtype=values.dtype, device=x.device)
     if m == 0:
         return y
-
-    def launch(cfg: LaunchConfig):
-        num_tiles = triton.cdiv(m, cfg.block_m) * num_groups
-        _bsl_forward_kernel[(_persistent_grid(num_tiles, x.device, cfg),)](
-            x, values, bias if bias is not None else values, y,
-            layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
-            m, k, out_features, x.stride(0), y.stride(0), num_groups, num_tiles,
-            HAS_BIAS=bias is not None, BM=bm, BK=bk, GROUP=group, BLOCK_M=cfg.block_m, EVEN_K=k % bk == 0,
-            ACC_DTYPE=_acc_dtype(values.dtype), INPUT_PRECISION=_input_precision(values.dtype),
-            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    key = (_m_bucket(m), k, out_features, bm, bk, group, nnz, values.dtype, x.dtype)
-    launch(_config("forward", key, x.device, group * bm, bk, values.dtype, m, launch))
+    has_bias = bias is not None
+    # Plain ints in the keys: comparing torch.Size objects in a dict lookup costs a few µs.
+    nnz, bm, bk = values.shape
+    key = ("forward", x.device, m, k, out_features, nnz, bm, bk, layout.row_group_tile.shape[1],
+           layout.row_group_ptr.shape[0], values.dtype, x.dtype, has_bias, _input_precision(values.dtype))
+    plan = _LAUNCHES.get(key)
+    if plan is None:
+        group, num_groups = layout.row_group_tile.shape[1], layout.row_group_ptr.shape[0] - 1
+        plan = _new_plan(
+            key, "forward", (_next_pow2(m), k, out_features, bm, bk, group, nnz, values.dtype, x.dtype),
+            x.device, group * bm, bk, values.dtype, m,
+            lambda cfg: _persistent_plan(cfg, m, num_groups, x.device, values.dtype, HAS_BIAS=has_bias, BM=bm,
+                                         BK=bk, GROUP=group, EVEN_K=k % bk == 0),
+            lambda candidate: _launch_forward(candidate, x, values, bias, layout, y))
+    _launch_forward(plan, x, values, bias, layout, y)
     return y
+
+
+def _launch_forward(plan, x, values, bias, layout: BlockLayout, y) -> None:
+    grid, num_groups, num_tiles, constants = plan
+    _bsl_forward_kernel[grid](
+        x, values, bias if bias is not None else values, y,
+        layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
+        x.shape[0], x.shape[1], y.shape[1], x.stride(0), y.stride(0), num_groups, num_tiles, **constants)
 
 
 def _triton_grad_input(grad_y, values, layout: BlockLayout, in_features: int) -> torch.Tensor:
     m, n = grad_y.shape
-    nnz, bm, bk = values.shape
-    group = layout.col_group_tile.shape[1]
-    num_groups = layout.col_group_ptr.shape[0] - 1
     grad_x = torch.empty((m, in_features), dtype=values.dtype, device=grad_y.device)
     if m == 0:
         return grad_x
-
-    def launch(cfg: LaunchConfig):
-        num_tiles = triton.cdiv(m, cfg.block_m) * num_groups
-        _bsl_grad_input_kernel[(_persistent_grid(num_tiles, grad_y.device, cfg),)](
-            grad_y, values, grad_x, layout.col_group_ptr, layout.col_group_row, layout.col_group_tile,
-            m, in_features, n, grad_y.stride(0), grad_x.stride(0), num_groups, num_tiles,
-            BM=bm, BK=bk, GROUP=group, BLOCK_M=cfg.block_m, EVEN_N=n % bm == 0,
-            ACC_DTYPE=_acc_dtype(values.dtype), INPUT_PRECISION=_input_precision(values.dtype),
-            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    key = (_m_bucket(m), in_features, n, bm, bk, group, nnz, values.dtype)
-    launch(_config("grad_input", key, grad_y.device, group * bk, bk, values.dtype, m, launch))
+    nnz, bm, bk = values.shape
+    key = ("grad_input", grad_y.device, m, n, in_features, nnz, bm, bk, layout.col_group_tile.shape[1],
+           layout.col_group_ptr.shape[0], values.dtype, _input_precision(values.dtype))
+    plan = _LAUNCHES.get(key)
+    if plan is None:
+        group, num_groups = layout.col_group_tile.shape[1], layout.col_group_ptr.shape[0] - 1
+        plan = _new_plan(
+            key, "grad_input", (_next_pow2(m), in_features, n, bm, bk, group, nnz, values.dtype),
+            grad_y.device, group * bk, bk, values.dtype, m,
+            lambda cfg: _persistent_plan(cfg, m, num_groups, grad_y.device, values.dtype, BM=bm, BK=bk,
+                                         GROUP=group, EVEN_N=n % bm == 0),
+            lambda candidate: _launch_grad_input(candidate, grad_y, values, layout, grad_x))
+    _launch_grad_input(plan, grad_y, values, layout, grad_x)
     return grad_x
+
+
+def _launch_grad_input(plan, grad_y, values, layout: BlockLayout, grad_x) -> None:
+    grid, num_groups, num_tiles, constants = plan
+    _bsl_grad_input_kernel[grid](
+        grad_y, values, grad_x, layout.col_group_ptr, layout.col_group_row, layout.col_group_tile,
+        grad_y.shape[0], grad_x.shape[1], grad_y.shape[1], grad_y.stride(0), grad_x.stride(0),
+        num_groups, num_tiles, **constants)
 
 
 def _grad_weight_splits(m: int, entries: int, cfg: LaunchConfig, device: torch.device) -> int:
@@ -500,9 +550,9 @@ def _grad_weight_splits(m: int, entries: int, cfg: LaunchConfig, device: torch.d
     if device.type != "cuda":
         return 1
     target_programs = cfg.programs_per_sm * _sm_count(device.index)
-    m_tiles = triton.cdiv(m, cfg.block_m)
+    m_tiles = _cdiv(m, cfg.block_m)
     # Keep at least 8 M tiles per slice so a program amortises its setup.
-    return max(1, min(triton.cdiv(target_programs, max(entries, 1)), m_tiles // 8))
+    return max(1, min(_cdiv(target_programs, max(entries, 1)), m_tiles // 8))
 
 
 def _triton_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_cols: int, bias_grad: bool,
@@ -510,131 +560,171 @@ def _triton_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_c
     """Gradients of the kept tiles ``[nnz, bm, bk]`` and (if ``bias_grad``) of the bias ``[N]``
     (else an empty tensor), both in ``grad_y.dtype``. ``split`` forces the number of M slices."""
     m, n = grad_y.shape
-    k = x.shape[1]
     nnz = layout.row_idx.shape[0]
     bm, bk = block_rows, block_cols
-    dtype = grad_y.dtype
-    group = layout.row_group_tile.shape[1]
-    cols_per_program = layout.col_group_tile.shape[1]
-    entries = layout.row_group_chunk.shape[0]
-    padded_n = (layout.row_group_ptr.shape[0] - 1) * group * bm
     tile_numel = nnz * bm * bk
-    total = tile_numel + (padded_n if bias_grad else 0)
-    if m == 0 or entries == 0:
-        out = torch.zeros((total,), dtype=dtype, device=grad_y.device)
-        return out[:tile_numel].view(nnz, bm, bk), out[tile_numel:tile_numel + n]
-    acc_torch = torch.float64 if dtype == torch.float64 else torch.float32
-    state = {}
+    entries = layout.row_group_chunk.shape[0]
+    key = ("grad_weight", grad_y.device, m, n, x.shape[1], nnz, bm, bk, layout.row_group_tile.shape[1],
+           layout.col_group_tile.shape[1], entries, layout.row_group_ptr.shape[0], grad_y.dtype, x.dtype,
+           bias_grad, split, _input_precision(grad_y.dtype))
+    plan = _LAUNCHES.get(key)
+    if plan is None:
+        group, cols = layout.row_group_tile.shape[1], layout.col_group_tile.shape[1]
+        if m == 0 or entries == 0:
+            total = tile_numel + ((layout.row_group_ptr.shape[0] - 1) * group * bm if bias_grad else 0)
+            out = torch.zeros((total,), dtype=grad_y.dtype, device=grad_y.device)
+            return out[:tile_numel].view(nnz, bm, bk), out[tile_numel:tile_numel + n]
+        plan = _new_plan(
+            key, "grad_weight", (_next_pow2(m), x.shape[1], n, bm, bk, group, cols, nnz, grad_y.dtype, x.dtype,
+                                 bias_grad, split),
+            grad_y.device, group * bm, bk, grad_y.dtype, m,
+            lambda cfg: _grad_weight_plan(cfg, grad_y, x, layout, bm, bk, bias_grad, split),
+            lambda candidate: _launch_grad_weight(candidate, grad_y, x, layout))
+    return _launch_grad_weight(plan, grad_y, x, layout)
 
-    def launch(cfg: LaunchConfig):
-        splits = split if split is not None else _grad_weight_splits(m, entries, cfg, grad_y.device)
-        rows_per_split = triton.cdiv(triton.cdiv(m, cfg.block_m), splits) * cfg.block_m
-        splits = triton.cdiv(m, rows_per_split)
-        # One slice writes the layer dtype directly; several write fp32 partials summed below.
-        buffer = torch.empty((splits, total), dtype=dtype if splits == 1 else acc_torch, device=grad_y.device)
-        _bsl_grad_weight_kernel[(entries, splits)](
-            grad_y, x, buffer, layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
-            layout.row_group_of, layout.row_group_chunk, m, k, n, grad_y.stride(0), x.stride(0), tile_numel,
-            rows_per_split, total, HAS_DB=bias_grad, BM=bm, BK=bk, GROUP=group, COLS=cols_per_program,
-            BLOCK_M=cfg.block_m,
-            ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_input_precision(dtype),
-            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        state["buffer"] = buffer
 
-    key = (_m_bucket(m), k, n, bm, bk, group, cols_per_program, nnz, dtype, x.dtype, bias_grad, split)
-    launch(_config("grad_weight", key, grad_y.device, group * bm, bk, dtype, m, launch))
-    buffer = state["buffer"]
-    if buffer.shape[0] == 1:
-        out = buffer[0]
+def _grad_weight_plan(cfg: LaunchConfig, grad_y, x, layout: BlockLayout, bm: int, bk: int, bias_grad: bool,
+                      split: Optional[int]) -> tuple:
+    m, n = grad_y.shape
+    dtype = grad_y.dtype
+    nnz = layout.row_idx.shape[0]
+    group = layout.row_group_tile.shape[1]
+    entries = layout.row_group_chunk.shape[0]
+    tile_numel = nnz * bm * bk
+    total = tile_numel + ((layout.row_group_ptr.shape[0] - 1) * group * bm if bias_grad else 0)
+    splits = split if split is not None else _grad_weight_splits(m, entries, cfg, grad_y.device)
+    rows_per_split = _cdiv(_cdiv(m, cfg.block_m), splits) * cfg.block_m
+    splits = _cdiv(m, rows_per_split)
+    # One slice writes the layer dtype directly; several write fp32 partials summed after.
+    buffer_dtype = dtype if splits == 1 else (torch.float64 if dtype == torch.float64 else torch.float32)
+    constants = dict(
+        HAS_DB=bias_grad, BM=bm, BK=bk, GROUP=group, COLS=layout.col_group_tile.shape[1], BLOCK_M=cfg.block_m,
+        ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_input_precision(dtype),
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (entries, splits), (splits, total), buffer_dtype, tile_numel, rows_per_split, constants
+
+
+def _launch_grad_weight(plan, grad_y, x, layout: BlockLayout):
+    grid, buffer_shape, buffer_dtype, tile_numel, rows_per_split, constants = plan
+    m, n = grad_y.shape
+    splits, total = buffer_shape
+    buffer = torch.empty(total if splits == 1 else buffer_shape, dtype=buffer_dtype, device=grad_y.device)
+    _bsl_grad_weight_kernel[grid](
+        grad_y, x, buffer, layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
+        layout.row_group_of, layout.row_group_chunk, m, x.shape[1], n, grad_y.stride(0), x.stride(0), tile_numel,
+        rows_per_split, total, **constants)
+    if splits == 1:
+        out = buffer
     else:
-        out = torch.empty((total,), dtype=dtype, device=grad_y.device)
+        out = torch.empty((total,), dtype=grad_y.dtype, device=grad_y.device)
         block = 1024
-        _sum_splits_kernel[(triton.cdiv(total, block),)](buffer, out, total, buffer.shape[0], BLOCK=block)
-    return out[:tile_numel].view(nnz, bm, bk), out[tile_numel:tile_numel + n]
+        _sum_splits_kernel[(_cdiv(total, block),)](buffer, out, total, splits, BLOCK=block)
+    bm, bk = constants["BM"], constants["BK"]
+    return out[:tile_numel].view(-1, bm, bk), out[tile_numel:tile_numel + n]
 
 
 # ---------------------------------------------------------------------------------------------
-# Torch implementation (CPU outside the interpreter, or backend='torch'): kept tiles only
+# Torch implementation (CPU outside the interpreter, or backend='torch'): kept tiles only.
+# A fixed handful of batched ops per call whatever the layout (no Python loop over block rows):
+# tiles are gathered, multiplied with one bmm (in fp32, fp64 for fp64 layers) and summed per
+# block-row (or column) with segment_reduce, which is deterministic on every device.
 # ---------------------------------------------------------------------------------------------
-def _tiles_t(t: torch.Tensor, tile: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[M, F]`` -> its transpose cut into row tiles, ``[ceil(F/tile), tile, M]``, zero-padded.
+_TORCH_CHUNK_ELEMENTS = 1 << 24  # gathered elements per chunk of rows (bounds the temporaries)
 
-    Feature-major so that gathering the tiles a block-row (or column) needs is a copy of whole
-    contiguous slabs and every product below has the wide M as its output dimension.
-    """
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(m: int, nnz: int, bm: int, bk: int) -> int:
+    return max(1, _TORCH_CHUNK_ELEMENTS // max(1, nnz * max(bm, bk)))
+
+
+def _feature_tiles(t: torch.Tensor, tile: int, blocks: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[M, F]`` -> ``[blocks, M, tile]`` (a strided view; zero-padded past F), in ``dtype``."""
     m, f = t.shape
-    groups = -(-f // tile)
-    out = torch.zeros((groups * tile, m), dtype=dtype, device=t.device)
-    out[:f] = t.t()
-    return out.view(groups, tile, m)
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if f != blocks * tile:
+        t = torch.nn.functional.pad(t, (0, blocks * tile - f))
+    return t.view(m, blocks, tile).transpose(0, 1)
 
 
-def _torch_forward(x, values, bias, row_ptr, col_idx, out_features):
+def _from_tiles(t: torch.Tensor, features: int, dtype: torch.dtype, bias=None) -> torch.Tensor:
+    """``[blocks, M, tile]`` (+ ``bias``, added before rounding) -> contiguous ``[M, features]`` in ``dtype``."""
+    blocks, m, tile = t.shape
+    out = t.transpose(0, 1).reshape(m, blocks * tile)
+    if features != blocks * tile:
+        out = out[:, :features]
+    if bias is not None:
+        out = out + bias
+    return out.to(dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _torch_forward(x, values, bias, layout: BlockLayout, out_features: int) -> torch.Tensor:
     m = x.shape[0]
     nnz, bm, bk = values.shape
-    nbr = row_ptr.numel() - 1
-    x_t = _tiles_t(x, bk, values.dtype)
-    y_t = values.new_zeros((nbr * bm, m))
-    ptr = row_ptr.tolist()
-    cols_all = col_idx.long()
-    for r in range(nbr):
-        s, e = ptr[r], ptr[r + 1]
-        if s == e:
-            continue
-        x_r = x_t.index_select(0, cols_all[s:e]).reshape((e - s) * bk, m)
-        w_r = values[s:e].permute(1, 0, 2).reshape(bm, (e - s) * bk)
-        torch.mm(w_r, x_r, out=y_t[r * bm:(r + 1) * bm])
-    y = y_t[:out_features].t()
-    if bias is not None:
-        y = y + bias
-    return y.contiguous()
+    nbc = layout.col_len.shape[0]
+    acc = _compute_dtype(values.dtype)
+    step = _row_chunks(m, nnz, bm, bk)
+    if nnz == 0 or m == 0:
+        y = values.new_zeros((m, out_features))
+        return y + bias if bias is not None else y
+    w = values.to(acc)
+    if m <= step:
+        return _torch_forward_rows(x, w, bias, layout, nbc, out_features, values.dtype)
+    y = values.new_empty((m, out_features))
+    for s in range(0, m, step):
+        y[s:s + step] = _torch_forward_rows(x[s:s + step], w, bias, layout, nbc, out_features, values.dtype)
+    return y
 
 
-def _torch_grad_input(grad_y, values, col_ptr, csc_row_idx, csc_perm, in_features):
+def _torch_forward_rows(x, w, bias, layout: BlockLayout, nbc, out_features, dtype):
+    x_tiles = _feature_tiles(x, w.shape[2], nbc, w.dtype).index_select(0, layout.col_idx)  # [nnz, M, bk]
+    products = torch.bmm(x_tiles, w.transpose(1, 2))  # [nnz, M, bm]
+    sums = torch.segment_reduce(products, "sum", lengths=layout.row_len, axis=0)  # [block rows, M, bm]
+    return _from_tiles(sums, out_features, dtype, bias)
+
+
+def _torch_grad_input(grad_y, values, layout: BlockLayout, in_features: int) -> torch.Tensor:
     m = grad_y.shape[0]
     nnz, bm, bk = values.shape
-    nbc = col_ptr.numel() - 1
-    dy_t = _tiles_t(grad_y, bm, values.dtype)
-    dx_t = values.new_zeros((nbc * bk, m))
-    ptr = col_ptr.tolist()
-    rows_all, perm_all = csc_row_idx.long(), csc_perm.long()
-    for c in range(nbc):
-        s, e = ptr[c], ptr[c + 1]
-        if s == e:
-            continue
-        dy_c = dy_t.index_select(0, rows_all[s:e]).reshape((e - s) * bm, m)
-        w_c = values.index_select(0, perm_all[s:e]).reshape((e - s) * bm, bk)
-        torch.mm(w_c.t(), dy_c, out=dx_t[c * bk:(c + 1) * bk])
-    return dx_t[:in_features].t().contiguous()
-
-
-def _torch_grad_weight(grad_y, x, row_ptr, row_idx, col_idx, block_rows, block_cols, bias_grad):
-    m = grad_y.shape[0]
-    nnz = row_idx.numel()
-    bm, bk = block_rows, block_cols
-    dtype = grad_y.dtype
-    grad = torch.zeros((nnz, bm, bk), dtype=dtype, device=grad_y.device)
-    grad_bias = grad_y.new_empty((0,))
-    if bias_grad:
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        grad_bias = grad_y.sum(dim=0, dtype=acc).to(dtype)
+    nbr, nbc = layout.row_len.shape[0], layout.col_len.shape[0]
     if nnz == 0 or m == 0:
-        return grad, grad_bias
-    dy_t = _tiles_t(grad_y, bm, dtype)
-    x_t = _tiles_t(x, bk, dtype)
-    rows = row_idx.long()
-    cols_all = col_idx.long()
-    # Tiles are row-ordered: each block-row's tiles are one contiguous run of `values`.
-    boundaries = torch.nonzero(rows[1:] != rows[:-1]).flatten().add(1).tolist()
-    starts = [0] + boundaries
-    ends = boundaries + [nnz]
-    row_list = rows.tolist()
-    for s, e in zip(starts, ends):
-        x_r = x_t.index_select(0, cols_all[s:e]).reshape((e - s) * bk, m)
-        g = dy_t[row_list[s]] @ x_r.t()  # [bm, n*bk]
-        grad[s:e] = g.reshape(bm, e - s, bk).permute(1, 0, 2)
-    return grad, grad_bias
+        return values.new_zeros((m, in_features))
+    w = values.to(_compute_dtype(values.dtype)).index_select(0, layout.csc_perm)  # column order
+    step = _row_chunks(m, nnz, bm, bk)
+    if m <= step:
+        return _torch_grad_input_rows(grad_y, w, layout, nbr, in_features, values.dtype)
+    out = values.new_empty((m, in_features))
+    for s in range(0, m, step):
+        out[s:s + step] = _torch_grad_input_rows(grad_y[s:s + step], w, layout, nbr, in_features, values.dtype)
+    return out
+
+
+def _torch_grad_input_rows(grad_y, w_csc, layout: BlockLayout, nbr, in_features, dtype):
+    dy_tiles = _feature_tiles(grad_y, w_csc.shape[1], nbr, w_csc.dtype).index_select(0, layout.csc_row_idx)
+    products = torch.bmm(dy_tiles, w_csc)  # [nnz, M, bk], column order
+    return _from_tiles(torch.segment_reduce(products, "sum", lengths=layout.col_len, axis=0), in_features, dtype)
+
+
+def _torch_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_cols: int, bias_grad: bool):
+    m, n = grad_y.shape
+    nnz = layout.row_idx.shape[0]
+    dtype = grad_y.dtype
+    acc = _compute_dtype(dtype)
+    nbr, nbc = layout.row_len.shape[0], layout.col_len.shape[0]
+    grad_bias = grad_y.sum(dim=0, dtype=acc).to(dtype) if bias_grad else grad_y.new_empty((0,))
+    if nnz == 0 or m == 0:
+        return grad_y.new_zeros((nnz, block_rows, block_cols)), grad_bias
+    step = _row_chunks(m, nnz, block_rows, block_cols)
+    grad = None
+    for s in range(0, m, step):
+        dy_tiles = _feature_tiles(grad_y[s:s + step], block_rows, nbr, acc).index_select(0, layout.row_idx)
+        x_tiles = _feature_tiles(x[s:s + step], block_cols, nbc, acc).index_select(0, layout.col_idx)
+        # [nnz, bm, M] @ [nnz, M, bk], chunks accumulated in the compute dtype.
+        grad = torch.bmm(dy_tiles.transpose(1, 2), x_tiles) if grad is None else grad.baddbmm_(dy_tiles.transpose(1, 2), x_tiles)
+    return grad.to(dtype), grad_bias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,30 +737,35 @@ def _use_triton(device: torch.device, backend: str) -> bool:
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D tensor with unit stride along its last dim (the kernels need it)."""
+    """``[..., F]`` as 2-D ``[M, F]`` with unit stride along F (the kernels need it); bool
+    spikes viewed as uint8 (the same bytes)."""
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    if t.dim() != 2:
+        t = t.reshape(-1, t.shape[-1])
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
 def _forward(x, values, bias, layout: BlockLayout, out_features: int, triton_path: bool) -> torch.Tensor:
     if triton_path:
         return _triton_forward(x, values, bias, layout, out_features)
-    return _torch_forward(x, values, bias, layout.row_ptr, layout.col_idx, out_features)
+    return _torch_forward(x, values, bias, layout, out_features)
 
 
 def _grad_input(grad_y, values, layout: BlockLayout, in_features: int, triton_path: bool) -> torch.Tensor:
     if triton_path:
         return _triton_grad_input(grad_y, values, layout, in_features)
-    return _torch_grad_input(grad_y, values, layout.col_ptr, layout.csc_row_idx, layout.csc_perm, in_features)
+    return _torch_grad_input(grad_y, values, layout, in_features)
 
 
 def _grad_weight(grad_y, x, layout: BlockLayout, bm: int, bk: int, bias_grad: bool, triton_path: bool):
     if triton_path:
         return _triton_grad_weight(grad_y, x, layout, bm, bk, bias_grad)
-    return _torch_grad_weight(grad_y, x, layout.row_ptr, layout.row_idx, layout.col_idx, bm, bk, bias_grad)
+    return _torch_grad_weight(grad_y, x, layout, bm, bk, bias_grad)
 
 
 def _backward(needs_x: bool, needs_values: bool, needs_bias: bool, grad_y, x, values, layout, triton_path):
-    """(grad x, grad values, grad bias), None for what nobody asked for (no launch for it)."""
+    """(grad x, grad values, grad bias) on 2-D tensors, None for what nobody asked for (no launch for it)."""
     grad_y = _as_rows(grad_y if grad_y.dtype == values.dtype else grad_y.to(values.dtype))
     grad_x = grad_values = grad_bias = None
     if needs_x:
@@ -686,19 +781,25 @@ def _backward(needs_x: bool, needs_values: bool, needs_bias: bool, grad_y, x, va
 
 
 class BlockSparseLinearFunction(torch.autograd.Function):
-    """``y = x W^T + b`` on 2-D ``x`` for inputs already validated (see :func:`block_sparse_linear`)."""
+    """``y = x W^T + b`` for ``x [..., K]`` already validated (see :func:`block_sparse_linear`).
+
+    The only autograd node of an eager call: inputs of any leading shape are flattened and the
+    output reshaped inside it (no view/reshape nodes around it)."""
 
     @staticmethod
     def forward(ctx, x, values, bias, layout, out_features, triton_path):
-        ctx.save_for_backward(x, values)
-        ctx.layout, ctx.triton_path = layout, triton_path
-        return _forward(x, values, bias, layout, out_features, triton_path)
+        x2d = _as_rows(x)
+        ctx.save_for_backward(x2d, values)
+        ctx.layout, ctx.triton_path, ctx.x_shape = layout, triton_path, x.shape
+        return _forward(x2d, values, bias, layout, out_features, triton_path).view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, values = ctx.saved_tensors
+        x2d, values = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_x, grad_values, grad_bias = _backward(needs[0], needs[1], needs[2], grad_y, x, values, ctx.layout, ctx.triton_path)
+        grad_x, grad_values, grad_bias = _backward(needs[0], needs[1], needs[2], grad_y, x2d, values, ctx.layout, ctx.triton_path)
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
         return grad_x, grad_values, grad_bias, None, None, None
 
 
@@ -751,12 +852,6 @@ def _op_backward(ctx, grad_y):
 
 
 torch.library.register_autograd("effst::block_sparse_linear", _op_backward, setup_context=_op_setup_context)
-
-
-def _apply(x2d, values, bias, layout: BlockLayout, out_features: int, triton_path: bool) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return _block_sparse_linear_op(x2d, values, bias, list(layout), out_features, triton_path)
-    return BlockSparseLinearFunction.apply(x2d, values, bias, layout, out_features, triton_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -825,12 +920,11 @@ def block_sparse_linear_unchecked(
 ) -> torch.Tensor:
     """:func:`block_sparse_linear` without validation, for callers that validated once
     (``BlockSparseLinear`` at construction); ``triton_path`` from :func:`_use_triton`."""
-    if x.dtype == torch.bool:
-        x = x.view(torch.uint8)  # same bytes, read as one byte each
-    lead = x.shape[:-1]
-    x2d = _as_rows(x.reshape(-1, x.shape[-1]))
-    y = _apply(x2d, values, bias, layout, out_features, triton_path)
-    return y.view(*lead, out_features)
+    if torch.compiler.is_compiling():
+        x2d = _as_rows(x)
+        y = _block_sparse_linear_op(x2d, values, bias, list(layout), out_features, triton_path)
+        return y.view(*x.shape[:-1], out_features)
+    return BlockSparseLinearFunction.apply(x, values, bias, layout, out_features, triton_path)
 
 
 def use_triton(device: torch.device, backend: str) -> bool:
