@@ -316,6 +316,18 @@ def test_slif_large_T_float64(backend, device):
     assert_agree(run_effst(c, backend, F64, where(backend, device)), run_oracle(c), TOL[F64], f"{backend} T=70")
 
 
+@pytest.mark.gpu
+def test_triton_on_the_gpu_matches_spec_oracle(device):
+    """The Triton kernels compiled for the GPU (bench/gpu_check.sh) against the oracle: float64,
+    float32, float16 and bfloat16 inputs, including sequences longer than one checkpoint chunk."""
+    tol = {**TOL, torch.bfloat16: 3e-2}
+    for i in range(24):
+        c = make_case(3000 + i, T=(1, 3, 9, 17, 40)[i % 5])
+        dtype = (F64, torch.float32, torch.float16, torch.bfloat16)[i % 4]
+        want = run_oracle(rounded_to(c, dtype))
+        assert_agree(run_effst(c, "triton", dtype, device), want, tol[dtype], f"gpu triton {dtype} case {i}")
+
+
 # bfloat16 is unreliable in Triton's CPU interpreter: that pair runs on the GPU machine only.
 THRESHOLD_CASES = [pytest.param(b, d, marks=[pytest.mark.gpu] if (b, d) == ("triton", torch.bfloat16) else [])
                    for b in ("reference", "native", "triton")
