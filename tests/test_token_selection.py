@@ -166,8 +166,9 @@ def test_sts_compact_equals_masked_on_kept_tokens():
     with the same exact top-k decisions (kept queries only see kept keys, the head pools the
     kept tokens)."""
     model = _model("sts", 0.6)
-    model.eval()
     x = _images(seed=1)
+    _calibrate_batchnorm(model, x)       # neurons fire: the kept set matters
+    model.eval()
     compact = model(x)
     assert model.tokens_per_block() == [16.0, 9.0, 5.0, 3.0]
     model.selector.selection = TokenSelection.from_dict({**model.selector.selection.to_dict(), "mode": "mask"})
