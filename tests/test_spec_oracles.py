@@ -471,7 +471,7 @@ from fractions import Fraction  # noqa: E402
 from torch import nn  # noqa: E402
 
 import effst.prune as prune  # noqa: E402
-from effst.prune.imp import prune_round  # noqa: E402
+from effst.prune.imp import mask_counts, prune_round  # noqa: E402
 
 
 def pruned_count(p, n: int) -> int:
@@ -651,6 +651,7 @@ def test_imp_rounds_match_the_global_oracle(levels):
         masked = [m for _, m in model.named_modules()
                   if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
         assert [prune.get_mask(m).flatten().tolist() for m in masked] == want, f"round {k}"
+        assert mask_counts(model) == (sum(map(sum, want)), sum(map(len, want)))
     assert not prune.is_pruned(model.bn)
     assert torch.equal(model.fc.bias, bias) and torch.equal(model.bn.weight, bn)
 
