@@ -137,7 +137,9 @@ def time_function(
             times_ms.append((time.perf_counter() - start) * 1e3)
         method = "time.perf_counter per call, median"
     times_ms.sort()
-    quartiles = statistics.quantiles(times_ms, n=4) if len(times_ms) >= 2 else [times_ms[0]] * 3
+    # inclusive: quartiles inside the measured range (the default extrapolates past it for few calls)
+    quartiles = (statistics.quantiles(times_ms, n=4, method="inclusive") if len(times_ms) >= 2
+                 else [times_ms[0]] * 3)
     return {
         "ms": statistics.median(times_ms),
         "ms_min": times_ms[0],
