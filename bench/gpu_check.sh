@@ -15,16 +15,31 @@
 #      sparse, train-step (eager, CUDA graphs, SpikingJelly 2.0.0 and 0.0.0.0.14 cupy, token
 #      selection); each suite under its own budget, keeping the rows it finished; then the tables
 #      and plots re-rendered from the JSON (survives a killed bench)
-#   4. the GPU tests: EFFST_TEST_DEVICE=cuda pytest -m "gpu and not compile", then the
-#      torch.compile ones (-m "gpu and compile"), after the bench so its rows always exist
-#   5. bench/profile_host.py (where a tiny call's host time goes; into the log), and with
-#      EFFST_GPU_TUNE=1 bench/tune_slif.py (the sLIF backward's launch-parameter sweep,
-#      $OUT/tune/tune_slif.json; the GPU tests then get 35 s less)
-# Budgets, sized from the H200 runs of 2026-11-29 and 2026-11-30 (2026-11-30 with these steps:
-# neuron 75 s, overhead > 10 s (its budget then; SpikingJelly's row was cut), sparse 52 s,
-# train-step 35 s; pytest -m gpu > 110 s in one step with the compile tests first): the step
-# limits sum to 437 s (+3 s kill grace each), so the script ends within 8 minutes even when
-# every step hangs; bench (235 s) + tests (110 + 45 s) < 7 min.
+#   4. the GPU tests (EFFST_TEST_DEVICE=cuda), after the bench so its rows always exist, in three
+#      steps, most important first: gpu-tests-core (CUDA graphs, no host sync, determinism, the
+#      bf16 covering set: tests/test_slif_cuda_graphs.py and tests/test_slif_triton.py), then
+#      gpu-compile-tests (-m "gpu and compile": torch.compile incl. reduce-overhead), then
+#      gpu-tests-rest (every other gpu test: harness, block-sparse, native CUDA, token kernels).
+#      Meanwhile the native extension (CPU + CUDA kernels) builds in the background
+#      (native-build, 8 compile jobs; after the bench, whose host-bound timings it would disturb),
+#      so the native tests and the profile find it built; a build stopped by its limit or by the
+#      deadline releases torch's build lock (SIGTERM is turned into an exception).
+#      Each test is limited to EFFST_TEST_TIMEOUT s (tests/conftest.py: it fails, the rest go on;
+#      one stuck in C code gets its stack printed and ends the step) and each failure's
+#      traceback is printed when it happens, so a step cut by its limit still shows why.
+#   5. bench/profile_host.py (where a tiny call's host time goes; into the log); its native-CUDA
+#      row only when the extension is built (native-build), else EFFST_NATIVE_DISABLE=1 (a first
+#      build takes longer than the step: it cut the step on 2026-11-30). With EFFST_GPU_TUNE=1
+#      also bench/tune_slif.py (the sLIF backward's launch-parameter sweep,
+#      $OUT/tune/tune_slif.json) after the compile tests.
+# Time: the script ends DEADLINE (465) s after it starts, whatever hangs. Each step runs under
+# min(its own limit, the time left before the deadline minus the floors kept for the steps after
+# it), so time a fast step leaves goes to the next ones and a late step still gets its floor.
+# Sizes from the H200 runs of 2026-11-29 and 2026-11-30 (install 2 s, versions 10 s; bench
+# 179 s: neuron 75 s, overhead > 10 s (cut), sparse 52 s, train-step 35 s, start-up and tables
+# 7 s; tests: 79 gpu tests incl. the native CUDA build 41 s on 2026-11-29, 17 of 96 plus
+# start-up > 65 s on 2026-11-30, the 2 compile tests 22 s; host profile > 15 s because it
+# started the native build). test_gpu_check_budgets_fit_the_device_session checks the sums.
 # Writes to $OUT (at most 8 files come back): gpu_check.log, bench.json, bench.md,
 # neuron_time_vs_T.png, overhead.png, sparse_vs_sparsity.png, train_step.png, tune/tune_slif.json.
 #
@@ -57,7 +72,7 @@ DRY=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $arg (expected --dry-run)" >&2; exit 2 ;;
     esac
 done
@@ -71,24 +86,26 @@ LOG="$OUT/gpu_check.log"
 PY=${PYTHON:-python3}
 SITE=${EFFST_SITE:-/tmp/site}
 
-# Per-step time limits (seconds): see the header. The bench's suite budgets (290 s) plus its
-# start-up (imports, CUDA init, copy bandwidth: ~10 s) fit inside its step limit.
-# Order: the bench first (its rows are the evidence a session exists to record), then the GPU
-# tests (fast ones, then the torch.compile ones, which spend most of their time compiling), then
-# the sLIF launch-parameter sweep and the host-cost profile. Sizes from the H200 runs of
-# 2026-11-29/30 (neuron ~105 s, sparse ~40 s plus models, pytest -m gpu > 110 s in one step).
-# The GPU tests need more than 65 s (2026-11-30: cut there, before the bf16 covering set, the
-# native CUDA build and the token kernels), so the sweep runs only on request (EFFST_GPU_TUNE=1;
-# its results of 2026-11-30 are in bench/RESULTS.md) and the tests get its time.
-T_INSTALL=10; T_VERSIONS=12; T_BENCH=235; T_RENDER=10; T_TESTS=110; T_TESTS_COMPILE=45
-T_TUNE=0; T_PROFILE=15; KILL_GRACE=3
-if [ "${EFFST_GPU_TUNE:-0}" = 1 ]; then T_TUNE=35; T_TESTS=75; fi
-SUITE_TIMEOUTS="neuron=85,overhead=20,sparse=55,train-step=60"
+# Per-step time limits (seconds) and floors (the least a step keeps when earlier ones ran long):
+# see the header. The bench's suite budgets (neuron 85 + overhead 20 + sparse 65 + train-step 50
+# = 220 s) plus its start-up and tables (~10 s) fit its limit; sparse has 65 s because it took
+# 52 s of 55 on 2026-11-30 and is getting a row (issue 10), overhead 20 s because 10 cut
+# SpikingJelly's row, train-step 50 s for its 35 s.
+DEADLINE=465; KILL_GRACE=3; MIN_STEP=5
+T_INSTALL=10; T_VERSIONS=15; T_BENCH=235; T_RENDER=10
+T_TESTS_CORE=75; T_TESTS_COMPILE=50; T_TESTS_REST=120; T_TUNE=0; T_PROFILE=25
+declare -A FLOOR=([render]=5 [gpu-tests-core]=45 [gpu-compile-tests]=30 [tune-slif]=25
+                  [gpu-tests-rest]=30 [host-profile]=15)
+T_NATIVE_BUILD=150  # background, from the core tests on; waited for before gpu-tests-rest
+TEST_TIMEOUT=45  # per test (EFFST_TEST_TIMEOUT)
+if [ "${EFFST_GPU_TUNE:-0}" = 1 ]; then T_TUNE=35; fi
+SUITE_TIMEOUTS="neuron=85,overhead=20,sparse=65,train-step=50"
 if [ "$DRY" = 1 ]; then
     # CPU at CI size: same steps and flags; the limits only guard against hangs (a 2-core CPU
     # is much slower than an H200 at the same suites)
     DEVICE=cpu; QUICK=--quick; TEST_DEVICE=cpu; SITE="$OUT/site"
-    T_TESTS=300; T_TESTS_COMPILE=300; T_BENCH=1500; T_RENDER=60; T_TUNE=60; T_PROFILE=60
+    DEADLINE=3000; T_TESTS_CORE=300; T_TESTS_COMPILE=300; T_TESTS_REST=300; T_BENCH=1500
+    T_RENDER=60; T_TUNE=60; T_PROFILE=60; TEST_TIMEOUT=600; T_NATIVE_BUILD=900
     SUITE_TIMEOUTS="neuron=400,overhead=200,sparse=400,train-step=600,native-cpu=300"
 else
     DEVICE=cuda; QUICK=; TEST_DEVICE=cuda
@@ -96,16 +113,38 @@ else
     # Triton, so backend='auto' never picks it on CUDA; its rows would not fit the neuron budget
     NEURON_BACKENDS="--effst-backends triton"
 fi
+# The steps in the order they run (the floors of the later ones are kept back from each step).
+PLAN=(install versions bench render gpu-tests-core gpu-compile-tests)
+[ "$T_TUNE" -gt 0 ] && PLAN+=(tune-slif)
+PLAN+=(native-build gpu-tests-rest host-profile)
+# The GPU tests run in this order; the core files are the must-run subset.
+CORE_TESTS="tests/test_slif_cuda_graphs.py tests/test_slif_triton.py"
 
 SCRIPT="$REPO/bench/gpu_check.sh"
-export DRY SITE PY TEST_DEVICE SCRIPT OUT
+export DRY SITE PY TEST_DEVICE SCRIPT OUT TEST_TIMEOUT CORE_TESTS
 
 declare -a SUMMARY=()
 FAILED=0
+reserve_after() {  # reserve_after NAME: seconds kept back for the steps planned after NAME
+    local s found=0 sum=0
+    for s in "${PLAN[@]}"; do
+        [ "$found" = 1 ] && sum=$((sum + ${FLOOR[$s]:-0} + KILL_GRACE))
+        [ "$s" = "$1" ] && found=1
+    done
+    echo "$sum"
+}
 step() {  # step NAME LIMIT OK_CODES COMMAND...  (OK_CODES: space-separated exit codes that count as done)
     local name=$1 limit=$2 ok_codes=$3; shift 3
-    local start=$SECONDS rc
-    echo; echo "=== [$name] (limit ${limit}s) $*"
+    local start=$SECONDS rc left
+    left=$((DEADLINE - SECONDS - $(reserve_after "$name") - KILL_GRACE))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt "$MIN_STEP" ]; then
+        echo; echo "=== [$name] SKIPPED: ${limit}s left before the script's ${DEADLINE}s deadline"
+        SUMMARY+=("$name: SKIPPED (no time left)"); FAILED=1
+        return
+    fi
+    echo; echo "=== [$name] (limit ${limit}s, at ${SECONDS}s of ${DEADLINE}s) $*"
+    export STEP_LIMIT=$limit  # for a step that sizes its own work (tune_slif)
     if declare -F "$1" >/dev/null; then  # a function of this script: timeout needs a process
         timeout --kill-after=$KILL_GRACE "$limit" bash -c "$1"; rc=$?
     else
@@ -176,33 +215,85 @@ EOF
     echo "cpu: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p') x $(nproc)"
 }
 
-run_tests() {  # run_tests MARK_EXPRESSION
-    local rc
-    # -v: one line per test as it finishes, so a step stopped by its limit still shows what passed
-    EFFST_TEST_DEVICE=$TEST_DEVICE "$PY" -m pytest -m "$1" -v -rfEs --durations=10 -p no:cacheprovider \
-        --benchmark-disable; rc=$?
+run_tests() {  # run_tests MARK_EXPRESSION [PYTEST ARGS...]
+    local rc mark=$1; shift
+    # -v: one line per test as it finishes, so a step stopped by its limit still shows what passed;
+    # failures are printed as they happen (EFFST_TEST_REPORT_NOW, tests/conftest.py);
+    # --log-level=WARNING: no DEBUG records of torch.compile in a failure's report
+    EFFST_TEST_DEVICE=$TEST_DEVICE EFFST_TEST_REPORT_NOW=1 EFFST_TEST_TIMEOUT=$TEST_TIMEOUT \
+        "$PY" -m pytest -m "$mark" -v -rfEs --durations=10 -p no:cacheprovider --log-level=WARNING \
+        --benchmark-disable "$@"; rc=$?
     # 5 = no test selected (on the CPU every gpu test is deselected): not a failure of this script
     return $rc
 }
-run_fast_tests() { run_tests "gpu and not compile"; }
+run_core_tests() { run_tests "gpu and not compile" $CORE_TESTS; }
 run_compile_tests() { run_tests "gpu and compile"; }
+run_rest_tests() {
+    local ignore=() f
+    for f in $CORE_TESTS; do ignore+=("--ignore=$f"); done
+    run_tests "gpu and not compile" "${ignore[@]}"
+}
 
 tune_slif() {  # sweep of the sLIF backward's block/warps/chunk (bench/tune_slif.py); GPU only
     if [ "$DRY" = 1 ]; then echo "dry run: bench/tune_slif.py needs a GPU"; return 0; fi
-    mkdir -p "$OUT/tune" && "$PY" bench/tune_slif.py "$OUT/tune" --budget-s $((T_TUNE - 10))
+    mkdir -p "$OUT/tune" && "$PY" bench/tune_slif.py "$OUT/tune" --budget-s $((STEP_LIMIT - 10))
 }
 
 profile_host() {  # where a tiny call's host time goes (bench/profile_host.py); text into the log
+    # Its native-CUDA row only when the extension is built (native-build): see the header.
+    if ! "$PY" -c "import sys; from effst.ops import slif_native as n; \
+sys.exit(0 if any(n.cache_dir().glob('effst_native*.so')) else 1)" 2>/dev/null; then
+        echo "host-profile: the native extension is not built in this session; EFFST_NATIVE_DISABLE=1 (no native row)"
+        export EFFST_NATIVE_DISABLE=1
+    fi
     "$PY" bench/profile_host.py --calls 200
+}
+
+build_native() {  # the native extension, as the tests' first native call would build it
+    MAX_JOBS=${MAX_JOBS:-8} "$PY" - <<'EOF'
+import signal, sys, time
+
+def stop(signum, frame):  # an exception, so torch's build lock is released on the way out
+    raise KeyboardInterrupt("native build stopped by gpu_check.sh (its limit or the deadline)")
+
+signal.signal(signal.SIGTERM, stop)
+start = time.perf_counter()
+from effst.ops import slif_native
+ok, reason = slif_native.native_status()
+took = time.perf_counter() - start
+print(f"native extension: {'ready ' + str(slif_native.native_build_info()) if ok else 'UNAVAILABLE: ' + reason}"
+      f" ({took:.0f} s; cache {slif_native.cache_dir()})")
+sys.exit(0 if ok else 1)
+EOF
+}
+NATIVE_PID=
+native_build_start() {  # in the background, output into a file shown when it is waited for
+    NATIVE_LOG=$(mktemp /tmp/effst-native-build.XXXXXX)
+    NATIVE_START=$SECONDS
+    timeout --kill-after=$KILL_GRACE "$T_NATIVE_BUILD" bash -c build_native > "$NATIVE_LOG" 2>&1 &
+    NATIVE_PID=$!
+    echo; echo "=== [native-build] started in the background (limit ${T_NATIVE_BUILD}s, at ${SECONDS}s of ${DEADLINE}s)"
+}
+native_build_finish() {  # wait for it, at most until the floors of the steps after it are due
+    local until rc verdict=FAILED
+    until=$((DEADLINE - $(reserve_after native-build) - KILL_GRACE))
+    while kill -0 "$NATIVE_PID" 2>/dev/null && [ "$SECONDS" -lt "$until" ]; do sleep 1; done
+    kill -0 "$NATIVE_PID" 2>/dev/null && kill -TERM "$NATIVE_PID"  # timeout passes it on
+    wait "$NATIVE_PID"; rc=$?
+    [ "$rc" = 0 ] && verdict=ok
+    case "$rc" in 124|130|137|143) verdict="TIMED OUT" ;; esac
+    [ "$verdict" = ok ] || FAILED=1
+    echo; echo "=== [native-build] output:"; cat "$NATIVE_LOG"; rm -f "$NATIVE_LOG"
+    SUMMARY+=("native-build: $verdict (exit $rc, $((SECONDS - NATIVE_START))s, in the background)")
+    echo "=== [native-build] $verdict (exit $rc, $((SECONDS - NATIVE_START))s)"
 }
 
 render_results() {  # quiet: the tables are already in the log when the bench finished
     "$PY" -m effst.benchmarks --render "$OUT/bench.json" > /dev/null
 }
 
-export T_TUNE
-export -f install_wheels print_versions run_tests run_fast_tests run_compile_tests tune_slif \
-    profile_host render_results
+export -f install_wheels print_versions run_tests run_core_tests run_compile_tests run_rest_tests \
+    tune_slif profile_host render_results build_native
 
 main() {
     echo "gpu_check.sh $([ "$DRY" = 1 ] && echo '--dry-run ')on $(hostname) at $(date -u +%FT%TZ); repo $REPO; OUT=$OUT"
@@ -221,9 +312,12 @@ main() {
     else
         SUMMARY+=("render: FAILED (no bench.json)"); FAILED=1
     fi
-    step gpu-tests "$T_TESTS" "0 5" run_fast_tests
+    native_build_start
+    step gpu-tests-core "$T_TESTS_CORE" "0 5" run_core_tests
     step gpu-compile-tests "$T_TESTS_COMPILE" "0 5" run_compile_tests
     if [ "$T_TUNE" -gt 0 ]; then step tune-slif "$T_TUNE" "0" tune_slif; fi
+    native_build_finish
+    step gpu-tests-rest "$T_TESTS_REST" "0 5" run_rest_tests
     step host-profile "$T_PROFILE" "0" profile_host
     echo; echo "=== summary"
     printf '  %s\n' "${SUMMARY[@]}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -317,8 +318,9 @@ def test_gpu_check_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=900)
     log = (tmp_path / "gpu_check.log").read_text()
     assert done.returncode == 0, log[-6000:]
-    for step in ("install: ok", "versions: ok", "bench: ok", "render: ok", "gpu-tests: ok",
-                 "gpu-compile-tests: ok", "tune-slif: ok", "host-profile: ok"):  # dry run: EFFST_GPU_TUNE=1
+    for step in ("install: ok", "versions: ok", "bench: ok", "render: ok", "gpu-tests-core: ok",
+                 "gpu-compile-tests: ok", "tune-slif: ok", "gpu-tests-rest: ok",
+                 "host-profile: ok"):  # dry run: EFFST_GPU_TUNE=1
         assert step in log, log[-4000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["suites"] == ["neuron", "overhead", "sparse", "train-step", "native-cpu"]
@@ -467,13 +469,21 @@ def test_kernel_time_graph_replay_and_profiler_fallback_on_cuda():
 
 
 @pytest.mark.gpu
-def test_train_step_eager_and_cuda_graph_on_cuda():
+@pytest.mark.parametrize("mode,model,overrides", [
+    ("eager", "spikformer-tiny", None),
+    ("cuda-graph", "spikformer-tiny", None),
+    # the suite's own model (CIFAR shape) at one block: if only the tiny one fails, it is the model
+    ("cuda-graph", "spikformer-4-384", {"depth": 1}),
+])
+def test_train_step_eager_and_cuda_graph_on_cuda(mode, model, overrides):
     from effst.benchmarks.train_step import time_train_step
 
-    for mode in ("eager", "cuda-graph"):
-        row = time_train_step("lif", device="cuda", batch=2, T=2, model="spikformer-tiny", reps=2, warmup=2,
-                              backend="triton", mode=mode)
-        assert row["status"] == "ok" and row["mode"] == mode and row["ms"] > 0 and row["kernel_ms"] > 0
+    row = time_train_step("lif", device="cuda", batch=2, T=2, model=model, reps=2, warmup=2,
+                          backend="triton", mode=mode, overrides=overrides)
+    assert row["status"] == "ok" and row["mode"] == mode and row["ms"] > 0, row
+    # eager: the profiler's device time (kernel_error says why when it has none)
+    assert row["kernel_ms"] is not None and row["kernel_ms"] > 0, row
+    assert row["ms_min"] <= row["ms_q1"] <= row["ms"] <= row["ms_q3"], row
 
 
 @pytest.mark.gpu
@@ -495,21 +505,122 @@ def test_overhead_suite_and_neuron_kernel_time_on_cuda():
     assert measured["kernel_method"].startswith("CUDA graph"), measured.get("kernel_graph_error")
 
 
-def test_gpu_check_budgets_fit_the_device_session():
-    """gpu_check.sh's step limits end it within 8 minutes even if every step hangs, tests + bench
-    within 7, and the bench's suite budgets leave it time to start up and write its files."""
-    import re
-
+def _gpu_check_settings() -> tuple[dict, dict, dict, str]:
+    """gpu_check.sh's GPU-run settings: (limits and deadline, floors, suite budgets, text)."""
     text = (REPO / "bench" / "gpu_check.sh").read_text()
-    limits = dict(re.findall(r"\b(T_[A-Z_]+|KILL_GRACE)=(\d+)", text.split('if [ "$DRY" = 1 ]; then\n    # CPU')[0]))
-    limits = {k: int(v) for k, v in limits.items()}
-    steps = ("T_INSTALL", "T_VERSIONS", "T_TESTS", "T_TESTS_COMPILE", "T_BENCH", "T_RENDER",
-             "T_TUNE", "T_PROFILE")
-    assert sum(limits[s] + limits["KILL_GRACE"] for s in steps) <= 480, limits
-    assert limits["T_TESTS"] + limits["T_TESTS_COMPILE"] + limits["T_BENCH"] <= 420
-    budgets = dict(re.findall(r"([a-z-]+)=(\d+)", re.search(r'SUITE_TIMEOUTS="([^"]+)"', text).group(1)))
+    gpu_part = text.split('if [ "$DRY" = 1 ]; then\n    # CPU')[0]
+    values = {k: int(v) for k, v in re.findall(
+        r"\b(DEADLINE|KILL_GRACE|MIN_STEP|TEST_TIMEOUT|T_[A-Z_]+)=(\d+)", gpu_part)}
+    floors = {k: int(v) for k, v in re.findall(
+        r"\[([a-z-]+)\]=(\d+)", re.search(r"declare -A FLOOR=\(([^)]*)\)", text).group(1))}
+    budgets = {k: float(v) for k, v in re.findall(
+        r"([a-z-]+)=(\d+)", re.search(r'SUITE_TIMEOUTS="([^"]+)"', gpu_part).group(1))}
+    return values, floors, budgets, text
+
+
+def test_gpu_check_budgets_fit_the_device_session():
+    """gpu_check.sh ends within 8 minutes whatever hangs (its deadline, one kill grace, the
+    summary); even when every step before the tests uses its whole limit, the later steps keep
+    their floors; the bench's suite budgets leave it time to start up and write its files, and
+    each is above what the suite took on the H200 on 2026-11-30 with a margin."""
+    values, floors, budgets, _ = _gpu_check_settings()
+    grace = values["KILL_GRACE"]
+    assert values["DEADLINE"] + grace + 10 <= 480, values
+    before_tests = sum(values[k] + grace for k in ("T_INSTALL", "T_VERSIONS", "T_BENCH", "T_RENDER"))
+    later = ("gpu-tests-core", "gpu-compile-tests", "tune-slif", "native-build", "gpu-tests-rest",
+             "host-profile")  # native-build: the wait for the background build (floor 0)
+    assert set(later) - {"native-build"} | {"render"} == set(floors), floors
+    assert before_tests + sum(floors.get(s, 0) + grace for s in later) <= values["DEADLINE"], (values, floors)
+    assert all(values[k] >= floors[s] for k, s in (
+        ("T_TESTS_CORE", "gpu-tests-core"), ("T_TESTS_COMPILE", "gpu-compile-tests"),
+        ("T_TESTS_REST", "gpu-tests-rest"), ("T_PROFILE", "host-profile"), ("T_RENDER", "render")))
+    assert floors["gpu-tests-core"] >= values["TEST_TIMEOUT"]  # one hung test cannot take all of it
     assert set(budgets) == {"neuron", "overhead", "sparse", "train-step"}
-    assert sum(int(v) for v in budgets.values()) <= limits["T_BENCH"] - 15
+    assert sum(budgets.values()) <= values["T_BENCH"] - 15
+    measured = json.loads((REPO / "bench" / "results" / "2026-11-30-h200" / "bench.json").read_text())
+    for suite, seconds in measured["suite_seconds"].items():
+        if seconds >= measured["suite_budgets"][suite]:  # cut by its budget then: needs more
+            assert budgets[suite] >= 1.5 * seconds, (suite, seconds, budgets)
+        else:
+            assert budgets[suite] >= 1.1 * seconds, (suite, seconds, budgets)
+
+
+def test_gpu_check_step_deadline_and_test_split():
+    """The script's own bookkeeping, run by bash: the floors kept for later steps, a step that
+    gets less than MIN_STEP is skipped (and counts as a failure), and the GPU tests run as the
+    core files, the compile tests, then everything else."""
+    values, floors, _, text = _gpu_check_settings()
+    head = text.split("\nSCRIPT=")[0]  # the settings, before any step runs
+    start = text.index("reserve_after() {")
+    function = text[start:text.index("\n}\n", start) + 3]  # the script's own, as it runs
+    probe = head + "\n" + function + """
+echo "plan=${PLAN[*]}"; echo "core=$CORE_TESTS"
+echo "after_bench=$(reserve_after bench)"; echo "after_profile=$(reserve_after host-profile)"
+"""
+    done = subprocess.run(["bash", "-c", probe, "gpu_check.sh"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OUT": "/tmp/unused", "EFFST_GPU_TUNE": "0"}, timeout=30)
+    assert done.returncode == 0, done.stderr
+    out = dict(line.split("=", 1) for line in done.stdout.splitlines())
+    assert out["plan"].split() == ["install", "versions", "bench", "render", "gpu-tests-core",
+                                   "gpu-compile-tests", "native-build", "gpu-tests-rest", "host-profile"]
+    assert out["core"].split() == ["tests/test_slif_cuda_graphs.py", "tests/test_slif_triton.py"]
+    kept = ("render", "gpu-tests-core", "gpu-compile-tests", "native-build", "gpu-tests-rest", "host-profile")
+    assert int(out["after_bench"]) == sum(floors.get(s, 0) + values["KILL_GRACE"] for s in kept)
+    assert int(out["after_profile"]) == 0
+    # step() itself on a toy plan, the clock set by hand (SECONDS): each step's limit is the time
+    # left minus the floors of the steps after it; one with less than MIN_STEP left is skipped
+    # and the run counts as failed. (SECONDS may tick once between setting and reading it.)
+    start = text.index("step() {")
+    step = text[start:text.index("\n}\n", start) + 3]
+    toy = function + step + """
+DEADLINE=20; KILL_GRACE=1; MIN_STEP=3; PLAN=(a b c); declare -A FLOOR=([b]=4 [c]=2)
+SUMMARY=(); FAILED=0
+SECONDS=0; step a 100 "0" true; SECONDS=10; step b 100 "0" true; SECONDS=17; step c 100 "0" true
+printf '%s\\n' "${SUMMARY[@]}"; echo "failed=$FAILED"
+"""
+    done = subprocess.run(["bash", "-c", toy], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"=== \[a\] \(limit (11s, at 0s|10s, at 1s) of 20s\) true", done.stdout), done.stdout
+    assert re.search(r"=== \[b\] \(limit (6s, at 10s|5s, at 11s) of 20s\) true", done.stdout), done.stdout
+    assert "a: ok (exit 0" in done.stdout and "b: ok (exit 0" in done.stdout, done.stdout
+    assert "c: SKIPPED (no time left)" in done.stdout and "failed=1" in done.stdout, done.stdout
+
+
+def test_conftest_reports_failures_now_and_limits_each_test(tmp_path):
+    """tests/conftest.py with EFFST_TEST_REPORT_NOW=1 and EFFST_TEST_TIMEOUT: a failure's
+    traceback and output are printed right after its result line; a test past the limit fails
+    (TestTimeout) and the next one runs; one stuck where Python's handler cannot run gets its
+    stack printed and ends the process after the grace period."""
+    import shutil
+
+    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_probe.py").write_text(
+        "import signal, time\n\n"
+        "def test_a_fails():\n    print('output of a')\n    assert 1 == 2, 'deliberate failure'\n\n"
+        "def test_b_sleeps():\n    time.sleep(60)\n\n"
+        "def test_c_passes():\n    pass\n\n"
+        "def test_d_stuck():\n    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])\n"
+        "    time.sleep(60)\n\n"
+        "def test_e_never_runs():\n    pass\n")
+    env = {**os.environ, "EFFST_TEST_DEVICE": "cpu", "EFFST_TEST_REPORT_NOW": "1", "EFFST_TEST_TIMEOUT": "1",
+           "EFFST_TEST_TIMEOUT_GRACE": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "test_probe.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert "EFFST_TEST_TIMEOUT=1 s per test" in out, out
+    a_result = out.index("test_probe.py::test_a_fails FAILED")
+    assert a_result < out.index("deliberate failure") < out.index("test_probe.py::test_b_sleeps"), out
+    assert "output of a" in out, out
+    assert "TestTimeout: test_probe.py::test_b_sleeps ran past EFFST_TEST_TIMEOUT=1 s" in out, out
+    assert "test_probe.py::test_c_passes PASSED" in out, out
+    assert "Timeout (0:00:02)!" in out and "in test_d_stuck" in out, out  # faulthandler's dump
+    assert "test_e_never_runs" not in out, out
+    # and a bad setting is a usage error naming the variable
+    env["EFFST_TEST_TIMEOUT"] = "soon"
+    bad = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_probe.py"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 4 and "EFFST_TEST_TIMEOUT: expected seconds >= 0" in bad.stdout + bad.stderr
 
 
 def test_sj2_implementation_detection_reads_its_recorded_choices(monkeypatch):
