@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import random as pyrandom
+import warnings
 from typing import Optional
 
 import pytest
@@ -614,7 +615,9 @@ def test_pruned_weights_get_zero_gradients_and_stay_zero_under_adamw(method):
 def test_random_control_prunes_exactly_ceil_p_n_per_matrix():
     for p in PRUNE_PS:
         model = _mixed(2)
-        prune.random(model, float(p), seed=7)
+        with warnings.catch_warnings():   # p = 0.99 empties the 60-weight head: warned, tested below
+            warnings.simplefilter("ignore")
+            prune.random(model, float(p), seed=7)
         for name in ("fc", "pointwise", "head"):
             m = getattr(model, name)
             n = m.weight.numel()
@@ -762,3 +765,21 @@ def test_effst_surrogate_table_matches_the_spec(surrogate):
     for a in (None, 0.7, 3.3):
         want = psi(x, surrogate, ALPHA[surrogate] if a is None else a)
         torch.testing.assert_close(surrogate_grad(x, surrogate, a), want, rtol=1e-13, atol=1e-15)
+
+
+def test_element_pruning_that_empties_a_layer_says_so():
+    """The rule is followed (everything <= the k-th smallest goes), with a warning naming the layer."""
+    small = nn.Linear(5, 2)                  # n = 10, p = 0.95: ceil(9.5) = 10, all pruned
+    with pytest.warns(UserWarning, match=r"<root>: sparsity 0.95 prunes all 10 weights .*ceil\(0.95 \* 10\) = 10"):
+        prune.l1p(small, 0.95)
+    assert not prune.get_mask(small).any()
+    tied = nn.Sequential(nn.Linear(8, 8))    # every |w| equal: p = 0.1 prunes the ties, i.e. everything
+    with torch.no_grad():
+        tied[0].weight.fill_(0.25)
+    with pytest.warns(UserWarning, match="0: sparsity 0.1 prunes all 64 weights .*ties with the threshold"):
+        prune.l1p(tied, 0.1)
+    with pytest.warns(UserWarning, match="prunes all 10 weights"):
+        prune.random(nn.Linear(5, 2), 0.95, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune.l1p(nn.Linear(5, 2), 0.85)     # ceil(8.5) = 9 of 10: one weight stays, no warning

@@ -192,6 +192,19 @@ def _random_keep(num: int, sparsity: float, already_pruned: torch.Tensor, genera
 # ---------------------------------------------------------------------------------------------
 # Model-level pruning
 # ---------------------------------------------------------------------------------------------
+def _warn_if_emptied(name: str, weight: torch.Tensor, keep: torch.Tensor, sparsity: float) -> None:
+    """Element pruning follows the rule even when it removes every weight of a layer (``ceil(p*n) = n``
+    on a small matrix, or every ``|w|`` tied with the threshold); say so, since the layer then
+    outputs only its bias."""
+    if weight.numel() and not bool(keep.any()):
+        n = weight.numel()
+        why = (f"ceil({sparsity:g} * {n}) = {n}" if ceil_count(sparsity * n) >= n else
+               "every remaining |w| ties with the threshold, and ties are pruned")
+        warnings.warn(f"{name or '<root>'}: sparsity {sparsity:g} prunes all {n} weights of its "
+                      f"{tuple(weight.shape)} weight ({why}); the layer outputs only its bias",
+                      UserWarning, stacklevel=3)
+
+
 def _combine(module: nn.Module, keep: torch.Tensor) -> torch.Tensor:
     old = get_mask(module)
     return keep if old is None else keep & old
@@ -219,8 +232,10 @@ def l1p(model_or_module: nn.Module, sparsity: float, targets: Targets = None, pa
                 raise ValueError(f"{name or '<root>'}: {err}") from None
         else:
             keeps.append(l1p_mask(module.weight, sparsity))
-    for (_, module), keep in zip(chosen, keeps):
-        apply_mask(module, _combine(module, keep), structure=pattern or "element")
+    for (name, module), keep in zip(chosen, keeps):
+        keep = _combine(module, keep)
+        _warn_if_emptied(name, module.weight, keep, sparsity)
+        apply_mask(module, keep, structure=pattern or "element")
     return model_or_module
 
 
@@ -270,12 +285,13 @@ def random(
     requested = check_block_size(block_size) if structure == "block" else None
     chosen = resolve_targets(model_or_module, targets)
     fits = [fit_block_pruning(m.weight, sparsity, requested, n) if requested else (None, sparsity) for n, m in chosen]
-    for (_, module), (block, layer_sparsity) in zip(chosen, fits):
+    for (name, module), (block, layer_sparsity) in zip(chosen, fits):
         weight = module.weight
         old = get_mask(module)
         if structure == "element":
             pruned = torch.zeros(weight.shape, dtype=torch.bool) if old is None else ~old.cpu()
             keep = _random_keep(weight.numel(), sparsity, pruned, generator).reshape(weight.shape)
+            _warn_if_emptied(name, weight, keep, sparsity)
         else:
             grid = block_grid_shape(*_matrix(weight).shape, block)
             if old is None:
