@@ -17,7 +17,7 @@
 #      and plots re-rendered from the JSON (survives a killed bench)
 #   4. the GPU tests (EFFST_TEST_DEVICE=cuda), after the bench so its rows always exist, in three
 #      steps, most important first: gpu-tests-core (CUDA graphs, no host sync, determinism, the
-#      bf16 covering set: tests/test_slif_cuda_graphs.py and tests/test_slif_triton.py), then
+#      bf16 covering set: tests/test_slif_triton.py and tests/test_slif_cuda_graphs.py), then
 #      gpu-compile-tests (-m "gpu and compile": torch.compile incl. reduce-overhead), then
 #      gpu-tests-rest (every other gpu test: harness, block-sparse, native CUDA, token kernels).
 #      Meanwhile the native extension (CPU + CUDA kernels) builds in the background
@@ -93,7 +93,7 @@ SITE=${EFFST_SITE:-/tmp/site}
 # SpikingJelly's row, train-step 50 s for its 35 s.
 DEADLINE=465; KILL_GRACE=3; MIN_STEP=5
 T_INSTALL=10; T_VERSIONS=15; T_BENCH=235; T_RENDER=10
-T_TESTS_CORE=75; T_TESTS_COMPILE=50; T_TESTS_REST=120; T_TUNE=0; T_PROFILE=25
+T_TESTS_CORE=90; T_TESTS_COMPILE=50; T_TESTS_REST=120; T_TUNE=0; T_PROFILE=25
 declare -A FLOOR=([render]=5 [gpu-tests-core]=45 [gpu-compile-tests]=30 [tune-slif]=25
                   [gpu-tests-rest]=30 [host-profile]=15)
 T_NATIVE_BUILD=150  # background, from the core tests on; waited for before gpu-tests-rest
@@ -117,8 +117,10 @@ fi
 PLAN=(install versions bench render gpu-tests-core gpu-compile-tests)
 [ "$T_TUNE" -gt 0 ] && PLAN+=(tune-slif)
 PLAN+=(native-build gpu-tests-rest host-profile)
-# The GPU tests run in this order; the core files are the must-run subset.
-CORE_TESTS="tests/test_slif_cuda_graphs.py tests/test_slif_triton.py"
+# The must-run subset of the GPU tests, in this order: the Triton file first (bf16 covering set,
+# determinism), then the CUDA-graph file, whose last test (bitwise-deterministic parameter
+# gradients) was the one running when the 2026-11-30 step was cut.
+CORE_TESTS="tests/test_slif_triton.py tests/test_slif_cuda_graphs.py"
 
 SCRIPT="$REPO/bench/gpu_check.sh"
 export DRY SITE PY TEST_DEVICE SCRIPT OUT TEST_TIMEOUT CORE_TESTS
