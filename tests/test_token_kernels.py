@@ -350,6 +350,17 @@ def test_kernels_on_cuda_at_stata_sizes_without_host_sync():
     # Same arithmetic; the compiler may contract a multiply-add differently in the two kernels.
     assert float((spikes != unfused).float().mean()) < 1e-4
     assert torch.allclose(fused_grad.float(), current.grad.float(), atol=1e-2, rtol=1e-2)
+    # Learned per-channel parameters: their gradients are bitwise the same run to run.
+    from effst.nn import SLIF
+
+    learned = SLIF(channels=C, backend="triton").cuda()
+    runs = []
+    for _ in range(2):
+        learned.zero_grad()
+        learned.reset()
+        ts.run_neuron_on_tokens(learned, current.detach(), route, N).float().sum().backward()
+        runs.append((learned.w.grad.clone(), learned.v_threshold.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
     ref_scores, ref_index, ref_compact = ts.anchor_topk_gather(query, keys, x, k, backend="torch")
     assert torch.equal(scores, ref_scores) and torch.equal(index, ref_index) and torch.equal(compact, ref_compact)
     assert torch.equal(again, compact)
