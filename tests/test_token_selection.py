@@ -493,8 +493,8 @@ def _sts_training_oracle(model, images, seed):
             logp = model.selector.predictors[site](x.mean(dim=0))
             d = d * F.gumbel_softmax(logp, tau=1.0, hard=True)[..., 0]
             ratio_terms.append(sum((d[b].sum() / N - s.keep_ratio ** (site + 1)) ** 2 for b in range(B)) / B)
-        weight = torch.stack([torch.stack([torch.stack([d[b, j] if j != i else torch.ones((), dtype=x.dtype)
-                                                        for j in range(N)]) for i in range(N)]) for b in range(B)])
+        # weight[b, i, j] = d[b, j] for j != i, 1 on the diagonal (a dropped query sees itself)
+        weight = torch.where(torch.eye(N, dtype=torch.bool), torch.ones((), dtype=x.dtype), d[:, None, :].expand(B, N, N))
         x, _ = _block_by_hand(block, x, weight[None])
     pooled = []
     for b in range(B):
