@@ -32,11 +32,11 @@ from effst.prune.report import LayerReport, PruneReport, report
 from effst.prune.semi_structured import is_two_four, to_semi_structured, two_four_mask
 
 __all__ = [
-    "l1p", "block_l1p", "random", "report", "to_block_sparse", "dsp", "dsp_random",
+    "l1p", "block_l1p", "random", "report", "to_block_sparse", "dsp", "dsp_random", "dsp_weight_sparsity",
     "l1p_mask", "block_l1p_mask", "tile_l1_norms", "expand_block_mask", "check_sparsity", "resolve_targets",
     "WeightMask", "apply_mask", "get_mask", "is_prunable", "is_pruned", "pruned_modules", "remove",
     "strip_masks", "load_pruned_state_dict", "LayerReport", "PruneReport",
     "DEFAULT_BLOCK_SIZE", "fit_block_pruning", "to_semi_structured", "two_four_mask", "is_two_four",
 ]
 # Structured pruning (DSP) is exported below by its own module.
-from effst.prune.dsp import dsp, dsp_random
+from effst.prune.dsp import dsp, dsp_random, dsp_weight_sparsity
