@@ -488,27 +488,6 @@ def test_launch_parameters_worked_out_once_per_call_shape(monkeypatch):
     assert len(calls) == 5  # forward and grad-weight for M = 7; no input gradient asked
 
 
-def test_torch_backend_in_row_chunks(monkeypatch):
-    """The torch implementation bounds its temporaries by cutting M into chunks: same results."""
-    from effst.ops import block_sparse_linear as bsl
-
-    g = torch.Generator().manual_seed(14)
-    block = (16, 32)
-    block_mask = random_block_mask(50, 70, block, 0.6, g, empty_rows=(2,))
-    layer, weight, bias, _ = make_layer(70, 50, block, block_mask, torch.float32, "cpu")
-    layer.backend = "torch"
-    monkeypatch.setattr(bsl, "_TORCH_CHUNK_ELEMENTS", 7 * int(block_mask.sum()) * 32)  # 7 rows a chunk
-    x = torch.randn(4, 6, 70, generator=g, dtype=torch.float64).float().requires_grad_()
-    y = layer(x)
-    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).float()
-    y.backward(grad_y)
-    y_ref, gx_ref, gw_ref, gb_ref = reference(x, weight, bias, grad_y)
-    assert_close(y, y_ref, torch.float32, "y")
-    assert_close(x.grad, gx_ref, torch.float32, "grad x")
-    assert_close(layer.values.grad, tiles_of(gw_ref, block_mask, block), torch.float32, "grad values")
-    assert_close(layer.bias.grad, gb_ref, torch.float32, "grad bias")
-
-
 def test_spikformer_inference_with_uint8_spikes_end_to_end():
     """sLIF neurons emit uint8 spikes (inference) straight into BlockSparseLinear layers, pruned
     (block L1P) and dense (every tile kept), and into the residual adds: the logits equal those

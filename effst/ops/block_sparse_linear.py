@@ -109,8 +109,6 @@ class BlockLayout(NamedTuple):
     col_group_row: torch.Tensor  # [entries] block-row of each entry
     col_group_tile: torch.Tensor  # [entries, col_group]
     row_group_chunk: torch.Tensor  # [chunks] first entry of each run of col_group entries of a row group (dW)
-    row_len: torch.Tensor  # [block rows] kept tiles per block-row (torch implementation)
-    col_len: torch.Tensor  # [block cols] kept tiles per block-column
 
 
 def group_size(side: int, blocks: int) -> int:
@@ -169,8 +167,7 @@ def build_block_layout(block_mask: torch.Tensor, block_size: BlockSize = (32, 32
     group_ptr, _, _, group_of = row_groups
     offset_in_group = torch.arange(group_of.numel()) - group_ptr[group_of]
     chunks = (offset_in_group % col_group == 0).nonzero().flatten()
-    tensors = (row_ptr, cols, rows, col_ptr, csc_rows, csc_perm, *row_groups, *col_groups, chunks,
-               row_ptr.diff(), col_ptr.diff())
+    tensors = (row_ptr, cols, rows, col_ptr, csc_rows, csc_perm, *row_groups, *col_groups, chunks)
     return BlockLayout(*(t.to(device=device, dtype=torch.int32).contiguous() for t in tensors))
 
 
@@ -625,37 +622,28 @@ def _launch_grad_weight(plan, grad_y, x, layout: BlockLayout):
 
 # ---------------------------------------------------------------------------------------------
 # Torch implementation (CPU outside the interpreter, or backend='torch'): kept tiles only.
-# A fixed handful of batched ops per call whatever the layout (no Python loop over block rows):
-# tiles are gathered, multiplied with one bmm (in fp32, fp64 for fp64 layers) and summed per
-# block-row (or column) with segment_reduce, which is deterministic on every device.
+# One GEMM per block-row (per block-column for dX) over that row's kept tiles, in fp32 (fp64 for
+# fp64 layers) and rounded once; per-call work outside the loop is one transpose of each input
+# and one reordering of the tiles, and the loop body is two ops (gather the X slabs, multiply).
 # ---------------------------------------------------------------------------------------------
-_TORCH_CHUNK_ELEMENTS = 1 << 24  # gathered elements per chunk of rows (bounds the temporaries)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_chunks(m: int, nnz: int, bm: int, bk: int) -> int:
-    return max(1, _TORCH_CHUNK_ELEMENTS // max(1, nnz * max(bm, bk)))
-
-
-def _feature_tiles(t: torch.Tensor, tile: int, blocks: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[M, F]`` -> ``[blocks, M, tile]`` (a strided view; zero-padded past F), in ``dtype``."""
+def _tiles_t(t: torch.Tensor, tile: int, blocks: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[M, F]`` -> its transpose cut into row tiles, ``[blocks, tile, M]`` (zero-padded past F),
+    in ``dtype``: feature-major, so gathering a block-row's slabs copies whole contiguous slabs
+    and every product below has the wide M as its output dimension."""
     m, f = t.shape
-    if t.dtype != dtype:
-        t = t.to(dtype)
-    if f != blocks * tile:
-        t = torch.nn.functional.pad(t, (0, blocks * tile - f))
-    return t.view(m, blocks, tile).transpose(0, 1)
+    out = torch.zeros((blocks * tile, m), dtype=dtype, device=t.device) if f != blocks * tile else \
+        torch.empty((f, m), dtype=dtype, device=t.device)
+    out[:f].copy_(t.t())
+    return out.view(blocks, tile, m)
 
 
-def _from_tiles(t: torch.Tensor, features: int, dtype: torch.dtype, bias=None) -> torch.Tensor:
-    """``[blocks, M, tile]`` (+ ``bias``, added before rounding) -> contiguous ``[M, features]`` in ``dtype``."""
-    blocks, m, tile = t.shape
-    out = t.transpose(0, 1).reshape(m, blocks * tile)
-    if features != blocks * tile:
-        out = out[:, :features]
+def _from_tiles_t(t: torch.Tensor, features: int, dtype: torch.dtype, bias=None) -> torch.Tensor:
+    """``[F_padded, M]`` (+ ``bias``, added before rounding) -> contiguous ``[M, features]`` in ``dtype``."""
+    out = t[:features].t()
     if bias is not None:
         out = out + bias
     return out.to(dtype=dtype, memory_format=torch.contiguous_format)
@@ -664,67 +652,59 @@ def _from_tiles(t: torch.Tensor, features: int, dtype: torch.dtype, bias=None) -
 def _torch_forward(x, values, bias, layout: BlockLayout, out_features: int) -> torch.Tensor:
     m = x.shape[0]
     nnz, bm, bk = values.shape
-    nbc = layout.col_len.shape[0]
+    nbr, nbc = layout.row_ptr.shape[0] - 1, layout.col_ptr.shape[0] - 1
     acc = _compute_dtype(values.dtype)
-    step = _row_chunks(m, nnz, bm, bk)
-    if nnz == 0 or m == 0:
-        y = values.new_zeros((m, out_features))
-        return y + bias if bias is not None else y
-    w = values.to(acc)
-    if m <= step:
-        return _torch_forward_rows(x, w, bias, layout, nbc, out_features, values.dtype)
-    y = values.new_empty((m, out_features))
-    for s in range(0, m, step):
-        y[s:s + step] = _torch_forward_rows(x[s:s + step], w, bias, layout, nbc, out_features, values.dtype)
-    return y
-
-
-def _torch_forward_rows(x, w, bias, layout: BlockLayout, nbc, out_features, dtype):
-    x_tiles = _feature_tiles(x, w.shape[2], nbc, w.dtype).index_select(0, layout.col_idx)  # [nnz, M, bk]
-    products = torch.bmm(x_tiles, w.transpose(1, 2))  # [nnz, M, bm]
-    sums = torch.segment_reduce(products, "sum", lengths=layout.row_len, axis=0)  # [block rows, M, bm]
-    return _from_tiles(sums, out_features, dtype, bias)
+    y_t = torch.zeros((nbr * bm, m), dtype=acc, device=x.device)
+    if nnz and m:
+        x_t = _tiles_t(x, bk, nbc, acc)
+        w = values.to(acc).transpose(0, 1).reshape(bm, nnz * bk)  # [bm, tiles x bk]: a row's tiles side by side
+        ptr = layout.row_ptr.tolist()
+        for r in range(nbr):
+            s, e = ptr[r], ptr[r + 1]
+            if s < e:
+                x_r = x_t.index_select(0, layout.col_idx[s:e]).view((e - s) * bk, m)
+                torch.mm(w[:, s * bk:e * bk], x_r, out=y_t[r * bm:(r + 1) * bm])
+    return _from_tiles_t(y_t, out_features, values.dtype, bias)
 
 
 def _torch_grad_input(grad_y, values, layout: BlockLayout, in_features: int) -> torch.Tensor:
     m = grad_y.shape[0]
     nnz, bm, bk = values.shape
-    nbr, nbc = layout.row_len.shape[0], layout.col_len.shape[0]
-    if nnz == 0 or m == 0:
-        return values.new_zeros((m, in_features))
-    w = values.to(_compute_dtype(values.dtype)).index_select(0, layout.csc_perm)  # column order
-    step = _row_chunks(m, nnz, bm, bk)
-    if m <= step:
-        return _torch_grad_input_rows(grad_y, w, layout, nbr, in_features, values.dtype)
-    out = values.new_empty((m, in_features))
-    for s in range(0, m, step):
-        out[s:s + step] = _torch_grad_input_rows(grad_y[s:s + step], w, layout, nbr, in_features, values.dtype)
-    return out
-
-
-def _torch_grad_input_rows(grad_y, w_csc, layout: BlockLayout, nbr, in_features, dtype):
-    dy_tiles = _feature_tiles(grad_y, w_csc.shape[1], nbr, w_csc.dtype).index_select(0, layout.csc_row_idx)
-    products = torch.bmm(dy_tiles, w_csc)  # [nnz, M, bk], column order
-    return _from_tiles(torch.segment_reduce(products, "sum", lengths=layout.col_len, axis=0), in_features, dtype)
+    nbr, nbc = layout.row_ptr.shape[0] - 1, layout.col_ptr.shape[0] - 1
+    acc = _compute_dtype(values.dtype)
+    dx_t = torch.zeros((nbc * bk, m), dtype=acc, device=grad_y.device)
+    if nnz and m:
+        dy_t = _tiles_t(grad_y, bm, nbr, acc)
+        w = values.to(acc).index_select(0, layout.csc_perm).view(nnz * bm, bk)  # column order, a column's tiles stacked
+        ptr = layout.col_ptr.tolist()
+        for c in range(nbc):
+            s, e = ptr[c], ptr[c + 1]
+            if s < e:
+                dy_c = dy_t.index_select(0, layout.csc_row_idx[s:e]).view((e - s) * bm, m)
+                torch.mm(w[s * bm:e * bm].t(), dy_c, out=dx_t[c * bk:(c + 1) * bk])
+    return _from_tiles_t(dx_t, in_features, values.dtype)
 
 
 def _torch_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_cols: int, bias_grad: bool):
     m, n = grad_y.shape
     nnz = layout.row_idx.shape[0]
+    bm, bk = block_rows, block_cols
     dtype = grad_y.dtype
     acc = _compute_dtype(dtype)
-    nbr, nbc = layout.row_len.shape[0], layout.col_len.shape[0]
+    nbr, nbc = layout.row_ptr.shape[0] - 1, layout.col_ptr.shape[0] - 1
     grad_bias = grad_y.sum(dim=0, dtype=acc).to(dtype) if bias_grad else grad_y.new_empty((0,))
+    grad = torch.zeros((nnz, bm, bk), dtype=dtype, device=grad_y.device)
     if nnz == 0 or m == 0:
-        return grad_y.new_zeros((nnz, block_rows, block_cols)), grad_bias
-    step = _row_chunks(m, nnz, block_rows, block_cols)
-    grad = None
-    for s in range(0, m, step):
-        dy_tiles = _feature_tiles(grad_y[s:s + step], block_rows, nbr, acc).index_select(0, layout.row_idx)
-        x_tiles = _feature_tiles(x[s:s + step], block_cols, nbc, acc).index_select(0, layout.col_idx)
-        # [nnz, bm, M] @ [nnz, M, bk], chunks accumulated in the compute dtype.
-        grad = torch.bmm(dy_tiles.transpose(1, 2), x_tiles) if grad is None else grad.baddbmm_(dy_tiles.transpose(1, 2), x_tiles)
-    return grad.to(dtype), grad_bias
+        return grad, grad_bias
+    dy_t = _tiles_t(grad_y, bm, nbr, acc)
+    x_t = _tiles_t(x, bk, nbc, acc)
+    ptr = layout.row_ptr.tolist()
+    for r in range(nbr):
+        s, e = ptr[r], ptr[r + 1]
+        if s < e:  # a row's tiles are one contiguous run of `values`
+            x_r = x_t.index_select(0, layout.col_idx[s:e]).view((e - s) * bk, m)
+            grad[s:e] = torch.mm(x_r, dy_t[r].t()).view(e - s, bk, bm).transpose(1, 2)
+    return grad, grad_bias
 
 
 # ---------------------------------------------------------------------------------------------
