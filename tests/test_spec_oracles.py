@@ -655,6 +655,9 @@ def test_imp_rounds_match_the_global_oracle(levels):
                   if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
         assert [prune.get_mask(m).flatten().tolist() for m in masked] == want, f"round {k}"
         assert mask_counts(model) == (sum(map(sum, want)), sum(map(len, want)))
+        rep = prune.report(model)   # the compression counts every pruned weight, convolutions too
+        every = sum(p.numel() for p in model.parameters())
+        assert rep.model_params == every and rep.model_kept == every - sum(w.count(False) for w in want)
     assert not prune.is_pruned(model.bn)
     assert torch.equal(model.fc.bias, bias) and torch.equal(model.bn.weight, bn)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from effst.nn.block_sparse import BlockSparseLinear
@@ -32,7 +33,8 @@ class PruneReport:
 
     ``params``/``kept``/``sparsity``: over the linear layers listed in ``layers``.
     ``model_params``: every parameter of the model counted dense (a BlockSparseLinear as its
-    dense ``out x in`` weight); ``model_kept``: the same minus every pruned entry.
+    dense ``out x in`` weight); ``model_kept``: the same minus every pruned entry, those of
+    masked non-linear layers (IMP's convolutions) included.
     """
 
     layers: list[LayerReport] = field(default_factory=list)
@@ -105,6 +107,11 @@ def report(model: nn.Module) -> PruneReport:
             kind = "Linear" if isinstance(module, nn.Linear) else "Conv1d"
             result.layers.append(LayerReport(name, kind, tuple(weight.shape), structure, weight.numel(), kept))
             pruned_total += weight.numel() - kept
+        elif isinstance(getattr(module, "weight", None), torch.Tensor) and weight_mask(module) is not None:
+            # a masked layer that is not a linear one (IMP prunes convolutions too): not listed,
+            # but its pruned entries are not kept parameters of the model
+            params, kept = weight_counts(module)
+            pruned_total += params - kept
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
