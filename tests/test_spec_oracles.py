@@ -786,3 +786,15 @@ def test_element_pruning_that_empties_a_layer_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prune.l1p(nn.Linear(5, 2), 0.85)     # ceil(8.5) = 9 of 10: one weight stays, no warning
+
+
+def test_an_imp_checkpoint_loads_into_a_fresh_model():
+    """IMP masks convolutions as well as linear layers; load_pruned_state_dict recreates all of them."""
+    model = _mixed(0)
+    prune_round(model, 2)
+    fresh = _mixed(1)
+    prune.load_pruned_state_dict(fresh, model.state_dict())
+    x = torch.randn(2, 2, 7, 7)
+    assert torch.equal(fresh(x), model(x))
+    assert mask_counts(fresh) == mask_counts(model)
+    assert torch.equal(prune.get_mask(fresh.conv2d), prune.get_mask(model.conv2d))

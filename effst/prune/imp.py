@@ -28,9 +28,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from effst.prune.masks import WeightMask, apply_mask, check_module, get_mask, is_prunable
+from effst.prune.masks import apply_mask, check_module, get_mask
 
 #: Fraction of the surviving weights removed per round (SparseSpikformer: p = 25 %).
 DEFAULT_FRACTION = 0.25
@@ -77,11 +76,7 @@ def attach_masks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for _, module in weights:
         if get_mask(module) is not None:
             continue
-        keep = torch.ones_like(module.weight, dtype=torch.bool)
-        if is_prunable(module):
-            apply_mask(module, keep)
-        else:   # convolutions: the same parametrization, registered directly
-            parametrize.register_parametrization(module, "weight", WeightMask(keep))
+        apply_mask(module, torch.ones_like(module.weight, dtype=torch.bool), any_weight=True)
     return weights
 
 

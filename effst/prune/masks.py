@@ -104,17 +104,24 @@ def is_pruned(module: nn.Module) -> bool:
 
 
 def apply_mask(
-    module: nn.Module, mask: torch.Tensor, *, structure: str = "element", block_size: Optional[tuple[int, int]] = None
+    module: nn.Module, mask: torch.Tensor, *, structure: str = "element", block_size: Optional[tuple[int, int]] = None,
+    any_weight: bool = False,
 ) -> nn.Module:
     """Attach (or replace) the keep-mask of ``module.weight`` and zero the pruned entries.
 
     ``mask`` is a bool (or 0/1 integer) tensor of the weight's shape; True = kept. ``structure``
-    (one of :data:`STRUCTURES`) and ``block_size`` record how the mask was made.
+    (one of :data:`STRUCTURES`) and ``block_size`` record how the mask was made. The layer must
+    be a linear one (``nn.Linear``, 1x1 ``nn.Conv1d``) unless ``any_weight``: then any module
+    whose ``weight`` has >= 2 dimensions (IMP masks convolutions too).
     """
     check_module(module, "module")
     if structure not in STRUCTURES:
         raise ValueError(f"structure: expected one of {list(STRUCTURES)}, got {structure!r}")
-    if not is_prunable(module):
+    if any_weight:
+        weight = getattr(module, _PARAM, None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            raise TypeError(f"module: {type(module).__name__} has no weight tensor of >= 2 dimensions to mask")
+    elif not is_prunable(module):
         raise TypeError(f"module: {why_not_prunable(module)}")
     weight = module.weight
     if not isinstance(mask, torch.Tensor):
@@ -199,8 +206,8 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
             module = modules.get(name)
             if module is None:
                 continue  # reported as unexpected by load_state_dict
-            if not is_pruned(module):
-                apply_mask(module, state[key].to(torch.bool))
+            if not is_pruned(module):  # any layer with a weight: IMP checkpoints mask convolutions
+                apply_mask(module, state[key].to(torch.bool), any_weight=True)
     for name, module in pruned_modules(model):
         prefix = f"{name}." if name else ""
         if prefix + _PARAM in state and prefix + _ORIGINAL_SUFFIX not in state:
