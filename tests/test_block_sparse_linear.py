@@ -518,3 +518,16 @@ def test_spikformer_inference_with_uint8_spikes_end_to_end():
             hook.remove()
     assert seen == [torch.uint8, torch.uint8]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_host_cost_mode_counts_launches_and_restores_the_kernels():
+    """``python -m effst.benchmarks.sparse --host-cost``: three launches (forward, grad input,
+    grad weight) per fwd+bwd on the Triton path, and the real kernels are back afterwards."""
+    from effst.benchmarks import sparse
+    from effst.ops import block_sparse_linear as bsl
+
+    kernel, use_triton = bsl._bsl_forward_kernel, bsl._use_triton
+    cost = sparse.host_cost(rows=4, calls=2, rounds=1)
+    assert cost["launches_per_call"] == 3
+    assert all(cost[k] > 0 for k in ("torch_us", "triton_python_us", "dense_us"))
+    assert bsl._bsl_forward_kernel is kernel and bsl._use_triton is use_triton

@@ -442,9 +442,83 @@ def _print_spike_bytes(batch: int = 64, T: int = 4) -> None:
           f"uint8 {b['byte_reader_spike_bytes_uint8'] / gb:.3f} GB")
 
 
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing and counts the launch."""
+
+    def __init__(self, counter: list) -> None:
+        self.counter = counter
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.counter.append(grid)
+
+
+def host_cost(rows: int = 8, calls: int = 1000, rounds: int = 5) -> dict:
+    """Host time (µs) of one tiny ``BlockSparseLinear`` fwd+bwd on the CPU (one thread): the
+    overhead suite's layer (64 -> 64, 16x16 tiles, half kept), x = [rows, 64] fp32,
+    ``autograd.grad`` of x, values and bias. ``torch``: the torch implementation; ``triton_python``:
+    the Triton path with every kernel launch replaced by a no-op (the Python cost of the GPU path
+    without Triton's own launcher); ``F.linear``: the dense layer, timed alternately with them."""
+    import statistics
+    import time
+
+    from effst.nn import BlockSparseLinear
+    from effst.ops import block_sparse_linear as ops
+
+    def per_call(fn) -> float:
+        for _ in range(50):
+            fn()
+        samples = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - start) / calls * 1e6)
+        return statistics.median(samples)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 64)
+    layer = BlockSparseLinear.from_dense(linear, sparsity=0.5, block_size=(16, 16), backend="torch")
+    x = torch.randn(rows, 64, requires_grad=True)
+    grad_y = torch.randn(rows, 64)
+    weight, bias = linear.weight.detach().clone().requires_grad_(), linear.bias.detach().clone().requires_grad_()
+    inputs = [x, layer.values, layer.bias]
+    kernels = ("_bsl_forward_kernel", "_bsl_grad_input_kernel", "_bsl_grad_weight_kernel", "_sum_splits_kernel")
+    saved = {name: getattr(ops, name) for name in kernels + ("_use_triton",)}
+    launches: list = []
+    out = {"rows": rows, "calls": calls, "rounds": rounds}
+    try:
+        out["torch_us"] = per_call(lambda: torch.autograd.grad(layer(x), inputs, grad_y))
+        out["dense_us"] = per_call(lambda: torch.autograd.grad(F.linear(x, weight, bias), [x, weight, bias], grad_y))
+        for name in kernels:
+            setattr(ops, name, _NoLaunch(launches))
+        ops._use_triton = lambda device, backend: True
+        layer.backend = "auto"
+        out["triton_python_us"] = per_call(lambda: torch.autograd.grad(layer(x), inputs, grad_y))
+        launches.clear()
+        torch.autograd.grad(layer(x), inputs, grad_y)
+        out["launches_per_call"] = len(launches)
+    finally:
+        for name, value in saved.items():
+            setattr(ops, name, value)
+        torch.set_num_threads(threads)
+    return out
+
+
 if __name__ == "__main__":
+    import os
     import sys
 
-    if sys.argv[1:] != ["--spike-bytes"]:
-        sys.exit("usage: python -m effst.benchmarks.sparse --spike-bytes (the suite itself runs through 'effst bench sparse')")
-    _print_spike_bytes()
+    if sys.argv[1:] == ["--spike-bytes"]:
+        _print_spike_bytes()
+    elif sys.argv[1:] == ["--host-cost"]:
+        cost = host_cost()
+        print(f"BlockSparseLinear 64->64, 16x16 tiles, half kept, x = [{cost['rows']}, 64] fp32, fwd + autograd.grad, "
+              f"1 thread, median of {cost['rounds']} x {cost['calls']} calls (load average {os.getloadavg()[0]:.2f}):")
+        for key, label in (("torch_us", "torch implementation"), ("triton_python_us",
+                           f"Triton path, {cost['launches_per_call']} launches as no-ops"), ("dense_us", "F.linear")):
+            print(f"  {label:<40} {cost[key]:8.1f} us  ({cost[key] / cost['dense_us']:.2f}x F.linear)")
+    else:
+        sys.exit("usage: python -m effst.benchmarks.sparse --spike-bytes | --host-cost "
+                 "(the suite itself runs through 'effst bench sparse')")
