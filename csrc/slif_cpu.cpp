@@ -4,8 +4,11 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
 #include <ATen/Parallel.h>
@@ -74,21 +77,31 @@ int64_t grain_blocks(int64_t T, int64_t block) {
 // claim one at a time from an atomic counter (dynamic scheduling): a thread the OS deschedules
 // holds up at most one task, where a static split would leave its whole share waiting (the
 // "scheduler plateau" seen on a busy 2-core machine). Each thread allocates its scratch once.
+// The calling thread's scratch of at least n values, kept between calls (the kernels write
+// every scratch value before reading it): a small call allocates nothing.
+template <typename S>
+S* thread_scratch(int64_t n) {
+  thread_local std::vector<S> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) {
+    buffer.resize(static_cast<size_t>(n));
+  }
+  return buffer.data();
+}
+
 template <typename S, typename F>
 void parallel_blocks(int64_t blocks, int64_t grain, int64_t scratch, const F& f) {
   const int64_t tasks = (blocks + grain - 1) / grain;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
   if (threads <= 1 || at::in_parallel_region()) {
-    std::vector<S> buffer(scratch);
-    f(0, blocks, buffer.data());
+    f(0, blocks, thread_scratch<S>(scratch));
     return;
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<S> buffer(scratch);
+    S* buffer = thread_scratch<S>(scratch);
     for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) {
       const int64_t begin = task * grain;
-      f(begin, std::min(blocks, begin + grain), buffer.data());
+      f(begin, std::min(blocks, begin + grain), buffer);
     }
   });
 }
@@ -106,12 +119,13 @@ bool stream_outputs(const at::Tensor& output) {
   return output.numel() * static_cast<int64_t>(output.element_size()) >= (int64_t{8} << 20);
 }
 
+// Decay sigmoid(w) per parameter entry (a plain buffer: no tensor to allocate per call).
 template <typename S>
-at::Tensor decay_table(const at::Tensor& w) {
-  at::Tensor wc = w.contiguous();
-  at::Tensor k = at::empty_like(wc);
-  const S* src = wc.data_ptr<S>();
-  S* dst = k.data_ptr<S>();
+std::vector<S> decay_table(const at::Tensor& w) {
+  const at::Tensor wc = w.contiguous();
+  std::vector<S> k(static_cast<size_t>(wc.numel()));
+  const S* src = wc.const_data_ptr<S>();
+  S* dst = k.data();
   at::parallel_for(0, wc.numel(), 16384, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) dst[i] = slif::decay_from_logit(src[i]);
   });
@@ -145,7 +159,7 @@ void run_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& the
                  int64_t theta_channels, int64_t theta_inner, std::optional<double> v_reset,
                  bool decay_input, const at::Tensor& spikes, const at::Tensor& v_final) {
   const int64_t T = x.size(0), N = x.size(1);
-  const at::Tensor k = decay_table<S>(w);
+  const std::vector<S> k = decay_table<S>(w);
   const at::Tensor theta_c = theta.contiguous();
   const at::Tensor v_init_c = v_init.has_value() ? v_init->contiguous() : at::Tensor();
   cpu::ForwardArgs<S> a{};
@@ -155,7 +169,7 @@ void run_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& the
   a.x = x.data_ptr();
   a.x_row_stride = x.stride(0);
   a.spikes = spikes.data_ptr();
-  a.k_table = k.data_ptr<S>();
+  a.k_table = k.data();
   a.k_channels = w_channels;
   a.k_inner = w_inner;
   a.theta = theta_c.data_ptr<S>();
@@ -181,10 +195,9 @@ void run_backward(const at::Tensor& grad_spikes, const std::optional<at::Tensor>
                   const std::optional<at::Tensor>& v_init, int64_t w_channels, int64_t w_inner,
                   int64_t theta_channels, int64_t theta_inner, std::optional<double> v_reset,
                   int64_t surrogate_id, double alpha, bool detach_reset, bool decay_input,
-                  const at::Tensor& grad_x, const at::Tensor& grad_w, const at::Tensor& grad_theta,
-                  const at::Tensor& grad_v_init) {
+                  const at::Tensor& grad_x, S* grad_w, S* grad_theta, S* grad_v_init) {
   const int64_t T = x.size(0), N = x.size(1);
-  const at::Tensor k = decay_table<S>(w);
+  const std::vector<S> k = decay_table<S>(w);
   const at::Tensor theta_c = theta.contiguous();
   const at::Tensor v_init_c = v_init.has_value() ? v_init->contiguous() : at::Tensor();
   const at::Tensor gvf_c = grad_v_final.has_value() ? grad_v_final->contiguous() : at::Tensor();
@@ -197,7 +210,7 @@ void run_backward(const at::Tensor& grad_spikes, const std::optional<at::Tensor>
   a.grad_v_final = grad_v_final.has_value() ? gvf_c.data_ptr<S>() : nullptr;
   a.x = x.data_ptr();
   a.x_row_stride = x.stride(0);
-  a.k_table = k.data_ptr<S>();
+  a.k_table = k.data();
   a.k_channels = w_channels;
   a.k_inner = w_inner;
   a.theta = theta_c.data_ptr<S>();
@@ -211,9 +224,9 @@ void run_backward(const at::Tensor& grad_spikes, const std::optional<at::Tensor>
   a.detach_reset = detach_reset;
   a.decay_input = decay_input;
   a.grad_x = grad_x.data_ptr();
-  a.grad_w = grad_w.data_ptr<S>();
-  a.grad_theta = grad_theta.data_ptr<S>();
-  a.grad_v_init = v_init.has_value() ? grad_v_init.data_ptr<S>() : nullptr;
+  a.grad_w = grad_w;
+  a.grad_theta = grad_theta;
+  a.grad_v_init = v_init.has_value() ? grad_v_init : nullptr;
   a.stream_outputs = stream_outputs(grad_x);
   const auto fn = backward_fn<S>(kernels(), x.scalar_type());
   const bool staged = x.scalar_type() != c10::CppTypeToScalarType<S>::value;
@@ -266,34 +279,87 @@ ForwardResult slif_forward_cpu(const at::Tensor& x_in, const at::Tensor& w, cons
   return {spikes, v_final};
 }
 
-BackwardResult slif_backward_cpu(const at::Tensor& grad_spikes_in,
-                                 const std::optional<at::Tensor>& grad_v_final,
-                                 const at::Tensor& x_in, const at::Tensor& w,
-                                 const at::Tensor& theta, const std::optional<at::Tensor>& v_init,
-                                 int64_t w_channels, int64_t w_inner, int64_t theta_channels,
-                                 int64_t theta_inner, std::optional<double> v_reset,
-                                 int64_t surrogate_id, double alpha, bool detach_reset,
-                                 bool decay_input) {
-  check_cpu(x_in);
-  detail::check_slif_args(x_in, w, theta, v_init, w_channels, w_inner, theta_channels, theta_inner,
-                          v_reset, surrogate_id, alpha);
+namespace {
+
+// Below this many neurons the parameter sums run as one plain loop (a few hundred ns) instead
+// of an ATen reduction (microseconds of setup); both are fixed-order, deterministic.
+constexpr int64_t kLoopReductionNeurons = int64_t{1} << 16;
+
+// Per-neuron values [N] summed to the [channels] parameter: neuron n = (outer * channels + c)
+// * inner + i uses entry c (effst/ops/layout.py).
+template <typename S>
+at::Tensor sum_to_parameter(S* per_neuron, int64_t N, int64_t channels, int64_t inner,
+                            const at::TensorOptions& options) {
+  if (N >= kLoopReductionNeurons) {
+    return at::from_blob(per_neuron, {N / (channels * inner), channels, inner}, options)
+        .sum(at::IntArrayRef{0, 2});
+  }
+  at::Tensor out = at::empty({channels}, options);
+  S* dst = out.mutable_data_ptr<S>();
+  std::vector<double> acc(static_cast<size_t>(channels), 0.0);
+  for (int64_t base = 0; base < N; base += channels * inner) {
+    const S* row = per_neuron + base;
+    for (int64_t c = 0; c < channels; ++c) {
+      double sum = 0.0;
+      for (int64_t i = 0; i < inner; ++i) sum += row[c * inner + i];
+      acc[c] += sum;
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) dst[c] = static_cast<S>(acc[c]);
+  return out;
+}
+
+// One parameter's gradient output: the kernel writes per-neuron values either straight into
+// the result (per-neuron parameters) or into a scratch buffer summed afterwards.
+template <typename S>
+struct ParameterGradient {
+  at::Tensor result;                  // [N] (per neuron, or not reduced) / set by finish()
+  std::unique_ptr<S[]> per_neuron;    // when summed
+  int64_t channels, inner;
+
+  ParameterGradient(int64_t N, int64_t channels_, int64_t inner_, bool reduce,
+                    const at::TensorOptions& options)
+      : channels(channels_), inner(inner_) {
+    if (!reduce || (inner == 1 && channels == N)) {
+      result = at::empty({N}, options);
+    } else {
+      per_neuron.reset(new S[static_cast<size_t>(N)]);
+    }
+  }
+  S* target() { return per_neuron ? per_neuron.get() : result.mutable_data_ptr<S>(); }
+  at::Tensor finish(int64_t N, const at::TensorOptions& options) {
+    return per_neuron ? sum_to_parameter(per_neuron.get(), N, channels, inner, options) : result;
+  }
+};
+
+template <typename S>
+BackwardResult backward_cpu(const at::Tensor& grad_spikes_in,
+                            const std::optional<at::Tensor>& grad_v_final, const at::Tensor& x_in,
+                            const at::Tensor& w, const at::Tensor& theta,
+                            const std::optional<at::Tensor>& v_init, int64_t w_channels,
+                            int64_t w_inner, int64_t theta_channels, int64_t theta_inner,
+                            std::optional<double> v_reset, int64_t surrogate_id, double alpha,
+                            bool detach_reset, bool decay_input, bool reduce) {
   const at::Tensor x = detail::unit_stride_rows(x_in);
   const at::Tensor grad_spikes = detail::check_grad_spikes(grad_spikes_in, x);
   const int64_t T = x.size(0), N = x.size(1);
-  const auto cdt = detail::compute_dtype(x);
+  const auto per_neuron = x.options().dtype(detail::compute_dtype(x));
   if (grad_v_final.has_value()) {
-    detail::check_vector(*grad_v_final, "grad_v_final", N, cdt, x, "the gradient of v_final");
+    detail::check_vector(*grad_v_final, "grad_v_final", N, per_neuron.dtype().toScalarType(), x,
+                         "the gradient of v_final");
   }
   at::Tensor grad_x = at::empty({T, N}, x.options());
-  at::Tensor grad_w = at::empty({N}, x.options().dtype(cdt));
-  at::Tensor grad_theta = at::empty({N}, x.options().dtype(cdt));
-  // Without v_init there is no initial state to differentiate: a [1] zero placeholder (as the
-  // Triton backend and the fake kernel of effst.ops.slif return), and no [N] write.
-  at::Tensor grad_v_init = v_init.has_value() ? at::empty({N}, x.options().dtype(cdt))
-                                              : at::zeros({1}, x.options().dtype(cdt));
+  ParameterGradient<S> grad_w(N, w_channels, w_inner, reduce, per_neuron);
+  ParameterGradient<S> grad_theta(N, theta_channels, theta_inner, reduce, per_neuron);
+  // Without v_init there is no initial state to differentiate: the op returns a [1] zero
+  // placeholder (as the Triton backend and the fake kernel of effst.ops.slif do), the reduced
+  // form an undefined tensor; neither writes [N] values.
+  at::Tensor grad_v_init = v_init.has_value() ? at::empty({N}, per_neuron)
+                           : reduce         ? at::Tensor()
+                                            : at::zeros({1}, per_neuron);
   if (T == 0 || N == 0) {
-    grad_w.zero_();
-    grad_theta.zero_();
+    std::fill_n(grad_w.target(), N, S(0));
+    std::fill_n(grad_theta.target(), N, S(0));
     if (v_init.has_value()) {
       if (grad_v_final.has_value()) {
         grad_v_init.copy_(*grad_v_final);
@@ -301,18 +367,46 @@ BackwardResult slif_backward_cpu(const at::Tensor& grad_spikes_in,
         grad_v_init.zero_();
       }
     }
-    return {grad_x, grad_w, grad_theta, grad_v_init};
-  }
-  if (cdt == at::kDouble) {
-    run_backward<double>(grad_spikes, grad_v_final, x, w, theta, v_init, w_channels, w_inner,
-                         theta_channels, theta_inner, v_reset, surrogate_id, alpha, detach_reset,
-                         decay_input, grad_x, grad_w, grad_theta, grad_v_init);
   } else {
-    run_backward<float>(grad_spikes, grad_v_final, x, w, theta, v_init, w_channels, w_inner,
-                        theta_channels, theta_inner, v_reset, surrogate_id, alpha, detach_reset,
-                        decay_input, grad_x, grad_w, grad_theta, grad_v_init);
+    run_backward<S>(grad_spikes, grad_v_final, x, w, theta, v_init, w_channels, w_inner,
+                    theta_channels, theta_inner, v_reset, surrogate_id, alpha, detach_reset,
+                    decay_input, grad_x, grad_w.target(), grad_theta.target(),
+                    v_init.has_value() ? grad_v_init.mutable_data_ptr<S>() : nullptr);
   }
-  return {grad_x, grad_w, grad_theta, grad_v_init};
+  return {grad_x, grad_w.finish(N, per_neuron), grad_theta.finish(N, per_neuron), grad_v_init};
+}
+
+}  // namespace
+
+BackwardResult slif_backward_cpu_impl(const at::Tensor& grad_spikes,
+                                      const std::optional<at::Tensor>& grad_v_final,
+                                      const at::Tensor& x, const at::Tensor& w,
+                                      const at::Tensor& theta,
+                                      const std::optional<at::Tensor>& v_init, int64_t w_channels,
+                                      int64_t w_inner, int64_t theta_channels, int64_t theta_inner,
+                                      std::optional<double> v_reset, int64_t surrogate_id,
+                                      double alpha, bool detach_reset, bool decay_input,
+                                      bool reduce) {
+  check_cpu(x);
+  detail::check_slif_args(x, w, theta, v_init, w_channels, w_inner, theta_channels, theta_inner,
+                          v_reset, surrogate_id, alpha);
+  const auto run = detail::compute_dtype(x) == at::kDouble ? backward_cpu<double>
+                                                           : backward_cpu<float>;
+  return run(grad_spikes, grad_v_final, x, w, theta, v_init, w_channels, w_inner, theta_channels,
+             theta_inner, v_reset, surrogate_id, alpha, detach_reset, decay_input, reduce);
+}
+
+BackwardResult slif_backward_cpu(const at::Tensor& grad_spikes,
+                                 const std::optional<at::Tensor>& grad_v_final,
+                                 const at::Tensor& x, const at::Tensor& w,
+                                 const at::Tensor& theta, const std::optional<at::Tensor>& v_init,
+                                 int64_t w_channels, int64_t w_inner, int64_t theta_channels,
+                                 int64_t theta_inner, std::optional<double> v_reset,
+                                 int64_t surrogate_id, double alpha, bool detach_reset,
+                                 bool decay_input) {
+  return slif_backward_cpu_impl(grad_spikes, grad_v_final, x, w, theta, v_init, w_channels,
+                                w_inner, theta_channels, theta_inner, v_reset, surrogate_id,
+                                alpha, detach_reset, decay_input, /*reduce=*/false);
 }
 
 }  // namespace effst

@@ -37,6 +37,19 @@ BackwardResult slif_backward_cpu(const at::Tensor& grad_spikes,
                                  std::optional<double> v_reset, int64_t surrogate_id, double alpha,
                                  bool detach_reset, bool decay_input);
 
+// slif_backward_cpu, and with `reduce` the form the autograd node needs: parameter gradients
+// already summed to [w_channels] / [theta_channels] (a fixed-order sum, no per-neuron tensors),
+// grad_v_init undefined without v_init.
+BackwardResult slif_backward_cpu_impl(const at::Tensor& grad_spikes,
+                                      const std::optional<at::Tensor>& grad_v_final,
+                                      const at::Tensor& x, const at::Tensor& w,
+                                      const at::Tensor& theta,
+                                      const std::optional<at::Tensor>& v_init, int64_t w_channels,
+                                      int64_t w_inner, int64_t theta_channels, int64_t theta_inner,
+                                      std::optional<double> v_reset, int64_t surrogate_id,
+                                      double alpha, bool detach_reset, bool decay_input,
+                                      bool reduce);
+
 // Which CPU kernel build runs: "avx2" or "baseline" (env EFFST_NATIVE_CPU_ISA overrides).
 std::string cpu_isa();
 
