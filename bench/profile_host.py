@@ -1,20 +1,32 @@
 """Where the host time of a tiny effst call goes, on a GPU machine (bench/gpu_check.sh runs it).
 
     python bench/profile_host.py [--calls 300]
+    python bench/profile_host.py --mock-launch [--calls 3000]   # any machine, CPU tensors
 
 For x = [4, 64, 64] fp32 on CUDA: the eager time per forward+backward call (``calls`` back to
-back, synchronised at the end) of effst SLIF and LIF (Triton and native CUDA backends), the
+back, synchronised at the end) of effst SLIF and LIF (Triton and native CUDA backends; SLIF
+also with every launch through ``kernel[grid]``, EFFST_SLIF_LAUNCH_CACHE=0's path), the
 PyTorch baseline ``sigmoid(x * w + b)``, a bare launch of an empty Triton kernel and a bare
 ``torch.empty``; then cProfile's top functions and the profiler's top CPU ops for SLIF; the
 native CUDA backend last (its first call may build the extension). Prints
 text only (it goes into gpu_check.log); the figures are host cost, not kernel time.
+
+``--mock-launch`` measures effst's own Python per Triton-path call on any machine: CPU tensors,
+``backend='triton'``, with both sLIF kernels replaced by no-op stand-ins (the first launch of a
+specialisation goes through a stand-in of ``kernel[grid](...)``, which returns a stand-in
+compiled kernel; later ones through that object's ``run``, as on a GPU). It times SLIF
+(per-channel) and LIF forward + ``autograd.grad`` (x = [4, 64, 64] fp32: nothing is computed,
+so this is host cost), then prints cProfile's top functions for SLIF. Triton's own launch
+cost (``JITFunction.run``'s binder, the C launcher) is not in it.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import io
+import os
 import pstats
+import statistics
 import time
 
 import torch
@@ -50,10 +62,107 @@ def neuron_call(module, x, grad):
     return call
 
 
+class _MockCompiled:
+    """Stands in for a CompiledKernel: ``run`` takes the launcher's arguments and does nothing."""
+
+    function = None
+    packed_metadata = None
+
+    def __init__(self):
+        self.runs = 0
+
+    def run(self, *args):
+        self.runs += 1
+
+
+class _MockKernel:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **constexprs)`` launches nothing."""
+
+    def __init__(self):
+        self.jit_launches = 0
+        self.compiled = _MockCompiled()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.jit_launches += 1
+            return self.compiled
+        return launch
+
+
+def _median_us(call, calls: int, rounds: int = 7) -> float:
+    for _ in range(50):
+        call()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def mock_launch(calls: int) -> int:
+    """effst's Python per Triton-path call, kernels replaced by no-ops (any machine)."""
+    import effst.ops.slif as slif_ops
+
+    os.environ["TRITON_INTERPRET"] = "1"  # lets backend='triton' take CPU tensors; nothing is interpreted
+    kernels = {"slif_forward_kernel": _MockKernel(), "slif_backward_kernel": _MockKernel()}
+    for name, mock in kernels.items():
+        setattr(slif_ops, name, mock)
+    if hasattr(slif_ops, "_cacheable"):  # the cached-launch path, as it runs on a GPU
+        slif_ops._cacheable = lambda kernel: True
+        slif_ops._device_and_stream = lambda: (0, 0)
+    torch.set_num_threads(1)
+    x = torch.randn(4, 64, 64, requires_grad=True)
+    grad = torch.ones_like(x)
+    cases = {
+        "effst SLIF triton, mocked launches": neuron_call(SLIF(channels=64, backend="triton"), x, grad),
+        "effst LIF triton, mocked launches": neuron_call(LIF(backend="triton"), x, grad),
+    }
+    print(f"profile_host --mock-launch: CPU, torch {torch.__version__}, triton {triton.__version__}, "
+          f"1 thread, x = [4, 64, 64] fp32, median of 7 rounds of {calls} calls")
+    for name, call in cases.items():
+        print(f"  {name:40s} {_median_us(call, calls):9.1f} us/call")
+    print("  launches: " + ", ".join(f"{name}: {mock.jit_launches} through kernel[grid], "
+                                     f"{mock.compiled.runs} through CompiledKernel.run"
+                                     for name, mock in kernels.items()))
+    slif_call = cases["effst SLIF triton, mocked launches"]
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        slif_call()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(20)
+    print(f"cProfile, {calls} mocked SLIF triton calls, by own time:")
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:5000])
+    return 0
+
+
+def _jit_launches(call):
+    """``call`` with effst's cached launches off (every launch through ``kernel[grid]``)."""
+    import effst.ops.slif as slif_ops
+
+    def run():
+        slif_ops.LAUNCH_CACHE = False
+        try:
+            return call()
+        finally:
+            slif_ops.LAUNCH_CACHE = True
+    return run
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=300)
-    calls = parser.parse_args().calls
+    parser.add_argument("--calls", type=int, default=None,
+                        help="calls per measurement (default 300; 3000 with --mock-launch)")
+    parser.add_argument("--mock-launch", action="store_true",
+                        help="time effst's Python per Triton-path call with the kernels replaced "
+                             "by no-ops, on CPU tensors (runs on any machine)")
+    args = parser.parse_args()
+    if args.mock_launch:
+        return mock_launch(args.calls or 3000)
+    calls = args.calls or 300
     if not torch.cuda.is_available():
         print("profile_host: no CUDA device; nothing to do")
         return 0
@@ -66,6 +175,8 @@ def main() -> int:
     cases = {
         "baseline sigmoid(x*w+b) fwd+grad": lambda: torch.autograd.grad(torch.sigmoid(x * w + b), [x, w, b], grad),
         "effst SLIF triton fwd+grad": neuron_call(SLIF(channels=64, backend="triton").to(device), x, grad),
+        "effst SLIF triton, JITFunction launches": _jit_launches(
+            neuron_call(SLIF(channels=64, backend="triton").to(device), x, grad)),
         "effst LIF triton fwd+grad": neuron_call(LIF(backend="triton").to(device), x, grad),
         "empty Triton kernel launch": lambda: _empty_kernel[(1,)](buffer, 64, BLOCK=64),
         "torch.empty(64)": lambda: torch.empty(64, device=device),

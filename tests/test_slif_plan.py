@@ -70,13 +70,13 @@ def test_partials_on_long_channel_spans(step_shape, channel_dim, device):
 
 def test_only_requested_gradients_are_computed(device, monkeypatch):
     seen = []
-    launch = slif_ops.triton_backward
+    launch = slif_ops._backward
 
-    def spy(*args):
-        seen.append(args[-3:])
+    def spy(*args):  # the gradient buffers it gets (None: not computed): x, w, theta, v_init
+        seen.append(tuple(g is not None for g in args[-4:-1]))
         return launch(*args)
 
-    monkeypatch.setattr(slif_ops, "triton_backward", spy)
+    monkeypatch.setattr(slif_ops, "_backward", spy)
     x = (torch.randn(5, 3, 4) + 0.5).to(device).requires_grad_(True)
     w = torch.zeros(4, device=device)  # a buffer, as in LIF
     theta = torch.ones((), device=device, requires_grad=True)
@@ -174,18 +174,22 @@ def test_module_rejects_bad_inputs_once_planned():
         m(torch.randn(2, 3, 5))
 
 
-def test_inductor_training_step_matches_eager(device):
-    # torch.compile with the Inductor backend, fullgraph: a Linear + SLIF training step; the
-    # fused kernels run behind the effst:: library ops (here through the interpreter).
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_inductor_training_step_matches_eager(backend, device):
+    # torch.compile with the Inductor backend, fullgraph: a Linear + SLIF training step over
+    # two calls (the second starts from the first one's state, and the final state is in the
+    # loss); the fused kernels run behind the effst:: library ops (Triton here through the
+    # interpreter; native on the CPU).
+    device = "cpu" if backend == "native" else device
     torch.manual_seed(12)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 6), SLIF(channels=6, backend="triton")).to(device)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), SLIF(channels=6, backend=backend)).to(device)
     x = (torch.randn(4, 3, 6) + 0.3).to(device)
 
     def step(module):
         model[1].reset()
         model.zero_grad()
-        out = module(x)
-        (out * torch.arange(6, device=device)).sum().backward()
+        out = module(x) + module(x)
+        ((out * torch.arange(6, device=device)).sum() + model[1].v.sum()).backward()
         return out.detach(), [p.grad.clone() for p in module.parameters()]
 
     eager_out, eager_grads = step(model)
@@ -194,3 +198,22 @@ def test_inductor_training_step_matches_eager(device):
     torch.testing.assert_close(out, eager_out)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("cls", [SLIF, PLIF])
+def test_one_autograd_node_per_call(cls, backend, device):
+    # The [T, N] view, the parameters' flattening and the gradients' shapes all happen inside
+    # the one node: its edges lead straight to the leaves (no View/Reshape/ToCopy nodes).
+    device = "cpu" if backend == "native" else device  # the native CUDA node is the same C++
+    kwargs = {"channels": 4} if cls is SLIF else {}
+    m = cls(backend=backend, **kwargs).to(device)
+    x = (torch.randn(5, 3, 4, device=device) + 0.5).requires_grad_(True)
+    spikes = m(x)
+    node = spikes.grad_fn
+    assert ("SLIFNative" if backend == "native" else "SLIFFunction") in node.name()
+    leaves = [fn for fn, _ in node.next_functions if fn is not None]
+    assert leaves and all(type(fn).__name__ == "AccumulateGrad" for fn in leaves), node.next_functions
+    assert {id(fn.variable) for fn in leaves} == {id(x), *(id(p) for p in m.parameters())}
+    grads = torch.autograd.grad(spikes.sum(), [x, *m.parameters()])
+    assert [g.shape for g in grads] == [x.shape, *(p.shape for p in m.parameters())]

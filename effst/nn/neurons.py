@@ -110,7 +110,7 @@ class SLIF(nn.Module):
 
     def reset(self) -> None:
         """Forget the membrane state (SpikingJelly's ``reset_net`` calls this)."""
-        self.v = self._rest_potential()
+        self.__dict__["v"] = 0.0 if self.v_reset is None else self.v_reset  # see __setattr__
 
     @property
     def tau(self) -> torch.Tensor:
@@ -128,11 +128,12 @@ class SLIF(nn.Module):
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Spikes for ``x = [T, ...]`` (step_mode 'm') or ``x = [...]`` (step_mode 's')."""
-        if self.step_mode == "s":
+        mode = self.step_mode
+        if mode == "m":
+            return self._multi_step(x)
+        if mode == "s":
             return self._multi_step(x.unsqueeze(0)).squeeze(0)
-        if self.step_mode != "m":
-            raise ValueError(f"step_mode: expected 'm' or 's', got {self.step_mode!r}")
-        return self._multi_step(x)
+        raise ValueError(f"step_mode: expected 'm' or 's', got {mode!r}")
 
     def __setattr__(self, name, value):
         if name == "v":
@@ -176,7 +177,18 @@ class SLIF(nn.Module):
             self.v_reset, self.surrogate_id, self.alpha, self.detach_reset, self.decay_input,
             self.spike_dtype)
 
+    def _tensor(self, name: str) -> torch.Tensor:
+        """``self.w`` / ``self.v_threshold`` without nn.Module.__getattr__'s slow path."""
+        tensor = self._parameters.get(name)
+        if tensor is None:
+            tensor = self._buffers.get(name)
+            if tensor is None:  # e.g. moved by torch.nn.utils.parametrize
+                tensor = getattr(self, name)
+        return tensor
+
     def _multi_step(self, x: torch.Tensor) -> torch.Tensor:
+        # The per-call path: one dict lookup for the plan (validated and made on the first
+        # call for each shape/dtype/device), the state, one fused call.
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a tensor [T, *], got {type(x).__name__}")
         key = (x.shape, x.dtype, x.device)
@@ -184,30 +196,38 @@ class SLIF(nn.Module):
             plan = self._plans[key]
         except KeyError:
             plan = self._plans[key] = self._plan_for(x)
+        w = self._tensor("w")
+        theta = self._tensor("v_threshold")
         state = self.v
-        if isinstance(state, torch.Tensor) and state.shape != x.shape[1:]:
-            raise ValueError(
-                f"x: per-step shape {tuple(x.shape[1:])} differs from the stored membrane "
-                f"state {tuple(state.shape)}; call reset() (or functional.reset_net) between batches")
         if self.spike_dtype is not None:
-            check_integer_spikes_need_no_grad(self.spike_dtype, (x, self.w, self.v_threshold, state))
+            check_integer_spikes_need_no_grad(self.spike_dtype, (x, w, theta, state))
         if plan is None:  # the reference backend
             rest = self._rest_potential()
+            if isinstance(state, torch.Tensor) and state.shape != x.shape[1:]:
+                raise self._state_shape_error(x, state)
             v_init = state if isinstance(state, torch.Tensor) or state != rest else None
-            spikes, self.v = slif(
-                x, self.w, self.v_threshold, v_reset=self.v_reset, v_init=v_init,
+            spikes, self.__dict__["v"] = slif(
+                x, w, theta, v_reset=self.v_reset, v_init=v_init,
                 surrogate=self.surrogate, alpha=self.alpha, detach_reset=self.detach_reset,
                 decay_input=self.decay_input, channel_dim=self.channel_dim, backend="reference",
                 return_state=True, spike_dtype=self.spike_dtype)
             return spikes
         if isinstance(state, torch.Tensor):
+            if state.shape != x.shape[1:]:
+                raise self._state_shape_error(x, state)
             v_init = state if state.dtype == plan.compute_dtype else state.to(plan.compute_dtype)
-        elif state != self._rest_potential():
+        elif state != (0.0 if plan.v_reset is None else plan.v_reset):
             v_init = torch.full((plan.N,), float(state), dtype=plan.compute_dtype, device=x.device)
         else:
             v_init = None
-        spikes, self.v = slif_with_plan(x, self.w, self.v_threshold, v_init, plan)
+        spikes, self.__dict__["v"] = slif_with_plan(x, w, theta, v_init, plan)
         return spikes
+
+    @staticmethod
+    def _state_shape_error(x: torch.Tensor, state: torch.Tensor) -> ValueError:
+        return ValueError(
+            f"x: per-step shape {tuple(x.shape[1:])} differs from the stored membrane "
+            f"state {tuple(state.shape)}; call reset() (or functional.reset_net) between batches")
 
     def extra_repr(self) -> str:
         form = "per layer" if self.channels is None else f"per channel (C={self.channels}, dim={self.channel_dim})"

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional, Union
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs as _triton_knobs
+from triton.knobs import HookChain as _HookChain
+from triton.runtime.jit import JITFunction as _JITFunction
 
 from effst.ops.layout import reduce_to_parameter, resolve_parameter_layout
 from effst.ops.slif_reference import slif_reference
@@ -289,6 +293,12 @@ class SLIFPlan:
     backward_block: int
     w_partial: bool  # the backward writes one w-gradient partial per program
     theta_partial: bool
+    # launch configuration, fixed when the plan is made (EFFST_SLIF_* overrides included)
+    forward_block: int = FORWARD_BLOCK
+    forward_warps: int = FORWARD_WARPS
+    backward_warps: int = BACKWARD_WARPS
+    # Compiled Triton kernels of this plan by specialisation (see _launch); never compared.
+    launch_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def programs(self) -> int:
@@ -296,6 +306,17 @@ class SLIFPlan:
 
     def parameter_gradient_size(self, partial: bool) -> int:
         return self.programs if partial else self.N
+
+    @cached_property
+    def native_args(self) -> tuple:
+        """The options of the effst_native ops, in their schema order."""
+        return (self.w_channels, self.w_inner, self.theta_channels, self.theta_inner,
+                self.v_reset, self.surrogate_id, self.alpha, self.detach_reset, self.decay_input)
+
+    @cached_property
+    def launch(self) -> "_LaunchConfig":
+        """Grids, constexprs and buffer sizes of the Triton launches (worked out once)."""
+        return _LaunchConfig(self)
 
 
 def make_plan(
@@ -328,7 +349,8 @@ def make_plan(
         v_reset=v_reset, surrogate_id=surrogate_id, alpha=alpha, detach_reset=detach_reset,
         decay_input=decay_input, chunk=chunk_size(T), row_len=row_len, rows=N // row_len,
         column_blocks=triton.cdiv(row_len, block), backward_block=block,
-        w_partial=partial(w_layout), theta_partial=partial(theta_layout))
+        w_partial=partial(w_layout), theta_partial=partial(theta_layout),
+        forward_block=FORWARD_BLOCK, forward_warps=FORWARD_WARPS, backward_warps=BACKWARD_WARPS)
 
 
 def reduce_parameter_gradient(raw: torch.Tensor, plan: SLIFPlan, partial: bool, channels: int,
@@ -367,26 +389,203 @@ def _triton_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+class _LaunchConfig:
+    """The parts of a plan's two launches that never change between calls."""
+
+    def __init__(self, plan: SLIFPlan):
+        T, N = plan.T, plan.N
+        self.forward_grid = (triton.cdiv(N, plan.forward_block), 1, 1)
+        self.backward_grid = (plan.column_blocks, plan.rows, 1)
+        self.checkpoint_shape = checkpoint_shape(T, N)
+        self.w_size = plan.parameter_gradient_size(plan.w_partial)
+        self.theta_size = plan.parameter_gradient_size(plan.theta_partial)
+        # room for the raw w gradient in the buffer it shares with theta's: a multiple of 16
+        # values, so theta's part starts 16-byte aligned (Triton's pointer specialisation)
+        self.w_span = -(-self.w_size // 16) * 16
+        self.theta_span = -(-self.theta_size // 16) * 16
+        # one torch sum reduces both parameter gradients when their raw values line up
+        self.joint_reduction = (plan.w_partial and plan.theta_partial
+                                and plan.w_channels == plan.theta_channels
+                                and plan.w_inner == plan.theta_inner)
+        compute = _triton_dtype(plan.compute_dtype)
+        hard_reset = plan.v_reset is not None
+        # constexprs in each kernel's signature order (a test checks it), after the flags that
+        # change per call (HAS_V_INIT; HAS_GRAD_V_FINAL and the NEED_GRAD_* flags)
+        self.forward_constexprs = {"HARD_RESET": hard_reset, "DECAY_INPUT": plan.decay_input,
+                                   "CHUNK": plan.chunk, "COMPUTE_DTYPE": compute,
+                                   "BLOCK": plan.forward_block}
+        self.backward_constexprs = {"HARD_RESET": hard_reset, "DECAY_INPUT": plan.decay_input,
+                                    "DETACH_RESET": plan.detach_reset,
+                                    "SURROGATE": plan.surrogate_id}
+        self.backward_tail = {"W_PARTIAL": plan.w_partial, "THETA_PARTIAL": plan.theta_partial,
+                              "CHUNK": plan.chunk, "COMPUTE_DTYPE": compute,
+                              "BLOCK": plan.backward_block}
+        self.channel_ints = (plan.w_channels, plan.w_inner, plan.theta_channels, plan.theta_inner)
+
+
+# Cached launches. JITFunction.run (what ``kernel[grid](...)`` calls) binds and specialises
+# every argument, builds a cache key and looks the compiled kernel up on every launch: tens of
+# microseconds of Python. Within one plan almost all of that is fixed, so each plan keeps the
+# CompiledKernel that ``kernel[grid](...)`` returned per specialisation and launches it with
+# CompiledKernel.run, exactly as JITFunction.run does at its end. The key holds all that can
+# still change the compiled binary for a given plan and launcher:
+# - the kernel and the flags passed as constexprs (HAS_V_INIT, NEED_GRAD_*, ...);
+# - the int arguments that are not fixed by the plan (the row stride of x), by Triton's int
+#   specialisation: == 1 (made a constexpr), divisible by 16, 32 or 64 bits;
+# - the current device (a CompiledKernel is loaded per device) and Triton's debug and
+#   instrumentation settings, which change the compile options.
+# Pointer dtypes are fixed by the plan and the flags (the launchers cast every tensor to the
+# plan's dtypes), and only launches whose pointers are all 16-byte aligned use the cache (that
+# is Triton's pointer specialisation, and what fresh allocations always are); anything else,
+# the first launch of a key, the interpreter (TRITON_INTERPRET=1), active launch hooks (a
+# profiler) or EFFST_SLIF_LAUNCH_CACHE=0 go through ``kernel[grid](...)``.
+LAUNCH_CACHE = os.environ.get("EFFST_SLIF_LAUNCH_CACHE", "1") != "0"
+_driver_calls: Optional[tuple] = None
+
+
+def _cacheable(kernel) -> bool:
+    """A real JITFunction (not the interpreter's) without pre-run hooks, caching enabled."""
+    return LAUNCH_CACHE and isinstance(kernel, _JITFunction) and not kernel.pre_run_hooks
+
+
+def _device_and_stream() -> tuple:
+    """The current device and its stream, as JITFunction.run gets them."""
+    global _driver_calls
+    if _driver_calls is None:
+        from triton.runtime import driver
+
+        _driver_calls = (driver.active.get_current_device, driver.active.get_current_stream)
+    device = _driver_calls[0]()
+    return device, _driver_calls[1](device)
+
+
+def _launch_hooks_idle() -> bool:
+    """No launch enter/exit hooks are installed (a profiler would install some)."""
+    runtime = _triton_knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and (not isinstance(hook, _HookChain) or hook.calls):
+            return False
+    return True
+
+
+def _int_key(value: int) -> tuple:
+    """Triton's specialisation of an int argument: == 1, divisible by 16, needs 64 bits."""
+    return (value == 1, value % 16 == 0, not -2**31 <= value < 2**31)
+
+
+def _aligned(tensors: tuple) -> bool:
+    """Every tensor's data pointer is 16-byte aligned."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return bits % 16 == 0
+
+
+def _launch(kernel, grid: tuple, cache: dict, key: tuple, pointers: tuple, ints: tuple,
+            constexprs: dict, num_warps: int) -> None:
+    """``kernel[grid](*pointers, *ints, **constexprs, num_warps=num_warps)``, through the
+    plan's cache.
+
+    ``pointers`` (tensors), ``ints`` and ``constexprs`` are the kernel's arguments in its
+    signature order (both kernels take their tensors first and their constexprs last); ``key``
+    identifies the specialisation within the plan (see LAUNCH_CACHE above).
+    """
+    args = (*pointers, *ints)
+    if _cacheable(kernel) and _aligned(pointers):
+        device, stream = _device_and_stream()
+        key = (key, device, _triton_knobs.runtime.debug,
+               _triton_knobs.compilation.instrumentation_mode)
+        compiled = cache.get(key)
+        if compiled is not None and _launch_hooks_idle():
+            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
+                         compiled.packed_metadata, None, None, None, *args, *constexprs.values())
+            return
+        compiled = kernel[grid](*args, **constexprs, num_warps=num_warps)
+        if compiled is not None and hasattr(compiled, "packed_metadata"):
+            cache[key] = compiled
+        return
+    kernel[grid](*args, **constexprs, num_warps=num_warps)
+
+
+def _kernel_vector(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``p`` (any shape) as a contiguous 1-D tensor of ``dtype`` (itself when it is one)."""
+    if p.dtype != dtype:
+        p = p.to(dtype)
+    if p.dim() != 1 or not p.is_contiguous():
+        p = p.reshape(-1).contiguous()
+    return p
+
+
+def _forward(x: torch.Tensor, stride_t: int, w: torch.Tensor, theta: torch.Tensor,
+             v_init: Optional[torch.Tensor], plan: SLIFPlan, spikes: torch.Tensor,
+             v_final: torch.Tensor) -> torch.Tensor:
+    """Launch the forward into ``spikes`` / ``v_final`` (contiguous, any shape); returns the
+    V checkpoints. ``x``'s memory holds T rows ``stride_t`` apart of N unit-stride neurons;
+    ``w``, ``theta``, ``v_init`` are contiguous vectors in the compute dtype."""
+    cfg = plan.launch
+    checkpoints = torch.empty(cfg.checkpoint_shape, dtype=plan.compute_dtype, device=x.device)
+    if plan.N == 0:
+        return checkpoints
+    has_v_init = v_init is not None
+    v_init_arg = v_init if has_v_init else v_final
+    checkpoint_arg = checkpoints if checkpoints.numel() else v_final
+    scalars = _scalars(plan.v_reset, plan.alpha, plan.compute_dtype, x.device)
+    _launch(slif_forward_kernel, cfg.forward_grid, plan.launch_cache,
+            ("forward", has_v_init, _int_key(stride_t)),
+            (x, spikes, w, theta, v_init_arg, v_final, checkpoint_arg, scalars),
+            (plan.T, plan.N, stride_t, *cfg.channel_ints),
+            {"HAS_V_INIT": has_v_init, **cfg.forward_constexprs}, plan.forward_warps)
+    return checkpoints
+
+
+def _backward(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor], x: torch.Tensor,
+              stride_t: int, w: torch.Tensor, theta: torch.Tensor,
+              v_init: Optional[torch.Tensor], checkpoints: torch.Tensor, plan: SLIFPlan,
+              grad_x: Optional[torch.Tensor], grad_w: Optional[torch.Tensor],
+              grad_theta: Optional[torch.Tensor], grad_v_init: Optional[torch.Tensor]) -> None:
+    """Launch the backward into the given gradient buffers (None: not wanted; ``grad_w`` /
+    ``grad_theta`` raw: per-program partials or per-neuron values, see the plan).
+    ``grad_spikes`` and ``grad_v_final`` are contiguous in x's / the compute dtype."""
+    cfg = plan.launch
+    dummy = checkpoints if checkpoints.numel() else x  # never read when its flag is off
+    has_v_init = v_init is not None
+    has_grad_v_final = grad_v_final is not None
+    need_x, need_w, need_theta = grad_x is not None, grad_w is not None, grad_theta is not None
+    pointers = (grad_spikes, grad_v_final if has_grad_v_final else dummy, x, w, theta,
+                v_init if has_v_init else dummy, dummy,
+                _scalars(plan.v_reset, plan.alpha, plan.compute_dtype, x.device),
+                grad_x if need_x else dummy, grad_w if need_w else dummy,
+                grad_theta if need_theta else dummy,
+                grad_v_init if grad_v_init is not None else dummy)
+    _launch(slif_backward_kernel, cfg.backward_grid, plan.launch_cache,
+            ("backward", has_v_init, has_grad_v_final, need_x, need_w, need_theta,
+             _int_key(stride_t)),
+            pointers, (plan.T, plan.N, stride_t, plan.row_len, *cfg.channel_ints),
+            {"HAS_V_INIT": has_v_init, "HAS_GRAD_V_FINAL": has_grad_v_final,
+             **cfg.backward_constexprs, "NEED_GRAD_X": need_x, "NEED_GRAD_W": need_w,
+             "NEED_GRAD_THETA": need_theta, **cfg.backward_tail},
+            plan.backward_warps)
+
+
+def _check_kernel_input(x2d: torch.Tensor, plan: SLIFPlan) -> None:
+    if x2d.dtype != plan.x_dtype or x2d.dim() != 2 or tuple(x2d.shape) != (plan.T, plan.N):
+        raise ValueError(f"x2d: expected a [{plan.T}, {plan.N}] tensor of {plan.x_dtype} (the "
+                         f"plan's), got {tuple(x2d.shape)} {x2d.dtype}")
+
+
 def triton_forward(x2d: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
                    v_init: Optional[torch.Tensor], plan: SLIFPlan):
     """Forward over ``x2d = [T, N]`` in one launch: spikes, V_T and the V checkpoints."""
-    T, N = plan.T, plan.N
-    device = x2d.device
-    spikes = torch.empty((T, N), dtype=plan.spike_dtype, device=device)
-    v_final = torch.empty((N,), dtype=plan.compute_dtype, device=device)
-    checkpoints = torch.empty(checkpoint_shape(T, N), dtype=plan.compute_dtype, device=device)
-    if N == 0:
-        return spikes, v_final, checkpoints
-    slif_forward_kernel[(triton.cdiv(N, FORWARD_BLOCK),)](
-        x2d, spikes, w, theta, v_init if v_init is not None else v_final, v_final,
-        checkpoints if checkpoints.numel() else v_final,
-        _scalars(plan.v_reset, plan.alpha, plan.compute_dtype, device),
-        T, N, x2d.stride(0), plan.w_channels, plan.w_inner, plan.theta_channels,
-        plan.theta_inner, HAS_V_INIT=v_init is not None, HARD_RESET=plan.v_reset is not None,
-        DECAY_INPUT=plan.decay_input, CHUNK=plan.chunk,
-        COMPUTE_DTYPE=_triton_dtype(plan.compute_dtype), BLOCK=FORWARD_BLOCK,
-        num_warps=FORWARD_WARPS,
-    )
+    _check_kernel_input(x2d, plan)
+    if plan.N > 1 and x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    cdtype = plan.compute_dtype
+    spikes = torch.empty((plan.T, plan.N), dtype=plan.spike_dtype, device=x2d.device)
+    v_final = torch.empty((plan.N,), dtype=cdtype, device=x2d.device)
+    checkpoints = _forward(x2d, x2d.stride(0), _kernel_vector(w, cdtype),
+                           _kernel_vector(theta, cdtype),
+                           None if v_init is None else _kernel_vector(v_init, cdtype), plan,
+                           spikes, v_final)
     return spikes, v_final, checkpoints
 
 
@@ -400,47 +599,38 @@ def triton_backward(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tens
     :func:`reduce_parameter_gradient` sums them. Gradients nobody needs are neither computed
     nor allocated (returned as None).
     """
-    T, N = plan.T, plan.N
-    device = x2d.device
+    _check_kernel_input(x2d, plan)
+    if plan.N > 1 and x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
     cdtype = plan.compute_dtype
-    grad_x = torch.empty((T, N), dtype=x2d.dtype, device=device) if need_x else None
-    grad_w = (torch.empty((plan.parameter_gradient_size(plan.w_partial),), dtype=cdtype,
-                          device=device) if need_w else None)
-    grad_theta = (torch.empty((plan.parameter_gradient_size(plan.theta_partial),), dtype=cdtype,
-                              device=device) if need_theta else None)
-    grad_v_init = torch.empty((N,), dtype=cdtype, device=device) if v_init is not None else None
-    if N == 0:
-        if grad_w is not None:
-            grad_w.zero_()
-        if grad_theta is not None:
-            grad_theta.zero_()
+    device = x2d.device
+    grad_x = torch.empty((plan.T, plan.N), dtype=x2d.dtype, device=device) if need_x else None
+    grad_w = (torch.empty((plan.launch.w_size,), dtype=cdtype, device=device)
+              if need_w else None)
+    grad_theta = (torch.empty((plan.launch.theta_size,), dtype=cdtype, device=device)
+                  if need_theta else None)
+    grad_v_init = torch.empty((plan.N,), dtype=cdtype, device=device) if v_init is not None else None
+    if plan.N == 0:
+        for g in (grad_w, grad_theta):
+            if g is not None:
+                g.zero_()
         return grad_x, grad_w, grad_theta, grad_v_init
-    if grad_spikes.stride(-1) != 1 or grad_spikes.stride(0) != N:
-        grad_spikes = grad_spikes.contiguous()
-    dummy = checkpoints if checkpoints.numel() else x2d  # never read when its flag is off
-    slif_backward_kernel[(plan.column_blocks, plan.rows)](
-        grad_spikes, grad_v_final if grad_v_final is not None else dummy, x2d, w, theta,
-        v_init if v_init is not None else dummy, dummy,
-        _scalars(plan.v_reset, plan.alpha, cdtype, device),
-        grad_x if grad_x is not None else dummy, grad_w if grad_w is not None else dummy,
-        grad_theta if grad_theta is not None else dummy,
-        grad_v_init if grad_v_init is not None else dummy,
-        T, N, x2d.stride(0), plan.row_len, plan.w_channels, plan.w_inner, plan.theta_channels,
-        plan.theta_inner,
-        HAS_V_INIT=v_init is not None, HAS_GRAD_V_FINAL=grad_v_final is not None,
-        HARD_RESET=plan.v_reset is not None, DECAY_INPUT=plan.decay_input,
-        DETACH_RESET=plan.detach_reset, SURROGATE=plan.surrogate_id, NEED_GRAD_X=need_x,
-        NEED_GRAD_W=need_w, NEED_GRAD_THETA=need_theta, W_PARTIAL=plan.w_partial,
-        THETA_PARTIAL=plan.theta_partial, CHUNK=plan.chunk,
-        COMPUTE_DTYPE=_triton_dtype(cdtype), BLOCK=plan.backward_block,
-        num_warps=BACKWARD_WARPS,
-    )
+    _backward(_contiguous_as(grad_spikes, x2d.dtype),
+              None if grad_v_final is None else _kernel_vector(grad_v_final, cdtype),
+              x2d, x2d.stride(0), _kernel_vector(w, cdtype), _kernel_vector(theta, cdtype),
+              None if v_init is None else _kernel_vector(v_init, cdtype), checkpoints, plan,
+              grad_x, grad_w, grad_theta, grad_v_init)
     return grad_x, grad_w, grad_theta, grad_v_init
 
 
+def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _plan_args(plan: SLIFPlan) -> tuple:
-    return (plan.w_channels, plan.w_inner, plan.theta_channels, plan.theta_inner, plan.v_reset,
-            plan.surrogate_id, plan.alpha, plan.detach_reset, plan.decay_input)
+    return plan.native_args
 
 
 def run_forward(x2d, w, theta, v_init, plan: SLIFPlan):
@@ -450,7 +640,9 @@ def run_forward(x2d, w, theta, v_init, plan: SLIFPlan):
     spikes, v_final = torch.ops.effst_native.slif_forward(x2d, w, theta, v_init, *_plan_args(plan))
     if plan.spike_dtype != spikes.dtype:
         spikes = spikes.to(plan.spike_dtype)
-    return spikes, v_final, v_final[:0]  # no backend state: an empty view, no allocation
+    # no backend state: an empty tensor (not a view of v_final: a library op's outputs must
+    # not alias each other, which torch.compile checks)
+    return spikes, v_final, v_final.new_empty((0,))
 
 
 def run_backward(grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, plan: SLIFPlan,
@@ -527,25 +719,51 @@ def _contract_plan(x2d, w_channels, w_inner, theta_channels, theta_inner, v_rese
 
 # --------------------------------------------------------------------------- autograd
 class SLIFFunction(torch.autograd.Function):
-    """Fused sLIF over ``[T, N]``: forward and backward each one kernel launch.
+    """Fused sLIF: forward and backward each one kernel launch.
 
-    Inputs are already flattened: ``w`` and ``theta`` are ``[channels]`` vectors in the
-    compute dtype, ``v_init`` is ``[N]`` or None, ``plan`` comes from :func:`make_plan`.
-    Returns ``(spikes [T, N], v_final [N])``. In eager mode the kernels are launched
-    directly; while torch.compile traces, the same launchers run behind the
-    ``effst::slif_forward`` / ``effst::slif_backward`` library ops (opaque graph nodes).
+    Takes the call's own tensors: ``x [T, *]``, ``w`` / ``theta`` in any shape holding their
+    plan's channel counts (any floating dtype), ``v_init`` holding N values or None, ``plan``
+    from :func:`make_plan`. Returns ``(spikes shaped like x, v_final shaped like one step)``.
+    The [T, N] view, the parameters' flattening and compute dtype, and the gradients' shapes
+    and dtypes are all dealt with in here, so the autograd graph holds this one node. In eager
+    mode the kernels are launched directly; while torch.compile traces, the same launchers
+    run behind the ``effst::slif_forward`` / ``effst::slif_backward`` library ops (opaque
+    graph nodes).
     """
 
     @staticmethod
-    def forward(ctx, x2d, w, theta, v_init, plan: SLIFPlan):
+    def forward(ctx, x, w, theta, v_init, plan: SLIFPlan):
+        cdtype = plan.compute_dtype
+        T, N = plan.T, plan.N
         if torch.compiler.is_compiling():
-            spikes, v_final, saved = torch.ops.effst.slif_forward(x2d, w, theta, v_init,
+            x2d = x.reshape(T, N)
+            w_k, theta_k = _kernel_vector(w, cdtype), _kernel_vector(theta, cdtype)
+            v_k = None if v_init is None else _kernel_vector(v_init, cdtype)
+            spikes, v_final, saved = torch.ops.effst.slif_forward(x2d, w_k, theta_k, v_k,
                                                                   *_op_args(plan))
+            spikes, v_final = spikes.view(x.shape), v_final.view(x.shape[1:])
+            stride_t = N
         else:
-            spikes, v_final, saved = run_forward(x2d, w, theta, v_init, plan)
-        ctx.save_for_backward(x2d, w, theta, v_init, saved)
+            if x.dtype != plan.x_dtype:
+                raise ValueError(f"x: expected dtype {plan.x_dtype} (the plan's), got {x.dtype}")
+            if x.is_contiguous():
+                x2d, stride_t = x, N  # the kernels only need the pointer and the row stride
+            else:
+                x2d = x.reshape(T, N)
+                if N > 1 and x2d.stride(1) != 1:
+                    x2d = x2d.contiguous()
+                stride_t = x2d.stride(0)
+            w_k, theta_k = _kernel_vector(w, cdtype), _kernel_vector(theta, cdtype)
+            v_k = None if v_init is None else _kernel_vector(v_init, cdtype)
+            spikes = torch.empty(x.shape, dtype=plan.spike_dtype, device=x.device)
+            v_final = torch.empty(x.shape[1:], dtype=cdtype, device=x.device)
+            saved = _forward(x2d, stride_t, w_k, theta_k, v_k, plan, spikes, v_final)
+        ctx.save_for_backward(x2d, w_k, theta_k, v_k, saved)
         ctx.plan = plan
-        ctx.mark_non_differentiable(saved)
+        ctx.stride_t = stride_t
+        ctx.shapes = (x.shape, w.shape, w.dtype, theta.shape, theta.dtype,
+                      None if v_init is None else v_init.shape,
+                      None if v_init is None else v_init.dtype)
         if not spikes.is_floating_point():
             ctx.mark_non_differentiable(spikes)
         ctx.set_materialize_grads(False)  # an unused output needs no zero-filled gradient
@@ -555,21 +773,80 @@ class SLIFFunction(torch.autograd.Function):
     def backward(ctx, grad_spikes, grad_v_final):
         x2d, w, theta, v_init, saved = ctx.saved_tensors
         plan = ctx.plan
-        need_x, need_w, need_theta = ctx.needs_input_grad[:3]
-        if grad_spikes is None:  # only the final state was used
-            grad_spikes = torch.zeros_like(x2d)
+        x_shape, w_shape, w_dtype, theta_shape, theta_dtype, v_shape, v_dtype = ctx.shapes
+        need_x, need_w, need_theta, need_v = ctx.needs_input_grad[:4]
         if torch.compiler.is_compiling():
+            if grad_spikes is None:  # only the final state was used
+                grad_spikes = torch.zeros_like(x2d)
+            if grad_v_final is not None:
+                grad_v_final = grad_v_final.reshape(-1)
             present = iter(torch.ops.effst.slif_backward(
-                grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, *_op_args(plan),
-                need_x, need_w, need_theta))
+                grad_spikes.reshape(plan.T, plan.N), grad_v_final, x2d, w, theta, v_init, saved,
+                *_op_args(plan), need_x, need_w, need_theta))
             grad_x, grad_w, grad_theta, grad_v_init = (
                 next(present) if wanted else None
                 for wanted in (need_x, need_w, need_theta, v_init is not None))
+            if grad_x is not None:
+                grad_x = grad_x.view(x_shape)
         else:
-            grad_x, grad_w, grad_theta, grad_v_init = run_backward(
-                grad_spikes, grad_v_final, x2d, w, theta, v_init, saved, plan, need_x, need_w,
-                need_theta)
-        return grad_x, grad_w, grad_theta, grad_v_init, None
+            grad_x, grad_w, grad_theta, grad_v_init = _eager_backward(
+                grad_spikes, grad_v_final, x2d, ctx.stride_t, w, theta, v_init, saved, plan,
+                x_shape, need_x, need_w, need_theta)
+        return (grad_x, _as_input(grad_w, w_shape, w_dtype),
+                _as_input(grad_theta, theta_shape, theta_dtype),
+                _as_input(grad_v_init, v_shape, v_dtype) if need_v else None, None)
+
+
+def _as_input(grad: Optional[torch.Tensor], shape, dtype) -> Optional[torch.Tensor]:
+    """A gradient in its input's shape and dtype."""
+    if grad is None:
+        return None
+    if grad.shape != shape:
+        grad = grad.view(shape)
+    return grad if grad.dtype == dtype else grad.to(dtype)
+
+
+def _eager_backward(grad_spikes, grad_v_final, x2d, stride_t, w, theta, v_init, checkpoints,
+                    plan: SLIFPlan, x_shape, need_x: bool, need_w: bool, need_theta: bool):
+    """The Triton backward of SLIFFunction: buffers, one launch, parameter sums."""
+    cfg = plan.launch
+    cdtype = plan.compute_dtype
+    device = x2d.device
+    if grad_spikes is None:  # only the final state was used
+        grad_spikes = torch.zeros(x_shape, dtype=plan.x_dtype, device=device)
+    elif grad_spikes.dtype != plan.x_dtype or not grad_spikes.is_contiguous():
+        grad_spikes = _contiguous_as(grad_spikes, plan.x_dtype)
+    if grad_v_final is not None:
+        grad_v_final = _kernel_vector(grad_v_final, cdtype)  # e.g. the stride-0 grad of v.sum()
+    grad_x = torch.empty(x_shape, dtype=plan.x_dtype, device=device) if need_x else None
+    # the raw parameter gradients share one buffer (and, when they line up, one sum)
+    raw_w = raw_theta = None
+    if need_w and need_theta:
+        raw = torch.empty((cfg.w_span + cfg.theta_span,), dtype=cdtype, device=device)
+        raw_w, raw_theta = raw[:cfg.w_size], raw[cfg.w_span:cfg.w_span + cfg.theta_size]
+    elif need_w:
+        raw_w = torch.empty((cfg.w_size,), dtype=cdtype, device=device)
+    elif need_theta:
+        raw_theta = torch.empty((cfg.theta_size,), dtype=cdtype, device=device)
+    grad_v_init = torch.empty((plan.N,), dtype=cdtype, device=device) if v_init is not None else None
+    if plan.N == 0:
+        for g in (raw_w, raw_theta):
+            if g is not None:
+                g.zero_()
+    else:
+        _backward(grad_spikes, grad_v_final, x2d, stride_t, w, theta, v_init, checkpoints, plan,
+                  grad_x, raw_w, raw_theta, grad_v_init)
+    if raw_w is not None and raw_theta is not None and cfg.joint_reduction and plan.N:
+        q = plan.w_inner // plan.row_len  # (the two parts line up: equal sizes and spans)
+        both = (raw.view(2, cfg.w_span)[:, :cfg.w_size]
+                .view(2, -1, plan.w_channels, q * plan.column_blocks).sum(dim=(1, 3)))
+        return grad_x, both[0], both[1], grad_v_init
+    grad_w = (None if raw_w is None else
+              reduce_parameter_gradient(raw_w, plan, plan.w_partial, plan.w_channels, plan.w_inner))
+    grad_theta = (None if raw_theta is None else
+                  reduce_parameter_gradient(raw_theta, plan, plan.theta_partial,
+                                            plan.theta_channels, plan.theta_inner))
+    return grad_x, grad_w, grad_theta, grad_v_init
 
 
 # --------------------------------------------------------------------------- compile-time ops
@@ -737,33 +1014,20 @@ def slif_with_plan(x: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
                    v_init: Optional[torch.Tensor], plan: SLIFPlan):
     """Run a fused backend on validated inputs: ``(spikes like x, v_final like one step)``.
 
-    The modules call this with a plan cached per input shape; ``v_init`` holds N values in the
-    compute dtype (any shape) or is None.
+    The modules call this with a plan cached per input shape; ``w`` / ``theta`` hold their
+    plan's channel counts in any shape and floating dtype, ``v_init`` holds N values in the
+    compute dtype (any shape) or is None. Reshapes, casts and parameter-gradient sums happen
+    inside the one autograd node of either backend.
     """
-    cdtype = plan.compute_dtype
-    # (each skipped no-op tensor call saves a microsecond or two of Python per layer)
-    if w.dtype != cdtype:
-        w = w.to(cdtype)
-    if w.dim() != 1:
-        w = w.reshape(-1)
-    if theta.dtype != cdtype:
-        theta = theta.to(cdtype)
-    if theta.dim() != 1:
-        theta = theta.reshape(-1)
     if plan.backend == "native" and not torch.compiler.is_compiling():
         # One operator call: its autograd, the [T, N] view and the parameter-gradient sums
         # live in C++ (csrc/slif_autograd.cpp), so the backward runs no Python at all.
-        spikes, v_final = torch.ops.effst_native.slif(x, w, theta, v_init, *_plan_args(plan))
+        spikes, v_final = torch.ops.effst_native.slif.default(x, w, theta, v_init,
+                                                              *plan.native_args)
         if plan.spike_dtype != spikes.dtype:
             spikes = spikes.to(plan.spike_dtype)
         return spikes, v_final
-    x2d = x.reshape(plan.T, plan.N)
-    if plan.N > 1 and x2d.stride(1) != 1:
-        x2d = x2d.contiguous()
-    if v_init is not None and v_init.dim() != 1:
-        v_init = v_init.reshape(-1)
-    spikes, v_final = SLIFFunction.apply(x2d, w, theta, v_init, plan)
-    return spikes.view(x.shape), v_final.view(x.shape[1:])
+    return SLIFFunction.apply(x, w, theta, v_init, plan)
 
 
 def slif(
