@@ -17,6 +17,8 @@ the harness's method), fp32, ATan (alpha 2), hard reset to 0, ``detach_reset=Tru
 * ``effst PLIF``  -- ``effst.nn.PLIF(backend='native')``: the same model as the peer.
 * ``SpikingJelly 2.0.0 PLIF`` -- ``neuron.ParametricLIFNode(step_mode='m')``, its CPU (torch)
   path, imported from this environment (bootstrap installs spikingjelly==2.0.0).
+* ``effst SLIF (soft reset)`` and ``SpikingJelly 2.0.0 PLIF (soft reset)`` -- the same with
+  ``v_reset=None`` (issue 9's soft-reset targets).
 
 Shapes (the issue's): x = [4, 64, 64, 384] (T = 4 x 1,572,864 neurons, Spikformer CIFAR) and
 [16, 16, 64, 256] (T = 16 x 262,144, Spikformer DVS); ``quick`` uses small ones for CI.
@@ -27,7 +29,9 @@ row's ``ms`` is the median of its round medians, the bandwidth the median over a
 Derived: ``gneuron_steps_per_s``; ``achieved_bytes_per_s`` = 20 B per neuron-step (fp32: x and
 spikes forward, grad_spikes, x and grad_x backward; docs/benchmarks.md) / time, and
 ``copy_bandwidth_fraction`` = that / the copy bandwidth measured in the same run;
-``speedup_vs_sj_plif``. Targets (issue 3) on the SLIF rows of the full run (not ``quick``,
+``speedup_vs_sj_plif`` (against SpikingJelly's PLIF with the same reset), ``soft_vs_hard``
+(effst soft-reset SLIF / hard-reset SLIF, same run). Issue 9's targets on the soft-reset SLIF
+row: ``soft_vs_hard`` <= 1.1 and >= 4x SpikingJelly. Targets (issue 3) on the SLIF rows of the full run (not ``quick``,
 whose tiny shapes measure call overhead): >= 3x faster than SpikingJelly's PLIF at the same
 shape and >= 40 % of the copy bandwidth.
 """
@@ -59,11 +63,16 @@ TARGET_BANDWIDTH_FRACTION = 0.40
 NEURON = dict(tau=2.0, v_threshold=1.0, v_reset=0.0, detach_reset=True, decay_input=True)
 
 
-def _effst_slif(channels: int):
+def _effst_slif(channels: int, v_reset: Optional[float] = NEURON["v_reset"]):
     import effst.nn
 
-    module = effst.nn.SLIF(surrogate="atan", channels=channels, channel_dim=-1, backend="native", **NEURON)
+    options = dict(NEURON, v_reset=v_reset)
+    module = effst.nn.SLIF(surrogate="atan", channels=channels, channel_dim=-1, backend="native", **options)
     return module, module.reset
+
+
+def _effst_slif_soft(channels: int):
+    return _effst_slif(channels, v_reset=None)
 
 
 def _effst_plif(channels: int):
@@ -73,22 +82,31 @@ def _effst_plif(channels: int):
     return module, module.reset
 
 
-def _sj_plif(channels: int):
+def _sj_plif(channels: int, v_reset: Optional[float] = NEURON["v_reset"]):
     from spikingjelly.activation_based import functional, neuron, surrogate
 
     module = neuron.ParametricLIFNode(init_tau=NEURON["tau"], v_threshold=NEURON["v_threshold"],
-                                      v_reset=NEURON["v_reset"], detach_reset=True,
+                                      v_reset=v_reset, detach_reset=True,
                                       decay_input=True, surrogate_function=surrogate.ATan(alpha=2.0),
                                       step_mode="m")
     return module, lambda: functional.reset_net(module)
 
 
+def _sj_plif_soft(channels: int):
+    return _sj_plif(channels, v_reset=None)
+
+
+SOFT = " (soft reset)"  # suffix of the neuron name of the soft-reset rows (v_reset=None)
 IMPLEMENTATIONS: tuple[tuple[str, str, str, Callable], ...] = (
-    # (implementation, neuron, parameters, factory)
+    # (implementation, neuron, parameters, factory); hard reset to 0 unless the name says soft
     ("effst native", "SLIF", "tau and V_th learned per channel", _effst_slif),
     ("effst native", "PLIF", "tau learned per layer", _effst_plif),
     ("SpikingJelly 2.0.0 (torch, CPU)", "PLIF", "tau learned per layer", _sj_plif),
+    ("effst native", "SLIF" + SOFT, "tau and V_th learned per channel", _effst_slif_soft),
+    ("SpikingJelly 2.0.0 (torch, CPU)", "PLIF" + SOFT, "tau learned per layer", _sj_plif_soft),
 )
+TARGET_SOFT_VS_HARD = 1.1  # issue 9: soft reset within 1.1x of hard reset (effst SLIF)
+TARGET_SOFT_SPEEDUP = 4.0  # issue 9: >= 4x SpikingJelly's PLIF with the same reset
 
 
 def _sj_version() -> Optional[str]:
@@ -159,11 +177,27 @@ def run(device: str = "cpu", quick: bool = False, *, rows: Optional[list] = None
             row["achieved_bytes_per_s"] = BYTES_PER_NEURON_STEP * steps / (ms * 1e-3)
             row["copy_bandwidth_bytes_per_s"] = copy
             row["copy_bandwidth_fraction"] = row["achieved_bytes_per_s"] / copy
-        peer = next((r for r in rows[-len(IMPLEMENTATIONS):]
-                     if r["implementation"].startswith("SpikingJelly") and "ms" in r), None)
-        for row in rows[-len(IMPLEMENTATIONS):]:
+        shape_rows = rows[-len(IMPLEMENTATIONS):]
+        peers = {soft: next((r for r in shape_rows if r["implementation"].startswith("SpikingJelly")
+                             and r["neuron"].endswith(SOFT) == soft and "ms" in r), None)
+                 for soft in (False, True)}
+        hard_slif = next((r for r in shape_rows if r["implementation"].startswith("effst")
+                          and r["neuron"] == "SLIF" and "ms" in r), None)
+        for row in shape_rows:
+            soft = row["neuron"].endswith(SOFT)
+            row["reset"] = "soft" if soft else "hard"
+            peer = peers[soft]
             if "ms" in row and peer is not None and row is not peer:
                 row["speedup_vs_sj_plif"] = peer["ms"] / row["ms"]
+            if row["implementation"].startswith("effst") and row["neuron"] == "SLIF" + SOFT:
+                if "ms" in row and hard_slif is not None:
+                    row["soft_vs_hard"] = row["ms"] / hard_slif["ms"]
+                if not quick:
+                    row["target"] = (f"<= {TARGET_SOFT_VS_HARD:g}x the hard-reset SLIF and >= "
+                                     f"{TARGET_SOFT_SPEEDUP:g}x SpikingJelly PLIF (soft reset)")
+                    if "soft_vs_hard" in row and "speedup_vs_sj_plif" in row:
+                        row["target_met"] = bool(row["soft_vs_hard"] <= TARGET_SOFT_VS_HARD and
+                                                 row["speedup_vs_sj_plif"] >= TARGET_SOFT_SPEEDUP)
             if row["implementation"].startswith("effst") and row["neuron"] == "SLIF" and not quick:
                 row["target"] = (f">= {TARGET_SPEEDUP:g}x SpikingJelly PLIF and >= "
                                  f"{TARGET_BANDWIDTH_FRACTION:.0%} of copy bandwidth")
@@ -186,6 +220,8 @@ def format_table(rows: list[dict]) -> str:
                          f"{r.get('error', 'not timed')} | | | | |")
             continue
         speed = f"{r['speedup_vs_sj_plif']:.2f}x" if "speedup_vs_sj_plif" in r else "1x (peer)"
+        if "soft_vs_hard" in r:
+            speed += f" ({r['soft_vs_hard']:.2f}x hard SLIF)"
         met = {True: "yes", False: "**no**"}.get(r.get("target_met"), "")
         lines.append(f"| {r['implementation']} | {r['neuron']} | {shape} | {r['ms']:.2f} | "
                      f"{r['gneuron_steps_per_s']:.3f} | {r['copy_bandwidth_fraction']:.1%} | "
