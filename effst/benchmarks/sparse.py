@@ -452,28 +452,19 @@ class _NoLaunch:
         return lambda *args, **kwargs: self.counter.append(grid)
 
 
-def host_cost(rows: int = 8, calls: int = 1000, rounds: int = 5) -> dict:
+def host_cost(rows: int = 8, rounds: int = 5, round_seconds: float = 0.5) -> dict:
     """Host time (µs) of one tiny ``BlockSparseLinear`` fwd+bwd on the CPU (one thread): the
     overhead suite's layer (64 -> 64, 16x16 tiles, half kept), x = [rows, 64] fp32,
-    ``autograd.grad`` of x, values and bias. ``torch``: the torch implementation; ``triton_python``:
-    the Triton path with every kernel launch replaced by a no-op (the Python cost of the GPU path
-    without Triton's own launcher); ``F.linear``: the dense layer, timed alternately with them."""
-    import statistics
-    import time
-
+    ``autograd.grad`` of x, values and bias, median over ``rounds`` of back-to-back calls. ``torch``:
+    the torch implementation; ``triton_python``: the Triton path with every kernel launch replaced
+    by a no-op (the Python cost of the GPU path without Triton's own launcher); ``F.linear``: the
+    dense layer, in the same process."""
+    from effst.benchmarks.overhead import per_call_us
     from effst.nn import BlockSparseLinear
     from effst.ops import block_sparse_linear as ops
 
     def per_call(fn) -> float:
-        for _ in range(50):
-            fn()
-        samples = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples.append((time.perf_counter() - start) / calls * 1e6)
-        return statistics.median(samples)
+        return per_call_us(fn, "cpu", rounds=rounds, round_seconds=round_seconds)["us"]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -487,7 +478,7 @@ def host_cost(rows: int = 8, calls: int = 1000, rounds: int = 5) -> dict:
     kernels = ("_bsl_forward_kernel", "_bsl_grad_input_kernel", "_bsl_grad_weight_kernel", "_sum_splits_kernel")
     saved = {name: getattr(ops, name) for name in kernels + ("_use_triton",)}
     launches: list = []
-    out = {"rows": rows, "calls": calls, "rounds": rounds}
+    out = {"rows": rows, "rounds": rounds}
     try:
         out["torch_us"] = per_call(lambda: torch.autograd.grad(layer(x), inputs, grad_y))
         out["dense_us"] = per_call(lambda: torch.autograd.grad(F.linear(x, weight, bias), [x, weight, bias], grad_y))
@@ -515,7 +506,7 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["--host-cost"]:
         cost = host_cost()
         print(f"BlockSparseLinear 64->64, 16x16 tiles, half kept, x = [{cost['rows']}, 64] fp32, fwd + autograd.grad, "
-              f"1 thread, median of {cost['rounds']} x {cost['calls']} calls (load average {os.getloadavg()[0]:.2f}):")
+              f"1 thread, median of {cost['rounds']} rounds (load average {os.getloadavg()[0]:.2f}):")
         for key, label in (("torch_us", "torch implementation"), ("triton_python_us",
                            f"Triton path, {cost['launches_per_call']} launches as no-ops"), ("dense_us", "F.linear")):
             print(f"  {label:<40} {cost[key]:8.1f} us  ({cost[key] / cost['dense_us']:.2f}x F.linear)")
