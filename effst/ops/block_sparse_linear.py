@@ -54,7 +54,7 @@ BlockSize = Union[int, Sequence[int]]
 BACKENDS = ("auto", "triton", "torch")
 _SPIKE_DTYPES = (torch.bool, torch.uint8)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-DEFAULT_BLOCK_SIZE: tuple[int, int] = (32, 32)  # re-exported as effst.prune.DEFAULT_BLOCK_SIZE
+DEFAULT_BLOCK_SIZE: tuple[int, int] = (128, 128)  # re-exported as effst.prune.DEFAULT_BLOCK_SIZE; why: docs/block_sparse.md
 GROUP_WIDTH = 128  # columns a forward / grad-input program produces per block group (MMA width)
 
 
