@@ -531,3 +531,16 @@ def test_host_cost_mode_counts_launches_and_restores_the_kernels():
     assert cost["launches_per_call"] == 3
     assert all(cost[k] > 0 for k in ("torch_us", "triton_python_us", "dense_us"))
     assert bsl._bsl_forward_kernel is kernel and bsl._use_triton is use_triton
+
+
+@pytest.mark.gpu
+def test_gpu_spike_bytes_row_times_bf16_and_uint8_spikes(device):
+    """The sparse suite's spike-bytes row on CUDA: the block-sparse Spikformer-4-384 (CIFAR shape
+    here, to stay quick) timed with its byte-reading neurons emitting bf16 and uint8 spikes."""
+    from effst.benchmarks import sparse
+
+    row = sparse._spike_bytes_row("cuda", True, {}, overrides={"image_size": 32, "variant": "cifar",
+                                                                 "num_classes": 10, "in_channels": 3})
+    assert row["status"] == "ok" and row["byte_reader_spikes_per_step"] > 0
+    for key in ("inference_ms_bf16_spikes", "inference_ms_uint8_spikes", "inference_speedup_uint8_spikes"):
+        assert row[key] > 0, key
