@@ -317,6 +317,12 @@ def test_block_pruning_never_keeps_nothing():
     with pytest.warns(UserWarning, match="cannot express"):
         prune.random(nn.Linear(32, 32), 0.9, structure="block", seed=0, block_size=(32, 32))
     assert prune.fit_block_pruning(torch.zeros(64, 64), 0.5, 32) == ((32, 32), 0.5)
+    # The default tile is the one fastest on the H200 (docs/block_sparse.md), halved the same way.
+    assert prune.DEFAULT_BLOCK_SIZE == (128, 128)
+    wide = nn.Linear(256, 256)
+    with pytest.warns(UserWarning, match=r"\(128, 128\) tiles cannot express .* using \(64, 128\) tiles \(1 of 8 kept\)"):
+        prune.block_l1p(wide, 0.8)
+    assert wide.parametrizations.weight[0].block_size == (64, 128)
 
 
 def oracle_two_four(w: torch.Tensor) -> torch.Tensor:
