@@ -403,10 +403,17 @@ class _LaunchConfig:
         # values, so theta's part starts 16-byte aligned (Triton's pointer specialisation)
         self.w_span = -(-self.w_size // 16) * 16
         self.theta_span = -(-self.theta_size // 16) * 16
-        # one torch sum reduces both parameter gradients when their raw values line up
-        self.joint_reduction = (plan.w_partial and plan.theta_partial
-                                and plan.w_channels == plan.theta_channels
-                                and plan.w_inner == plan.theta_inner)
+        # One torch sum reduces both parameter gradients when their raw values line up (same
+        # layout, both partials or both per neuron): the raw [2, ...] view it sums, as
+        # (values per part, then the split of those into [-1, channels, run]); None otherwise.
+        # Per-neuron parameters (channels == N) need no sum at all.
+        self.joint_reduction = None
+        if (plan.w_partial == plan.theta_partial and plan.w_channels == plan.theta_channels
+                and plan.w_inner == plan.theta_inner
+                and not (plan.w_inner == 1 and plan.w_channels == N)):
+            run = (plan.w_inner // plan.row_len * plan.column_blocks if plan.w_partial
+                   else plan.w_inner)
+            self.joint_reduction = (self.w_size, (2, -1, plan.w_channels, run))
         compute = _triton_dtype(plan.compute_dtype)
         hard_reset = plan.v_reset is not None
         # constexprs in each kernel's signature order (a test checks it), after the flags that
@@ -482,16 +489,18 @@ def _aligned(tensors: tuple) -> bool:
 
 
 def _launch(kernel, grid: tuple, cache: dict, key: tuple, pointers: tuple, ints: tuple,
-            constexprs: dict, num_warps: int) -> None:
+            constexprs: dict, num_warps: int, foreign: tuple) -> None:
     """``kernel[grid](*pointers, *ints, **constexprs, num_warps=num_warps)``, through the
     plan's cache.
 
     ``pointers`` (tensors), ``ints`` and ``constexprs`` are the kernel's arguments in its
     signature order (both kernels take their tensors first and their constexprs last); ``key``
-    identifies the specialisation within the plan (see LAUNCH_CACHE above).
+    identifies the specialisation within the plan (see LAUNCH_CACHE above). ``foreign`` are
+    the pointers the caller passed in: the others are fresh allocations (or 16-value-aligned
+    parts of one), which PyTorch's allocators align to at least 64 bytes.
     """
     args = (*pointers, *ints)
-    if _cacheable(kernel) and _aligned(pointers):
+    if _cacheable(kernel) and _aligned(foreign):
         device, stream = _device_and_stream()
         key = (key, device, _triton_knobs.runtime.debug,
                _triton_knobs.compilation.instrumentation_mode)
@@ -518,41 +527,45 @@ def _kernel_vector(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _forward(x: torch.Tensor, stride_t: int, w: torch.Tensor, theta: torch.Tensor,
              v_init: Optional[torch.Tensor], plan: SLIFPlan, spikes: torch.Tensor,
-             v_final: torch.Tensor) -> torch.Tensor:
+             v_final: torch.Tensor) -> Optional[torch.Tensor]:
     """Launch the forward into ``spikes`` / ``v_final`` (contiguous, any shape); returns the
-    V checkpoints. ``x``'s memory holds T rows ``stride_t`` apart of N unit-stride neurons;
-    ``w``, ``theta``, ``v_init`` are contiguous vectors in the compute dtype."""
+    V checkpoints (None when T fits one chunk: there are none). ``x``'s memory holds T rows
+    ``stride_t`` apart of N unit-stride neurons; ``w``, ``theta``, ``v_init`` are contiguous
+    vectors in the compute dtype."""
     cfg = plan.launch
-    checkpoints = torch.empty(cfg.checkpoint_shape, dtype=plan.compute_dtype, device=x.device)
+    checkpoints = (torch.empty(cfg.checkpoint_shape, dtype=plan.compute_dtype, device=x.device)
+                   if cfg.checkpoint_shape[0] else None)
     if plan.N == 0:
         return checkpoints
     has_v_init = v_init is not None
     v_init_arg = v_init if has_v_init else v_final
-    checkpoint_arg = checkpoints if checkpoints.numel() else v_final
+    checkpoint_arg = v_final if checkpoints is None else checkpoints
     scalars = _scalars(plan.v_reset, plan.alpha, plan.compute_dtype, x.device)
     _launch(slif_forward_kernel, cfg.forward_grid, plan.launch_cache,
             ("forward", has_v_init, _int_key(stride_t)),
             (x, spikes, w, theta, v_init_arg, v_final, checkpoint_arg, scalars),
             (plan.T, plan.N, stride_t, *cfg.channel_ints),
-            {"HAS_V_INIT": has_v_init, **cfg.forward_constexprs}, plan.forward_warps)
+            {"HAS_V_INIT": has_v_init, **cfg.forward_constexprs}, plan.forward_warps,
+            (x, w, theta, v_init_arg))
     return checkpoints
 
 
 def _backward(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor], x: torch.Tensor,
               stride_t: int, w: torch.Tensor, theta: torch.Tensor,
-              v_init: Optional[torch.Tensor], checkpoints: torch.Tensor, plan: SLIFPlan,
+              v_init: Optional[torch.Tensor], checkpoints: Optional[torch.Tensor], plan: SLIFPlan,
               grad_x: Optional[torch.Tensor], grad_w: Optional[torch.Tensor],
               grad_theta: Optional[torch.Tensor], grad_v_init: Optional[torch.Tensor]) -> None:
     """Launch the backward into the given gradient buffers (None: not wanted; ``grad_w`` /
     ``grad_theta`` raw: per-program partials or per-neuron values, see the plan).
     ``grad_spikes`` and ``grad_v_final`` are contiguous in x's / the compute dtype."""
     cfg = plan.launch
-    dummy = checkpoints if checkpoints.numel() else x  # never read when its flag is off
+    dummy = x if checkpoints is None else checkpoints  # never read when its flag is off
     has_v_init = v_init is not None
     has_grad_v_final = grad_v_final is not None
     need_x, need_w, need_theta = grad_x is not None, grad_w is not None, grad_theta is not None
-    pointers = (grad_spikes, grad_v_final if has_grad_v_final else dummy, x, w, theta,
-                v_init if has_v_init else dummy, dummy,
+    grad_v_final_arg = grad_v_final if has_grad_v_final else dummy
+    v_init_arg = v_init if has_v_init else dummy
+    pointers = (grad_spikes, grad_v_final_arg, x, w, theta, v_init_arg, dummy,
                 _scalars(plan.v_reset, plan.alpha, plan.compute_dtype, x.device),
                 grad_x if need_x else dummy, grad_w if need_w else dummy,
                 grad_theta if need_theta else dummy,
@@ -564,7 +577,7 @@ def _backward(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor], x
             {"HAS_V_INIT": has_v_init, "HAS_GRAD_V_FINAL": has_grad_v_final,
              **cfg.backward_constexprs, "NEED_GRAD_X": need_x, "NEED_GRAD_W": need_w,
              "NEED_GRAD_THETA": need_theta, **cfg.backward_tail},
-            plan.backward_warps)
+            plan.backward_warps, (grad_spikes, grad_v_final_arg, x, w, theta, v_init_arg, dummy))
 
 
 def _check_kernel_input(x2d: torch.Tensor, plan: SLIFPlan) -> None:
@@ -586,6 +599,8 @@ def triton_forward(x2d: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
                            _kernel_vector(theta, cdtype),
                            None if v_init is None else _kernel_vector(v_init, cdtype), plan,
                            spikes, v_final)
+    if checkpoints is None:  # (this API always returns a tensor; [0, N] when there are none)
+        checkpoints = torch.empty(plan.launch.checkpoint_shape, dtype=cdtype, device=x2d.device)
     return spikes, v_final, checkpoints
 
 
@@ -618,8 +633,9 @@ def triton_backward(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tens
     _backward(_contiguous_as(grad_spikes, x2d.dtype),
               None if grad_v_final is None else _kernel_vector(grad_v_final, cdtype),
               x2d, x2d.stride(0), _kernel_vector(w, cdtype), _kernel_vector(theta, cdtype),
-              None if v_init is None else _kernel_vector(v_init, cdtype), checkpoints, plan,
-              grad_x, grad_w, grad_theta, grad_v_init)
+              None if v_init is None else _kernel_vector(v_init, cdtype),
+              checkpoints if checkpoints.numel() else None, plan, grad_x, grad_w, grad_theta,
+              grad_v_init)
     return grad_x, grad_w, grad_theta, grad_v_init
 
 
@@ -758,7 +774,7 @@ class SLIFFunction(torch.autograd.Function):
             spikes = torch.empty(x.shape, dtype=plan.spike_dtype, device=x.device)
             v_final = torch.empty(x.shape[1:], dtype=cdtype, device=x.device)
             saved = _forward(x2d, stride_t, w_k, theta_k, v_k, plan, spikes, v_final)
-        ctx.save_for_backward(x2d, w_k, theta_k, v_k, saved)
+        ctx.save_for_backward(x2d, w_k, theta_k, v_k, saved)  # (saved: None without checkpoints)
         ctx.plan = plan
         ctx.stride_t = stride_t
         ctx.shapes = (x.shape, w.shape, w.dtype, theta.shape, theta.dtype,
@@ -837,9 +853,8 @@ def _eager_backward(grad_spikes, grad_v_final, x2d, stride_t, w, theta, v_init, 
         _backward(grad_spikes, grad_v_final, x2d, stride_t, w, theta, v_init, checkpoints, plan,
                   grad_x, raw_w, raw_theta, grad_v_init)
     if raw_w is not None and raw_theta is not None and cfg.joint_reduction and plan.N:
-        q = plan.w_inner // plan.row_len  # (the two parts line up: equal sizes and spans)
-        both = (raw.view(2, cfg.w_span)[:, :cfg.w_size]
-                .view(2, -1, plan.w_channels, q * plan.column_blocks).sum(dim=(1, 3)))
+        size, shape = cfg.joint_reduction  # (the two parts line up: equal sizes and spans)
+        both = raw.view(2, cfg.w_span)[:, :size].view(shape).sum(dim=(1, 3))
         return grad_x, both[0], both[1], grad_v_init
     grad_w = (None if raw_w is None else
               reduce_parameter_gradient(raw_w, plan, plan.w_partial, plan.w_channels, plan.w_inner))
