@@ -105,3 +105,55 @@ def test_bench_copy_bandwidth_cpu(benchmark):
     benchmark(dst.copy_, src)
     benchmark.extra_info["bytes_moved"] = 2 * src.numel() * 4
     assert torch.equal(dst, src)
+
+
+# ---------------------------------------------------------------------------- suite plans (no timing)
+def test_merged_rounds_quartiles_lie_inside_the_measured_range():
+    """Two rounds: the default (exclusive) quantile method puts q1 below the smaller median
+    (7.5 for 10 and 20); the inclusive one keeps both quartiles inside [10, 20]."""
+    def row(ms):
+        return {"id": "a", "status": "ok", "ms": ms, "ms_min": ms - 1, "reps": 3}
+
+    (merged,) = neuron_suite.merge_rounds([[row(10.0)], [row(20.0)]])
+    assert (merged["ms_q1"], merged["ms"], merged["ms_q3"]) == (12.5, 15.0, 17.5)
+
+
+def test_train_step_plan_on_cuda_runs_token_rows_before_spikingjelly(monkeypatch):
+    """The train-step suite's rows on a GPU, in order, with time_train_step faked (ms = a
+    function of the row): effst eager and CUDA-graph rows, then the token pairs of both models
+    under a CUDA graph and eager (each selector row against the dense row of its own model,
+    step and mode, with the issue's target), then SpikingJelly; token rows are a group of their
+    own that the SpikingJelly comparisons leave alone."""
+    from effst.benchmarks import train_step
+
+    def fake(neuron, device, mode="eager", train=True, token_selector=None, model=train_step.MODEL, **kwargs):
+        ms = {"stata": 40.0, "sts": 10.0}.get(token_selector, 50.0 if train else 20.0)
+        ms *= 2.0 if neuron == "spikingjelly" else 1.0 if mode == "cuda-graph" else 1.5
+        return {"status": "ok", "library": "spikingjelly 2.0.0" if neuron == "spikingjelly" else "effst",
+                "neuron": neuron, "mode": mode, "model": model, "step": "train" if train else "inference",
+                "token_selector": token_selector, "ms": ms, "reps": kwargs["reps"], "batch": kwargs["batch"]}
+
+    monkeypatch.setattr(train_step, "time_train_step", fake)
+    rows = train_step.run("cuda", quick=False, log=lambda message: None)
+    order = [(r["neuron"], r["mode"], r["model"], r["step"], r["token_selector"]) for r in rows]
+    main, small, large = train_step.MODEL, "spikformer-4-384", "spikformer-8-512"
+    pairs = [("train", None), ("train", "stata"), ("inference", None), ("inference", "sts")]
+    tokens = [("lif", mode, model, step, selector) for model in (small, large)
+              for mode in ("cuda-graph", "eager") for step, selector in pairs]
+    assert order == [("slif", "eager", main, "train", None), ("lif", "eager", main, "train", None),
+                     ("slif", "cuda-graph", main, "train", None), ("lif", "cuda-graph", main, "train", None),
+                     *tokens,
+                     ("spikingjelly", "eager", main, "train", None), ("spikingjelly", "cuda-graph", main, "train", None)]
+    token_rows = [r for r in rows if r.get("group") == train_step.TOKEN_GROUP]
+    assert len(token_rows) == 16 and all(r["reps"] == train_step.TOKEN_REPS_CUDA[0] for r in token_rows)
+    for row in token_rows:
+        assert not any(key.startswith("speedup_vs_sj") for key in row) and "slif_over_lif" not in row, row
+        if row["token_selector"] is None:
+            assert "speedup_vs_dense" not in row
+            continue
+        dense = 50.0 if row["step"] == "train" else 20.0
+        assert row["speedup_vs_dense"] == pytest.approx(dense / {"stata": 40.0, "sts": 10.0}[row["token_selector"]])
+        assert row["target_speedup"] == train_step.TOKEN_TARGETS[row["token_selector"]]
+        assert row["target_met"] == (row["speedup_vs_dense"] >= row["target_speedup"])
+    slif = rows[0]
+    assert slif["speedup_vs_sj2"] == pytest.approx(100.0 / 75.0) and slif["slif_over_lif"] == 1.0

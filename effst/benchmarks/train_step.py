@@ -1,27 +1,33 @@
 """The ``train-step`` suite: one training step of a Spikformer, effst's neurons beside SpikingJelly's.
 
-Rows, in the order they run (a suite stopped by its time limit keeps the rows it finished):
+Rows, in the order they run (a suite stopped by its time limit keeps the rows it finished; the
+rows issue 12 needs come before the SpikingJelly rows, which take the longest):
 
 1. eager training step of Spikformer-4-384 (CIFAR size, batch 64, T = 4, bf16 autocast on the
-   GPU; fp32, batch 8 on the CPU; batch 1, T = 2 with ``quick``) with effst's sLIF, effst's
-   LIF and the SpikingJelly importable in this process (2.0.0's ``LIFNode``, its own kernel
-   choice);
-2. the same with SpikingJelly 0.0.0.0.14's multi-step cupy LIF (``LIFNode(step_mode='m',
+   GPU; fp32, batch 8 on the CPU; batch 1, T = 2 with ``quick``) with effst's sLIF and LIF;
+2. CUDA only: the whole step (forward, loss, backward, AdamW(capturable=True)) captured in one
+   CUDA graph and replayed (``mode='cuda-graph'``), for effst's sLIF and LIF;
+3. token selection (issue 12), through ``effst.models.build_model(name, neuron=...,
+   token_selector=..., keep_ratio=...)``: STATA (gamma = 0.5) training step vs dense, and STS
+   (rho = 0.7) inference images/s vs dense, on Spikformer-4-384 (64 tokens, batch 64) and
+   Spikformer-8-512 (196 tokens, batch 32) on the GPU, each pair under a CUDA graph and eager
+   (each row's ``speedup_vs_dense`` is against the dense row of the same model, step and mode;
+   ``target_speedup``/``target_met`` on the GPU); spikformer-tiny, eager, on the CPU. A model
+   that cannot be built (the API missing) is an error row naming why;
+4. the SpikingJelly importable in this process (2.0.0's ``LIFNode``, its own kernel choice),
+   eager;
+5. the same with SpikingJelly 0.0.0.0.14's multi-step cupy LIF (``LIFNode(step_mode='m',
    backend='cupy')``, the kernels of the ``MultiStepLIFNode`` the Spikformer authors trained
    with; ``torch`` backend on the CPU), in its own environment through
    ``bench/peers/sj_train_step.py`` (:func:`add_peer_rows`);
-3. CUDA only: the whole step (forward, loss, backward, AdamW(capturable=True)) captured in one
-   CUDA graph and replayed (``mode='cuda-graph'``), for each neuron above that allows capture;
-4. token selection (issue 12), through ``effst.models.build_model(name, neuron=...,
-   token_selector=..., keep_ratio=...)``: STATA (γ = 0.5) training step vs dense, and STS
-   (ρ = 0.7) inference images/s vs dense, on Spikformer-4-384 (64 tokens, batch 64) and
-   Spikformer-8-512 (196 tokens, batch 32) on the GPU; spikformer-tiny on the CPU. A model that
-   cannot be built (the API missing) is an error row naming why.
+6. CUDA only: SpikingJelly's step under a CUDA graph, as in 2.
 
 Every row has ``ms`` (median step time; for ``cuda-graph`` rows this is the replay, i.e. device
 time), quartiles, ``images_per_s``, ``peak_memory_bytes`` (CUDA) and on CUDA eager rows
 ``kernel_ms`` (profiler device time of one step, :func:`effst.benchmarks.timing.kernel_time`'s
-fallback method: an eager step with a non-capturable optimizer is never captured).
+fallback method: an eager step with a non-capturable optimizer is never captured). Token-selection
+rows also have ``group = 'token-selection'``: they are compared with their own dense rows, never
+with the SpikingJelly rows (``speedup_vs_<peer>`` and ``slif_over_lif`` are for rows 1-2 only).
 """
 from __future__ import annotations
 
@@ -209,20 +215,27 @@ def run(device: str, quick: bool, *, rows: Optional[list] = None, log: Callable[
     plan = _plan(device, quick)
     cuda = device.startswith("cuda")
 
-    def measure(what: dict, **kwargs) -> Optional[dict]:
+    def measure(what: dict, group: Optional[str] = None, **kwargs) -> Optional[dict]:
         try:
             row = time_train_step(device=device, **{**plan, **kwargs})
         except Exception as exc:  # reported, never a silent gap
             row = _error_row(exc, device=device, **what)
+        if group is not None:
+            row["group"] = group
         rows.append(row)
         label = " ".join(f"{k}={v}" for k, v in what.items() if v is not None)
         log(f"[train-step] {label}: " + (f"{row['ms']:.1f} ms" if row["status"] == "ok"
                                          else f"ERROR {row['error'][:200]}"))
         return row if row["status"] == "ok" else None
 
-    eager = {}
-    for neuron in ("slif", "lif", "spikingjelly"):
-        eager[neuron] = measure({"neuron": neuron, "mode": "eager", "model": MODEL}, neuron=neuron)
+    for neuron in ("slif", "lif"):
+        measure({"neuron": neuron, "mode": "eager", "model": MODEL}, neuron=neuron)
+    if cuda:
+        for neuron in ("slif", "lif"):
+            measure({"neuron": neuron, "mode": "cuda-graph", "model": MODEL}, neuron=neuron, mode="cuda-graph")
+    _token_rows(device, quick, plan, measure)
+    measure({"neuron": "spikingjelly", "mode": "eager", "model": MODEL}, neuron="spikingjelly")
+    _speedups(rows)   # now, so a suite cut during the peer rows keeps them
     if peers and peers.get("names"):
         peers["info"] = add_peer_rows(rows, device=device, peer_names=tuple(peers["names"]),
                                       peers_dir=peers["peers_dir"], wheels=peers.get("wheels"),
@@ -230,16 +243,16 @@ def run(device: str, quick: bool, *, rows: Optional[list] = None, log: Callable[
                                       timeout=peers.get("timeout", 600.0), threads=peers.get("threads"),
                                       quick=quick, log=log)
     if cuda:
-        for neuron in ("slif", "lif", "spikingjelly"):
-            measure({"neuron": neuron, "mode": "cuda-graph", "model": MODEL}, neuron=neuron, mode="cuda-graph")
+        measure({"neuron": "spikingjelly", "mode": "cuda-graph", "model": MODEL}, neuron="spikingjelly",
+                mode="cuda-graph")
     _speedups(rows)
-    _token_rows(device, quick, plan, measure)
     return rows
 
 
 def _speedups(rows: list[dict]) -> None:
     """effst's eager rows against the SpikingJelly rows and sLIF against LIF (issue 9's targets)."""
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("mode") == "eager" and r.get("model") == MODEL]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("mode") == "eager" and r.get("model") == MODEL
+          and r.get("group") is None]
     lif = next((r for r in ok if r["neuron"] == "lif" and r["library"] == "effst"), None)
     for ours in ok:
         if ours["library"] != "effst":
@@ -253,30 +266,43 @@ def _speedups(rows: list[dict]) -> None:
             ours["slif_over_lif"] = ours["ms"] / lif["ms"]
 
 
+#: ``group`` of the token-selection rows (compared with their own dense rows only, not with the peers)
+TOKEN_GROUP = "token-selection"
+#: issue 12's GPU targets: the selector's row over the dense row of the same model, step and mode
+TOKEN_TARGETS = {"stata": 1.25, "sts": 1.3}
+#: (repetitions, warm-up) of a token row on the GPU: small, so the eight pairs fit the suite's budget
+TOKEN_REPS_CUDA = (5, 2)
+
+
 def _token_rows(device: str, quick: bool, plan: dict, measure) -> None:
-    """Dense vs STATA (training step) and dense vs STS (inference) at the issue's sizes."""
+    """Dense vs STATA (training step) and dense vs STS (inference) at the issue's sizes: on the
+    GPU under a CUDA graph and eager, graph rows first (the eager step is host-bound); on the CPU
+    eager only."""
     cuda = device.startswith("cuda")
     # on the CPU a smoke test: spikformer-tiny with 2 blocks (STS selects from the second block on)
     models = TOKEN_MODELS if cuda else (("spikformer-tiny", plan["batch"], 16),)
-    reps, warmup = (5, 2) if cuda else (plan["reps"], plan["warmup"])
+    reps, warmup = TOKEN_REPS_CUDA if cuda else (plan["reps"], plan["warmup"])
+    modes = ("cuda-graph", "eager") if cuda else ("eager",)
+    pairs = (("train", None, None), ("train", "stata", STATA_KEEP_RATIO),
+             ("inference", None, None), ("inference", "sts", STS_KEEP_RATIO))
     for model, batch, _ in models:
         base = dict(neuron="lif", model=model, batch=batch, reps=reps, warmup=warmup,
                     overrides=None if cuda else {"depth": 2})
-        pairs = (("train", None, None), ("train", "stata", STATA_KEEP_RATIO),
-                 ("inference", None, None), ("inference", "sts", STS_KEEP_RATIO))
-        dense = {}
-        for step, selector, ratio in pairs:
-            what = {"neuron": "lif", "mode": "eager", "model": model, "step": step, "token_selector": selector,
-                    "keep_ratio": ratio}
-            row = measure(what, train=step == "train", token_selector=selector, keep_ratio=ratio, **base)
-            if row is None:
-                continue
-            if selector is None:
-                dense[step] = row
-            elif step in dense:
-                row["speedup_vs_dense"] = dense[step]["ms"] / row["ms"]
-                row["target_speedup"] = (1.25 if selector == "stata" else 1.3) if cuda else None
-                row["target_met"] = row["speedup_vs_dense"] >= row["target_speedup"] if cuda else None
+        for mode in modes:
+            dense = {}
+            for step, selector, ratio in pairs:
+                what = {"neuron": "lif", "mode": mode, "model": model, "step": step, "token_selector": selector,
+                        "keep_ratio": ratio}
+                row = measure(what, group=TOKEN_GROUP, train=step == "train", token_selector=selector,
+                              keep_ratio=ratio, mode=mode, **base)
+                if row is None:
+                    continue
+                if selector is None:
+                    dense[step] = row
+                elif step in dense:
+                    row["speedup_vs_dense"] = dense[step]["ms"] / row["ms"]
+                    row["target_speedup"] = TOKEN_TARGETS[selector] if cuda else None
+                    row["target_met"] = row["speedup_vs_dense"] >= row["target_speedup"] if cuda else None
 
 
 def _sj_backend(name: str, device: str) -> Optional[str]:
@@ -294,7 +320,9 @@ def add_peer_rows(rows: list[dict], *, device: str, peer_names: tuple[str, ...],
     The configuration is copied from the suite's own SpikingJelly row (or any eager row).
     """
     measured = {r.get("library") for r in rows if r.get("status", "ok") == "ok"}
-    eager = [r for r in rows if r.get("status", "ok") == "ok" and r.get("mode", "eager") == "eager"]
+    # the suite's own comparison rows (a row in a ``group``, e.g. token selection, is compared elsewhere)
+    eager = [r for r in rows if r.get("status", "ok") == "ok" and r.get("mode", "eager") == "eager"
+             and r.get("group") is None]
     template = (next((r for r in eager if r.get("neuron") == "spikingjelly"), None)
                 or next((r for r in eager if "batch" in r), None))
     info = {}
@@ -353,8 +381,7 @@ def add_peer_rows(rows: list[dict], *, device: str, peer_names: tuple[str, ...],
         rows.append(row)
         log(f"[train-step] {spec.label}: " + (f"{row['ms']:.1f} ms" if run_.ok else f"ERROR {row['error'][:200]}"))
         if run_.ok:
-            for ours in rows:
-                if (ours.get("status", "ok") == "ok" and ours.get("library") == "effst"
-                        and ours.get("mode", "eager") == "eager"):
+            for ours in eager:
+                if ours.get("library") == "effst":
                     ours[f"speedup_vs_{name}"] = row["ms"] / ours["ms"]
     return info
