@@ -565,3 +565,271 @@ def test_stata_alignment_losses_equal_a_spec_oracle():
     assert losses.keys() == expected.keys()
     for name, value in expected.items():
         assert value > 0 and math.isclose(losses[name], value, rel_tol=1e-10), name
+
+
+# ----------------------------------------------------------------------- no host synchronisation
+# Issue 12 / brief H8: the STATA training step and STS inference are captured whole in a CUDA
+# graph by the train-step bench, so nothing on their CUDA path may read a tensor value on the
+# host, create a tensor from host data, or take a data-dependent shape.
+class _HostSyncRecorder:
+    """Records, on CPU tensors, the calls that synchronise with the host on CUDA tensors.
+
+    * a dispatch mode (it also sees the autograd backward): ``_local_scalar_dense`` (``.item()``,
+      ``bool()``, ``int()``, ``float()``, a Python branch on a tensor), data-dependent shapes
+      (``nonzero``, ``masked_select``, ``unique*``, ``argwhere``, ``repeat_interleave`` without
+      ``output_size``, indexing with a boolean mask), ``equal``, and ``lift_fresh`` (a tensor
+      built from Python data: a host-to-device copy on CUDA);
+    * a function mode (the Python-level forward): ``tolist``, ``numpy``, ``cpu``, ``__array__``,
+      a factory (``zeros``, ``arange``, ...) called without ``device=`` (a CPU tensor, copied to the
+      GPU when it meets a CUDA one); and ``Tensor.is_cuda`` answers True, so guards written ``if not t.is_cuda: <check values>``
+      take the branch a CUDA tensor takes.
+
+    Triton's interpreter (the CPU stand-in for a kernel launch) runs unrecorded.
+    """
+
+    DISPATCH = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
+                "unique_consecutive", "argwhere", "equal", "is_nonzero", "lift_fresh", "masked_scatter"}
+    FUNCTIONS = {"tolist", "numpy", "cpu", "__array__"}
+    FACTORIES = {"zeros", "ones", "empty", "full", "arange", "eye", "rand", "randn", "randint", "linspace"}
+
+    def __init__(self):
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.calls: list[str] = []
+        self.ops = 0             # operations seen while recording (the step did run under the modes)
+        self.paused = False
+        recorder, is_cuda = self, torch.Tensor.is_cuda.__get__
+
+        class Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if not recorder.paused:
+                    recorder.ops += 1
+                    name = func.overloadpacket.__name__
+                    if name in recorder.DISPATCH:
+                        recorder.record(f"aten.{name}")
+                    elif name == "repeat_interleave" and kwargs.get("output_size") is None:
+                        recorder.record("aten.repeat_interleave without output_size")
+                    elif name in ("index", "index_put", "index_put_") and any(
+                            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                            for i in (args[1] if len(args) > 1 else ()) or ()):
+                        recorder.record(f"aten.{name} with a boolean mask")
+                return func(*args, **kwargs)
+
+        class Function(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if not recorder.paused:
+                    if func == is_cuda:       # a method-wrapper: equal, not identical, per access
+                        return True
+                    name = getattr(func, "__name__", None)
+                    if name in recorder.FUNCTIONS:
+                        recorder.record(f"Tensor.{name}")
+                    elif name in recorder.FACTORIES and getattr(torch, name) is func and (kwargs or {}).get(
+                            "device") is None:
+                        recorder.record(f"torch.{name} without device=")
+                return func(*args, **(kwargs or {}))
+
+        self._modes = (Function(), Dispatch())
+
+    def record(self, what: str) -> None:
+        import traceback
+
+        frames = [f for f in traceback.extract_stack()[:-2] if "/effst/" in f.filename]
+        where = f"{frames[-1].filename.split('/effst/')[-1]}:{frames[-1].lineno} ({frames[-1].line})" if frames \
+            else "outside effst (e.g. a torch op's autograd backward)"
+        self.calls.append(f"{what} at {where}")
+
+    def __enter__(self):
+        import triton.runtime.interpreter as interpreter
+
+        self._patched = interpreter.InterpretedFunction.run
+        recorder, run = self, self._patched
+
+        def unrecorded(function, *args, **kwargs):
+            recorder.paused, before = True, recorder.paused
+            try:
+                return run(function, *args, **kwargs)
+            finally:
+                recorder.paused = before
+
+        interpreter.InterpretedFunction.run = unrecorded
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import triton.runtime.interpreter as interpreter
+
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        interpreter.InterpretedFunction.run = self._patched
+        return False
+
+
+def test_host_sync_recorder_catches_the_usual_syncing_calls():
+    """The recorder below is the CPU test's only instrument: each pattern it should catch, caught
+    (also inside an autograd backward), and the is_cuda guard takes the CUDA branch."""
+    from effst.ops import token_select
+
+    class ReadsInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float(grad.sum())
+
+    x = torch.tensor([0.5, 2.0, 3.0], requires_grad=True)
+    cases = {"item": lambda: x.sum().item(), "branch": lambda: bool(x.sum() > 0), "mask": lambda: x[x > 1],
+             "nonzero": lambda: x.nonzero(), "tolist": lambda: x.tolist(), "host data": lambda: torch.tensor([1.0]),
+             "no device": lambda: torch.zeros(3, dtype=x.dtype) + x,
+             "backward": lambda: ReadsInBackward.apply(x).sum().backward()}
+    for name, call in cases.items():
+        with _HostSyncRecorder() as recorder:
+            call()
+        assert recorder.calls, name
+    index = torch.tensor([[0, 2]]).expand(2, 2)
+    with _HostSyncRecorder() as recorder:
+        token_select._check_index(index, 2, 3)   # the value checks it makes off CUDA are skipped
+        y = torch.sort(x.detach() * 2, stable=True).values.cumsum(0) + torch.zeros(3, device=x.device)
+    assert recorder.calls == [], recorder.calls
+    with _HostSyncRecorder() as recorder:
+        torch.tensor([1])
+    assert recorder.calls and "lift_fresh" in recorder.calls[0]
+    assert y.shape == (3,)
+
+
+def _token_steps(selector: str):
+    """(model, step) for the two steps the train-step bench captures: STATA's training step
+    (forward, cross-entropy plus the auxiliary losses, backward) and STS's inference forward."""
+    torch.manual_seed(0)
+    model = build_model("spikformer-tiny", token_selector=selector, depth=2, dim=16, heads=2, hidden=32, T=2,
+                        backend="triton")
+    images, labels = _images(batch=2, seed=7), torch.tensor([1, 3])
+    if selector == "stata":
+        model.train()
+
+        def step():
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels) + sum(model.auxiliary_losses().values())
+            loss.backward()
+            return logits
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                return model(images)
+    return model, step
+
+
+@pytest.mark.parametrize("selector", ["stata", "sts"])
+def test_token_selection_step_has_no_host_sync_on_its_cuda_path(selector, monkeypatch):
+    """STATA training / STS inference (Triton kernels through the interpreter, the neurons' and
+    the token ops' CUDA branches) call nothing that synchronises the host. A first step runs
+    unrecorded (caches made once, as the bench's warm-up does)."""
+    from effst.ops import token_select
+
+    model, step = _token_steps(selector)
+    fused = []
+    real = token_select._run_fused
+    monkeypatch.setattr(token_select, "_run_fused", lambda *args: fused.append(1) or real(*args))
+    step()
+    with _HostSyncRecorder() as recorder:
+        logits = step()
+    assert recorder.calls == [], "\n".join(recorder.calls)
+    assert recorder.ops > 100, recorder.ops
+    assert torch.isfinite(logits).all() and logits.shape == (2, 10)
+    assert model.tokens_per_block()[-1] < model.config.tokens()                 # tokens were dropped
+    assert (len(fused) > 0) == (selector == "stata")                            # the fused routed neurons ran
+
+
+def _cuda_token_model(selector: str, device: str, images: torch.Tensor):
+    """STATA in training mode; STS in eval mode with BatchNorm calibrated on ``images`` (with the
+    initial running statistics an untrained model's neurons stay silent: constant logits)."""
+    torch.manual_seed(0)
+    model = build_model("spikformer-4-384", token_selector=selector, depth=2, T=2, backend="triton").to(device)
+    if selector == "stata":
+        return model.train()
+    _calibrate_batchnorm(model.train(), images)
+    return model.eval()
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selector", ["stata", "sts"])
+def test_token_selection_step_never_syncs_and_replays_in_a_cuda_graph(selector, device):
+    """On CUDA (Spikformer-4-384's CIFAR shape, two blocks, T = 2): the STATA training step
+    (forward, loss with the alignment terms, backward, AdamW(capturable=True)) and STS inference
+    run under ``set_sync_debug_mode('error')``; captured in one CUDA graph (forward and backward),
+    a replay on a NEW input (copied into the captured one) gives the eager logits and gradients
+    on that input, so the token choice is made inside the graph; and the train-step bench's
+    ``cuda-graph`` rows for both selectors run."""
+    from effst.benchmarks.train_step import time_train_step
+
+    train = selector == "stata"
+    g = torch.Generator().manual_seed(3)
+    first, second = (torch.rand(4, 3, 32, 32, generator=g).to(device) * 2 for _ in range(2))
+    model = _cuda_token_model(selector, device, first)
+    labels = torch.tensor([1, 3, 5, 7], device=device)
+    static = first.clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True) if train else None
+
+    def step(update: bool = False):
+        if not train:
+            with torch.no_grad():
+                return model(static)
+        logits = model(static)
+        (F.cross_entropy(logits, labels) + sum(model.auxiliary_losses().values())).backward()
+        if update:
+            optimizer.step()
+        return logits
+
+    step(update=True)                      # kernels compiled, caches made, optimizer state created
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            step(update=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    # capture forward (+ backward) after warm-up on a side stream, as torch.cuda.graphs documents
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()                          # on the first input
+    on_first = captured.detach().clone()
+    static.copy_(second)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = captured.detach().clone()
+    replayed_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    eager = step().detach()
+    eager_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert model.tokens_per_block()[-1] < model.config.tokens()
+    assert _relative_error(replayed, eager) <= 1e-2, (_relative_error(replayed, eager), replayed, eager)
+    assert _relative_error(on_first, eager) > 0.1, "the two inputs give the same logits: the check is blind"
+    assert replayed_grads.keys() == eager_grads.keys() and (not train or "selector.anchor" in eager_grads)
+    errors = {n: _relative_error(replayed_grads[n], eager_grads[n]) for n in eager_grads}
+    assert all(e <= 2e-2 for e in errors.values()), {n: e for n, e in errors.items() if e > 2e-2}
+    # the bench's own rows (the whole step in one graph, bf16 autocast), at test size
+    row = time_train_step("lif", device=device, batch=4, T=2, model="spikformer-4-384", overrides={"depth": 2},
+                          token_selector=selector, keep_ratio=0.5 if train else 0.7, train=train,
+                          mode="cuda-graph", reps=2, warmup=2, backend="triton")
+    assert row["status"] == "ok" and row["mode"] == "cuda-graph" and row["ms"] > 0, row
+    assert row["tokens_per_block"][-1] < row["tokens"], row
