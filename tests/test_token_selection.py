@@ -581,8 +581,8 @@ class _HostSyncRecorder:
       built from Python data: a host-to-device copy on CUDA);
     * a function mode (the Python-level forward): ``tolist``, ``numpy``, ``cpu``, ``__array__``,
       a factory (``zeros``, ``arange``, ...) called without ``device=`` (a CPU tensor, copied to the
-      GPU when it meets a CUDA one); and ``Tensor.is_cuda`` answers True, so guards written ``if not t.is_cuda: <check values>``
-      take the branch a CUDA tensor takes.
+      GPU when it meets a CUDA one); and ``Tensor.is_cuda`` answers True, so guards written
+      ``if not t.is_cuda: <check values>`` take the branch a CUDA tensor takes.
 
     Triton's interpreter (the CPU stand-in for a kernel launch) runs unrecorded.
     """
@@ -633,10 +633,14 @@ class _HostSyncRecorder:
         self._modes = (Function(), Dispatch())
 
     def record(self, what: str) -> None:
+        import os
         import traceback
 
-        frames = [f for f in traceback.extract_stack()[:-2] if "/effst/" in f.filename]
-        where = f"{frames[-1].filename.split('/effst/')[-1]}:{frames[-1].lineno} ({frames[-1].line})" if frames \
+        import effst
+
+        root = os.path.dirname(effst.__file__) + os.sep
+        frames = [f for f in traceback.extract_stack()[:-2] if f.filename.startswith(root)]
+        where = f"effst/{frames[-1].filename[len(root):]}:{frames[-1].lineno} ({frames[-1].line})" if frames \
             else "outside effst (e.g. a torch op's autograd backward)"
         self.calls.append(f"{what} at {where}")
 
