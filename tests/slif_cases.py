@@ -87,16 +87,16 @@ def make_inputs(case: Case, seed: int) -> dict:
 def run_case(case: Case, inputs: dict, backend: str, dtype: torch.dtype, device: str = "cpu",
              x_transform=None) -> dict:
     """Forward + backward of one backend; returns spikes, final state and every gradient (fp64, CPU)."""
-    x = inputs["x"].to(device=device, dtype=dtype)
+    x = inputs["x"].to(device=device, dtype=dtype, copy=True)
     if x_transform is not None:
         with torch.no_grad():
             x = x_transform(x)  # still a leaf, just laid out differently
     x.requires_grad_(True)
-    w = inputs["w"].to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
-    theta = inputs["theta"].to(device=device, dtype=w.dtype).requires_grad_(True)
+    w = inputs["w"].to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32, copy=True).requires_grad_(True)
+    theta = inputs["theta"].to(device=device, dtype=w.dtype, copy=True).requires_grad_(True)
     v_init = None
     if inputs["v_init"] is not None:
-        v_init = inputs["v_init"].to(device=device, dtype=w.dtype).requires_grad_(True)
+        v_init = inputs["v_init"].to(device=device, dtype=w.dtype, copy=True).requires_grad_(True)
     spikes, v_final = slif(x, w, theta, v_reset=case.v_reset, v_init=v_init,
                            surrogate=case.surrogate, detach_reset=case.detach_reset,
                            decay_input=case.decay_input, channel_dim=case.channel_dim,
@@ -107,7 +107,7 @@ def run_case(case: Case, inputs: dict, backend: str, dtype: torch.dtype, device:
     loss.backward()
     out = {"spikes": spikes, "v_final": v_final, "grad_x": x.grad, "grad_w": w.grad,
            "grad_theta": theta.grad, "grad_v_init": v_init.grad if v_init is not None else None}
-    return {k: (v.detach().to("cpu", torch.float64) if v is not None else None) for k, v in out.items()}
+    return {k: (v.detach().to("cpu", torch.float64, copy=True) if v is not None else None) for k, v in out.items()}
 
 
 def reference_for(case: Case, inputs: dict, dtype: torch.dtype) -> dict:
