@@ -428,11 +428,11 @@ def test_stata_fused_routed_neurons_leave_outputs_and_gradients_unchanged(monkey
     neurons); the logits, auxiliary losses and every parameter gradient equal those of the torch
     path (reference neurons: scatter the current to all tokens, run the neuron, gather)."""
     from effst.nn import SLIF
-    from effst.ops import token_select
+    from effst.nn import token_routing
 
     fused_calls = []
-    real = token_select._run_fused
-    monkeypatch.setattr(token_select, "_run_fused", lambda *args: fused_calls.append(1) or real(*args))
+    real = token_routing._run_fused
+    monkeypatch.setattr(token_routing, "_run_fused", lambda *args: fused_calls.append(1) or real(*args))
     results = []
     for backend in ("triton", "reference"):
         torch.manual_seed(0)
@@ -734,12 +734,12 @@ def test_token_selection_step_has_no_host_sync_on_its_cuda_path(selector, monkey
     """STATA training / STS inference (Triton kernels through the interpreter, the neurons' and
     the token ops' CUDA branches) call nothing that synchronises the host. A first step runs
     unrecorded (caches made once, as the bench's warm-up does)."""
-    from effst.ops import token_select
+    from effst.nn import token_routing
 
     model, step = _token_steps(selector)
     fused = []
-    real = token_select._run_fused
-    monkeypatch.setattr(token_select, "_run_fused", lambda *args: fused.append(1) or real(*args))
+    real = token_routing._run_fused
+    monkeypatch.setattr(token_routing, "_run_fused", lambda *args: fused.append(1) or real(*args))
     step()
     with _HostSyncRecorder() as recorder:
         logits = step()

@@ -37,7 +37,7 @@ from effst.nn.neuron_kinds import is_spiking_neuron
 from effst.nn.weight_counts import weight_counts, weight_mask
 from effst.nn import LIF, PLIF, SLIF
 from effst.ops.slif import BACKENDS
-from effst.ops.token_select import run_neuron_on_tokens
+from effst.nn.token_routing import run_neuron_on_tokens
 from effst.models.token_selection import DEFAULT_KEEP_RATIO, SELECTORS, TokenSelection, TokenSelector, distillation_loss
 from effst.models.token_selection import dataclass_from_dict, dataclass_to_dict
 

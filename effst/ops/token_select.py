@@ -16,7 +16,7 @@ Data flow, top to bottom:
 2. :func:`gather_tokens` / :func:`scatter_tokens` -- compact <-> full. They are each other's
    gradient: the gradient of a gather is a scatter into zeros (``index_add`` with unique
    indices, so no atomics and deterministic), and vice versa.
-2b. :func:`run_neuron_on_tokens` -- a neuron whose membrane follows the token identity when the
+2b. :func:`routed_neuron` (driven by ``effst.nn.token_routing.run_neuron_on_tokens``) -- a neuron whose membrane follows the token identity when the
    kept set changes per timestep (STATA): a dropped (token, t) gets zero input, so its membrane
    decays. For effst's sLIF / PLIF / LIF on Triton one fused kernel per direction does it: one
    program per (sample, token tile, channel tile) of the full grid keeps the membrane in
@@ -512,94 +512,15 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _has_hooks(module: torch.nn.Module) -> bool:
-    """True when calling ``module`` would run forward hooks (its own or global ones)."""
-    from torch.nn.modules import module as torch_module
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks)
-
-
-def _fusable(neuron, current: torch.Tensor, tokens: int, backend: str) -> bool:
-    """True when ``neuron`` is an effst sLIF/PLIF/LIF that would run its Triton kernel here, with
-    per-layer or last-dim per-channel parameters, T <= MAX_ROUTED_T and a state that fits."""
-    from effst.nn.neurons import SLIF        # effst.nn builds on effst.ops: import late
-    from effst.ops.layout import resolve_parameter_layout
-    from effst.ops.slif import resolve_backend
-
-    if not isinstance(neuron, SLIF) or neuron.step_mode != "m" or not _use_triton(current.device, backend):
-        return False
-    if _has_hooks(neuron):
-        return False           # hooks (record_firing_rates) see the neuron's own call, as before
-    if current.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return False
-    if current.shape[0] > MAX_ROUTED_T or resolve_backend(neuron.backend, current.device) != "triton":
-        return False
-    T, B, K, C = current.shape
-    step = (B, tokens, C)
-    for parameter, name in ((neuron.w, "w"), (neuron.v_threshold, "v_threshold")):
-        if parameter.device != current.device:
-            return False
-        try:
-            layout = resolve_parameter_layout(parameter.shape, step, neuron.channel_dim, name)
-        except ValueError:
-            return False       # the neuron itself reports the error
-        if not (layout.form == "layer" or (layout.form == "channel" and layout.inner == 1)):
-            return False
-    state = neuron.v
-    return not isinstance(state, torch.Tensor) or tuple(state.shape) == step
-
-
-def _run_fused(neuron, current: torch.Tensor, index: torch.Tensor, tokens: int) -> torch.Tensor:
-    from effst.ops.slif import check_integer_spikes_need_no_grad
-
-    T, B, K, C = current.shape
-    cdtype = torch.float64 if current.dtype == torch.float64 else torch.float32
-    state = neuron.v
-    rest = 0.0 if neuron.v_reset is None else neuron.v_reset
-    if isinstance(state, torch.Tensor):
-        v_init = state.to(cdtype).contiguous()
-    elif state != rest:
-        v_init = torch.full((B, tokens, C), float(state), dtype=cdtype, device=current.device)
-    else:
-        v_init = None
-    if neuron.spike_dtype is not None:
-        check_integer_spikes_need_no_grad(neuron.spike_dtype, (current, neuron.w, neuron.v_threshold, state))
-    options = (neuron.v_reset, neuron.surrogate_id, neuron.alpha, neuron.detach_reset, neuron.decay_input,
-               neuron.spike_dtype)
-    spikes, neuron.v = _RoutedNeuron.apply(current.contiguous(), neuron.w.to(cdtype).reshape(-1),
-                                           neuron.v_threshold.to(cdtype).reshape(-1), v_init,
-                                           token_slots(index, tokens), options)
-    return spikes
-
-
-def run_neuron_on_tokens(neuron, current: torch.Tensor, index: torch.Tensor, tokens: int, *,
-                         backend: str = "auto", fused: bool = True) -> torch.Tensor:
-    """Run a multi-step neuron on a compact ``[T, B, K, C]`` input whose kept tokens ``index``
-    ``[T, B, K]`` differ per timestep, keeping its membrane per token identity.
-
-    A dropped (token, t) gets zero input current, so its membrane decays as the neuron's own
-    dynamics say, and its spike is not output. For an effst sLIF / PLIF / LIF neuron whose own
-    backend is Triton (with per-layer or per-channel parameters along the last dim and
-    ``T <= MAX_ROUTED_T``), one fused kernel does it (one more for the backward): it walks the
-    full token grid with the membrane in registers and reads / writes only the compact slots,
-    so the full-grid current and spikes are never materialised. Otherwise (any other neuron,
-    ``backend='torch'``, ``fused=False``, or a neuron with forward hooks, which must see its own
-    call) the current is scattered to all ``tokens``, the neuron runs there and the kept spikes
-    are gathered back. Both leave the neuron's state
-    ``[B, tokens, C]`` in ``neuron.v`` and give the same spikes and gradients.
-    """
-    _check_rows("current", current, 4)
-    T, B, K, C = current.shape
-    if not isinstance(index, torch.Tensor) or tuple(index.shape) != (T, B, K):
-        raise ValueError(f"index: expected shape {(T, B, K)} (one token id per compact slot), "
-                         f"got {tuple(getattr(index, 'shape', ()))}")
-    _check_index(index.reshape(T * B, K), T * B, tokens)
-    if fused and _fusable(neuron, current, tokens, backend):
-        return _run_fused(neuron, current, index, tokens)
-    full = scatter_tokens(current.reshape(T * B, K, C), index.reshape(T * B, K), tokens, backend=backend)
-    spikes = neuron(full.reshape(T, B, tokens, C))
-    return gather_tokens(spikes.reshape(T * B, tokens, C), index.reshape(T * B, K), backend=backend).reshape(T, B, K, C)
+def routed_neuron(current: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
+                  v_init: Optional[torch.Tensor], slots: torch.Tensor, options: tuple):
+    """The fused per-token-identity neuron (differentiable): ``current`` ``[T, B, K, C]``,
+    ``w`` / ``theta`` flat per-layer (1) or per-channel (C) in the compute dtype, ``v_init``
+    ``[B, N, C]`` or None, ``slots`` from :func:`token_slots`, ``options`` = ``(v_reset,
+    surrogate_id, alpha, detach_reset, decay_input, spike_dtype)``; returns ``(spikes
+    [T, B, K, C], v_final [B, N, C])``. ``effst.nn.token_routing`` decides when a neuron module
+    can run through it."""
+    return _RoutedNeuron.apply(current, w, theta, v_init, slots, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,4 +596,4 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, backend: str = "auto") -
 
 
 __all__ = ["anchor_topk_gather", "anchor_scores_reference", "topk_tokens_reference", "gather_tokens",
-           "scatter_tokens", "run_neuron_on_tokens", "token_slots", "MAX_ROUTED_T", "masked_mean", "masked_mean_reference", "BACKENDS"]
+           "scatter_tokens", "routed_neuron", "token_slots", "MAX_ROUTED_T", "masked_mean", "masked_mean_reference", "BACKENDS"]
