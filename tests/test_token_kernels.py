@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from effst.nn import token_routing
+from effst.nn.token_routing import run_neuron_on_tokens
 from effst.ops import token_select as ts
 
 AOT = Path(__file__).with_name("aot_compile.py")
@@ -118,7 +120,7 @@ def test_neuron_membrane_follows_token_identity():
     index = torch.stack([torch.stack([torch.sort(torch.randperm(N, generator=g)[:K]).values for _ in range(B)])
                          for _ in range(T)])
     current = torch.rand(T, B, K, C, generator=g, dtype=torch.float64) * 2
-    out = ts.run_neuron_on_tokens(LIF(tau=2.0, backend="reference"), current, index, N, backend="torch")
+    out = run_neuron_on_tokens(LIF(tau=2.0, backend="reference"), current, index, N, backend="torch")
     # Oracle: step the LIF by hand on the full token axis.
     v = torch.zeros(B, N, C, dtype=torch.float64)
     for t in range(T):
@@ -195,8 +197,8 @@ def test_fused_routed_neuron_matches_a_float64_oracle(device, hard, detach, deca
     currents = [(torch.rand(T, B, K, C, generator=g, dtype=torch.float64) * 2.2 - 0.3).to(dtype) for _ in range(2)]
     weights = [torch.randn(T, B, K, C, generator=g, dtype=torch.float64) for _ in range(2)]
     inputs = [c.clone().to(device).requires_grad_() for c in currents]
-    assert ts._fusable(neuron, inputs[0], N, "triton")      # the fused kernel runs, not the fallback
-    spikes = [ts.run_neuron_on_tokens(neuron, x, r.to(device), N, backend="triton") for x, r in zip(inputs, routes)]
+    assert token_routing._fusable(neuron, inputs[0], N, "triton")      # the fused kernel runs, not the fallback
+    spikes = [run_neuron_on_tokens(neuron, x, r.to(device), N, backend="triton") for x, r in zip(inputs, routes)]
     assert neuron.v.shape == (B, N, C)
     loss = sum((s.double() * w.to(device)).sum() for s, w in zip(spikes, weights)) + 0.5 * neuron.v.double().sum()
     loss.backward()
@@ -234,18 +236,18 @@ def test_fused_routed_neuron_integer_spikes_and_fallbacks():
     index = torch.stack([torch.stack([torch.sort(torch.randperm(N, generator=g)[:K]).values for _ in range(B)])
                          for _ in range(T)])
     current = torch.rand(T, B, K, C, generator=g) * 2
-    fused = ts.run_neuron_on_tokens(LIF(backend="triton"), current, index, N)
+    fused = run_neuron_on_tokens(LIF(backend="triton"), current, index, N)
     with torch.no_grad():
-        packed = ts.run_neuron_on_tokens(LIF(backend="triton", spike_dtype=torch.uint8), current, index, N)
+        packed = run_neuron_on_tokens(LIF(backend="triton", spike_dtype=torch.uint8), current, index, N)
     assert packed.dtype == torch.uint8 and torch.equal(packed.float(), fused)
-    assert torch.equal(ts.run_neuron_on_tokens(LIF(backend="triton"), current, index, N, fused=False), fused)
-    assert torch.equal(ts.run_neuron_on_tokens(LIF(backend="reference"), current, index, N), fused)
+    assert torch.equal(run_neuron_on_tokens(LIF(backend="triton"), current, index, N, fused=False), fused)
+    assert torch.equal(run_neuron_on_tokens(LIF(backend="reference"), current, index, N), fused)
     assert ts.token_slots(index, N)[0, 0].tolist().count(-1) == N - K
     # A hooked neuron (record_firing_rates) is called itself, on the full token grid.
     hooked, seen = LIF(backend="triton"), []
     hooked.register_forward_hook(lambda module, inputs, output: seen.append(tuple(output.shape)))
-    assert not ts._fusable(hooked, current, N, "auto")
-    assert torch.equal(ts.run_neuron_on_tokens(hooked, current, index, N), fused) and seen == [(T, B, N, C)]
+    assert not token_routing._fusable(hooked, current, N, "auto")
+    assert torch.equal(run_neuron_on_tokens(hooked, current, index, N), fused) and seen == [(T, B, N, C)]
 
 
 def test_bad_arguments_are_named():
@@ -329,7 +331,7 @@ def test_kernels_on_cuda_at_stata_sizes_without_host_sync():
     neuron = LIF(surrogate="sigmoid", alpha=4.0, detach_reset=True, backend="triton").cuda()
     current = (torch.randn(R, k, C, generator=g) + 0.8).to("cuda", torch.bfloat16).view(4, 64, k, C).requires_grad_()
     route = torch.sort(torch.rand(R, N, generator=g).argsort(dim=1)[:, :k], dim=1).values.cuda().view(4, 64, k)
-    ts.run_neuron_on_tokens(neuron, current, route, N).float().sum().backward()    # compile and cache outside
+    run_neuron_on_tokens(neuron, current, route, N).float().sum().backward()    # compile and cache outside
     neuron.reset()
     current.grad = None
     torch.cuda.synchronize()
@@ -339,13 +341,13 @@ def test_kernels_on_cuda_at_stata_sizes_without_host_sync():
         full = ts.scatter_tokens(compact, index, N, backend="triton")
         again = ts.gather_tokens(full, index, backend="triton")
         pooled = ts.masked_mean(x.view(4, 64, N, C), mask, backend="triton")
-        spikes = ts.run_neuron_on_tokens(neuron, current, route, N)          # the fused routed neuron
+        spikes = run_neuron_on_tokens(neuron, current, route, N)          # the fused routed neuron
         (spikes.float() * x[:, :k].reshape(4, 64, k, C).float()).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     fused_grad, current.grad = current.grad, None
     neuron.reset()
-    unfused = ts.run_neuron_on_tokens(neuron, current, route, N, fused=False)
+    unfused = run_neuron_on_tokens(neuron, current, route, N, fused=False)
     (unfused.float() * x[:, :k].reshape(4, 64, k, C).float()).sum().backward()
     # Same arithmetic; the compiler may contract a multiply-add differently in the two kernels.
     assert float((spikes != unfused).float().mean()) < 1e-4
@@ -358,7 +360,7 @@ def test_kernels_on_cuda_at_stata_sizes_without_host_sync():
     for _ in range(2):
         learned.zero_grad()
         learned.reset()
-        ts.run_neuron_on_tokens(learned, current.detach(), route, N).float().sum().backward()
+        run_neuron_on_tokens(learned, current.detach(), route, N).float().sum().backward()
         runs.append((learned.w.grad.clone(), learned.v_threshold.grad.clone()))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     ref_scores, ref_index, ref_compact = ts.anchor_topk_gather(query, keys, x, k, backend="torch")
@@ -403,6 +405,6 @@ def test_run_neuron_on_tokens_names_bad_shapes():
     from effst.nn import LIF
 
     with pytest.raises(ValueError, match="current: expected a 4-D"):
-        ts.run_neuron_on_tokens(LIF(), torch.ones(2, 3, 4), torch.zeros(2, 3, dtype=torch.int64), 5)
+        run_neuron_on_tokens(LIF(), torch.ones(2, 3, 4), torch.zeros(2, 3, dtype=torch.int64), 5)
     with pytest.raises(ValueError, match="index: expected shape"):
-        ts.run_neuron_on_tokens(LIF(), torch.ones(2, 1, 2, 3), torch.tensor([[0, 1], [1, 2]]), 5)
+        run_neuron_on_tokens(LIF(), torch.ones(2, 1, 2, 3), torch.tensor([[0, 1], [1, 2]]), 5)
