@@ -12,8 +12,8 @@
 #      from the same .whl/ folder, so the two versions never share a site.
 #   2. print versions (python, torch, CUDA, triton, cupy, spikingjelly, effst, nvidia-smi)
 #   3. effst bench all --device cuda: neuron (eager wall + kernel time, both peers), overhead,
-#      sparse, train-step (eager, CUDA graphs, SpikingJelly 2.0.0 and 0.0.0.0.14 cupy, token
-#      selection); each suite under its own budget, keeping the rows it finished; then the tables
+#      sparse, train-step (effst eager and CUDA graphs, token selection under CUDA graphs and
+#      eager, then SpikingJelly 2.0.0 and 0.0.0.0.14 cupy); each suite under its own budget, keeping the rows it finished; then the tables
 #      and plots re-rendered from the JSON (survives a killed bench)
 #   4. the GPU tests (EFFST_TEST_DEVICE=cuda), after the bench so its rows always exist, in three
 #      steps, most important first: gpu-tests-core (CUDA graphs, no host sync, determinism, the
@@ -87,19 +87,21 @@ PY=${PYTHON:-python3}
 SITE=${EFFST_SITE:-/tmp/site}
 
 # Per-step time limits (seconds) and floors (the least a step keeps when earlier ones ran long):
-# see the header. The bench's suite budgets (neuron 85 + overhead 20 + sparse 65 + train-step 50
-# = 220 s) plus its start-up and tables (~10 s) fit its limit; sparse has 65 s because it took
-# 52 s of 55 on 2026-11-30 and is getting a row (issue 10), overhead 20 s because 10 cut
-# SpikingJelly's row, train-step 50 s for its 35 s.
+# see the header. The bench's suite budgets (neuron 85 + overhead 20 + sparse 75 + train-step 60
+# = 240 s) plus its start-up and tables (~10 s) fit its limit; sparse has 75 s because it took
+# 52 s of 55 on 2026-11-30 and now has the spike-bytes row (a block-sparse Spikformer-4-384
+# timed with bf16 and uint8 spikes, ~10-15 s estimated), overhead 20 s because 10 cut
+# SpikingJelly's row, train-step 60 s for its 35 s plus the CUDA-graph token rows and the fused
+# token kernels' compiles (~10-14 s estimated from the 2026-11-30 per-row times).
 DEADLINE=465; KILL_GRACE=3; MIN_STEP=5
-T_INSTALL=10; T_VERSIONS=15; T_BENCH=235; T_RENDER=10
+T_INSTALL=10; T_VERSIONS=15; T_BENCH=255; T_RENDER=10
 T_TESTS_CORE=90; T_TESTS_COMPILE=50; T_TESTS_REST=120; T_TUNE=0; T_PROFILE=25
 declare -A FLOOR=([render]=5 [gpu-tests-core]=45 [gpu-compile-tests]=30 [tune-slif]=25
                   [gpu-tests-rest]=30 [host-profile]=15)
 T_NATIVE_BUILD=150  # background, from the core tests on; waited for before gpu-tests-rest
 TEST_TIMEOUT=45  # per test (EFFST_TEST_TIMEOUT)
-if [ "${EFFST_GPU_TUNE:-0}" = 1 ]; then T_TUNE=35; fi
-SUITE_TIMEOUTS="neuron=85,overhead=20,sparse=65,train-step=50"
+if [ "${EFFST_GPU_TUNE:-0}" = 1 ]; then T_TUNE=60; fi  # forward and backward sweeps (tune_slif.py)
+SUITE_TIMEOUTS="neuron=85,overhead=20,sparse=75,train-step=60"
 if [ "$DRY" = 1 ]; then
     # CPU at CI size: same steps and flags; the limits only guard against hangs (a 2-core CPU
     # is much slower than an H200 at the same suites)

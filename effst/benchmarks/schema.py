@@ -33,7 +33,9 @@ Overhead rows: library, op, kernel, shape, threads, us (median per call), us_q1,
 calls_per_round, rounds, ratio_to_baseline, target, target_met, kernel_ms (CUDA).
 Train-step rows: library, neuron, kernel, mode ('eager' | 'cuda-graph'), step ('train' |
 'inference'), model, token_selector, keep_ratio, tokens, batch, T, dtype, ms, images_per_s,
-kernel_ms (CUDA), peak_memory_bytes, speedup_vs_<peer>, slif_over_lif, speedup_vs_dense.
+kernel_ms (CUDA), peak_memory_bytes, speedup_vs_<peer>, slif_over_lif, speedup_vs_dense,
+target_speedup, target_met, group ('token-selection' for the token rows, compared only with
+their own dense rows of the same model, step and mode).
 """
 from __future__ import annotations
 
