@@ -77,9 +77,12 @@ def recorded_launches(monkeypatch) -> list:
         (torch.bfloat16, 3, True, 0.0, True, False),
         (torch.float32, 1, False, 0.0, False, True),
         (torch.float32, 17, True, None, True, False),
-        (torch.float64, 5, True, 0.0, False, False),
+        (torch.float64, 5, True, -0.3, False, False),
     ]
-    for dtype, T, per_channel, v_reset, with_v_init, return_state in cases:
+    # the forward's preload variant (EFFST_SLIF_FORWARD_PRELOAD=1) on the first three cases
+    for case_number, (dtype, T, per_channel, v_reset, with_v_init, return_state) in enumerate(
+            cases + cases[:3]):
+        monkeypatch.setattr(slif_ops, "FORWARD_PRELOAD", case_number >= len(cases))
         x = torch.zeros(T, 2, 8, dtype=dtype, requires_grad=True)
         shape = (8,) if per_channel else ()
         w = torch.zeros(shape, dtype=dtype, requires_grad=True)
@@ -95,6 +98,9 @@ def recorded_launches(monkeypatch) -> list:
               for entry in forward.launches + backward.launches}
     assert {entry["kernel"] for entry in unique.values()} == {"slif_forward_kernel",
                                                               "slif_backward_kernel"}
+    # both forward variants and both ways of getting V_r (folded 0, loaded -0.3 / soft) compile
+    assert {e["constexprs"]["PRELOAD"] for e in forward.launches} == {False, True}
+    assert {e["constexprs"]["REST_IS_ZERO"] for e in backward.launches} == {False, True}
     return list(unique.values())
 
 

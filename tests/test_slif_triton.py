@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from effst import slif
+from effst.ops import slif as slif_ops
 from effst.ops.layout import resolve_parameter_layout
 from effst.ops.slif import compute_dtype_for, slif_backward_triton, slif_forward_triton
 from effst.ops.surrogates import SURROGATE_NAMES
@@ -44,6 +45,53 @@ def test_bfloat16_io_matches_reference(index, device):
     expected = reference_for(case, inputs, torch.bfloat16)
     result = run_case(case, inputs, "triton", torch.bfloat16, device)
     assert_matches(result, expected, torch.bfloat16, str(case))
+
+
+@pytest.mark.parametrize("max_chunk", [8, 3])  # 3: T = 8 and 17 end in a partial chunk
+@pytest.mark.parametrize("index", range(2, len(COVERING), 5))  # all T, all resets
+def test_forward_preload_variant_is_bitwise_equal(index, max_chunk, monkeypatch, device):
+    # EFFST_SLIF_FORWARD_PRELOAD=1 loads a chunk's x tiles up front and replaces the per-step
+    # branch by masks: same arithmetic, so the same bits as the default path, and both match
+    # the float64 reference.
+    case = COVERING[index]
+    inputs = make_inputs(case, seed=5000 + index)
+    monkeypatch.setattr(slif_ops, "MAX_CHUNK", max_chunk)
+    results = []
+    for preload in (False, True):
+        monkeypatch.setattr(slif_ops, "FORWARD_PRELOAD", preload)
+        results.append(run_case(case, inputs, "triton", torch.float64, device))
+    for name, value in results[0].items():
+        if value is None:
+            assert results[1][name] is None, name
+        else:
+            torch.testing.assert_close(results[1][name], value, rtol=0, atol=0,
+                                       msg=lambda m, n=name: f"{case} {n}: {m}")
+    assert_matches(results[1], reference_for(case, inputs, torch.float64), torch.float64,
+                   str(case))
+
+
+@pytest.mark.parametrize("spike_dtype", [torch.float16, torch.uint8, torch.bool])
+def test_forward_preload_variant_half_and_byte_spikes(spike_dtype, monkeypatch, device):
+    # fp16 input, T = 7 with chunks of 3 (a partial last chunk), spikes as x's dtype or bytes.
+    monkeypatch.setattr(slif_ops, "MAX_CHUNK", 3)
+    torch.manual_seed(8)
+    x = (torch.randn(7, 5, 48) * 1.5 + 0.6).to(torch.float16).to(device)
+    w = torch.linspace(-1.0, 1.0, 48, device=device)
+    theta = torch.linspace(0.5, 1.2, 48, device=device)
+    outs = []
+    for preload in (False, True):
+        monkeypatch.setattr(slif_ops, "FORWARD_PRELOAD", preload)
+        outs.append(slif(x, w, theta, v_reset=0.0, backend="triton", return_state=True,
+                         spike_dtype=None if spike_dtype == torch.float16 else spike_dtype))
+    expected = slif(x.double(), w.double(), theta.double(), v_reset=0.0, backend="reference",
+                    return_state=True)
+    assert outs[1][0].dtype == spike_dtype
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    # spikes can only differ from the float64 reference where H lands within fp32 rounding of
+    # V_th; with these inputs none does
+    assert torch.equal(outs[1][0].cpu().double(), expected[0].cpu())
+    torch.testing.assert_close(outs[1][1].cpu().double(), expected[1].cpu(), rtol=2e-4,
+                               atol=2e-4)
 
 
 SURROGATES = surrogate_cases()

@@ -41,6 +41,10 @@ FORWARD_BLOCK = int(os.environ.get("EFFST_SLIF_FORWARD_BLOCK", 1024))
 FORWARD_WARPS = int(os.environ.get("EFFST_SLIF_FORWARD_WARPS", 4))
 BACKWARD_BLOCK = int(os.environ.get("EFFST_SLIF_BACKWARD_BLOCK", 512))
 BACKWARD_WARPS = int(os.environ.get("EFFST_SLIF_BACKWARD_WARPS", 4))
+# Forward variant: 1 loads all of a chunk's x tiles before its serial recurrence (CHUNK loads in
+# flight per thread, no branch per step); 0 (default until a GPU run measures both) loads one
+# step at a time. Both are exact; docs/slif.md ("Kernels") says what each costs.
+FORWARD_PRELOAD = os.environ.get("EFFST_SLIF_FORWARD_PRELOAD", "0") == "1"
 # A per-channel parameter gets per-program partial gradients when each channel covers runs of
 # at least this many consecutive neurons (the backward grid then follows those runs, so no
 # program straddles two channels); shorter runs would leave most of a program's lanes idle.
@@ -64,9 +68,10 @@ def _charge(v, x, k, v_rest, DECAY_INPUT: tl.constexpr):
 @triton.jit
 def _fire_and_reset(h, theta, v_rest, HARD_RESET: tl.constexpr):
     """S_t (spike when H_t >= theta) and V_t after the reset."""
-    s = (h >= theta).to(h.dtype)
+    fired = h >= theta
+    s = fired.to(h.dtype)
     if HARD_RESET:
-        v = (1.0 - s) * h + s * v_rest
+        v = tl.where(fired, v_rest, h)  # = (1 - S) H + S V_r, in one select
     else:
         v = h - s * theta
     return s, v
@@ -85,6 +90,7 @@ def slif_forward_kernel(
     w_channels, w_inner, theta_channels, theta_inner,
     HAS_V_INIT: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     CHUNK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    REST_IS_ZERO: tl.constexpr = False, PRELOAD: tl.constexpr = False,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)  # int64: tensors past 2**31 elements index correctly
@@ -92,7 +98,10 @@ def slif_forward_kernel(
     # Row offsets in int64 too (t * N can pass 2**31 long before N does).
     stride64 = tl.cast(stride_xt, tl.int64)
     N64 = tl.cast(N, tl.int64)
-    v_rest = tl.load(scalars_ptr).to(COMPUTE_DTYPE)
+    if REST_IS_ZERO or not HARD_RESET:  # V_r = 0 known when compiling: its terms fold away
+        v_rest = 0.0
+    else:
+        v_rest = tl.load(scalars_ptr).to(COMPUTE_DTYPE)
     k = tl.sigmoid(_load_parameter(w_ptr, offs, mask, w_channels, w_inner).to(COMPUTE_DTYPE))
     theta = _load_parameter(theta_ptr, offs, mask, theta_channels, theta_inner).to(COMPUTE_DTYPE)
     if HAS_V_INIT:
@@ -103,16 +112,36 @@ def slif_forward_kernel(
     for c in range(num_chunks):
         if c > 0:  # V entering chunk c, for the backward's recomputation
             tl.store(checkpoint_ptr + (c - 1) * N64 + offs, v, mask=mask)
-        for j in tl.static_range(CHUNK):
-            t = c * CHUNK + j
-            if t < T:
-                x = tl.load(x_ptr + t * stride64 + offs, mask=mask, other=0.0)
-                h = _charge(v, x.to(COMPUTE_DTYPE), k, v_rest, DECAY_INPUT)
+        if PRELOAD:
+            # All of the chunk's x loads in flight before the serial recurrence needs the
+            # first, and no branch per step (a branch per step makes the compiler move V
+            # through shared memory, with two barriers, every step when x's register layout
+            # differs from V's: 8 fp16 per thread). Steps past T (last chunk only) load
+            # nothing, store nothing and keep V.
+            xs = ()
+            for j in tl.static_range(CHUNK):
+                t = c * CHUNK + j
+                xs = xs + (tl.load(x_ptr + t * stride64 + offs, mask=mask & (t < T),
+                                   other=0.0),)
+            for j in tl.static_range(CHUNK):
+                t = c * CHUNK + j
+                h = _charge(v, xs[j].to(COMPUTE_DTYPE), k, v_rest, DECAY_INPUT)
                 fired = h >= theta
-                _, v = _fire_and_reset(h, theta, v_rest, HARD_RESET)
-                # a comparison result converts exactly to float, uint8 and bool outputs alike
-                tl.store(spikes_ptr + t * N64 + offs,
-                         fired.to(spikes_ptr.dtype.element_ty), mask=mask)
+                _, v_next = _fire_and_reset(h, theta, v_rest, HARD_RESET)
+                tl.store(spikes_ptr + t * N64 + offs, fired.to(spikes_ptr.dtype.element_ty),
+                         mask=mask & (t < T))
+                v = tl.where(t < T, v_next, v)
+        else:  # one load per step, issued when the step begins
+            for j in tl.static_range(CHUNK):
+                t = c * CHUNK + j
+                if t < T:
+                    x = tl.load(x_ptr + t * stride64 + offs, mask=mask, other=0.0)
+                    h = _charge(v, x.to(COMPUTE_DTYPE), k, v_rest, DECAY_INPUT)
+                    fired = h >= theta
+                    _, v = _fire_and_reset(h, theta, v_rest, HARD_RESET)
+                    # a comparison result converts exactly to float, uint8 and bool outputs
+                    tl.store(spikes_ptr + t * N64 + offs,
+                             fired.to(spikes_ptr.dtype.element_ty), mask=mask)
     tl.store(v_final_ptr + offs, v, mask=mask)
 
 
@@ -127,6 +156,7 @@ def slif_backward_kernel(
     NEED_GRAD_X: tl.constexpr, NEED_GRAD_W: tl.constexpr, NEED_GRAD_THETA: tl.constexpr,
     W_PARTIAL: tl.constexpr, THETA_PARTIAL: tl.constexpr,
     CHUNK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    REST_IS_ZERO: tl.constexpr = False,
 ):
     # Grid (column blocks, rows) over the neurons viewed as [N / row_len, row_len]: a program
     # never straddles two rows, so when every row uses one parameter entry (W_PARTIAL /
@@ -141,7 +171,10 @@ def slif_backward_kernel(
     # Row offsets in int64 too (t * N can pass 2**31 long before N does).
     stride64 = tl.cast(stride_xt, tl.int64)
     N64 = tl.cast(N, tl.int64)
-    v_rest = tl.load(scalars_ptr).to(COMPUTE_DTYPE)
+    if REST_IS_ZERO or not HARD_RESET:  # V_r = 0 known when compiling: its terms fold away
+        v_rest = 0.0
+    else:
+        v_rest = tl.load(scalars_ptr).to(COMPUTE_DTYPE)
     alpha = tl.load(scalars_ptr + 1).to(COMPUTE_DTYPE)
     k = tl.sigmoid(_load_parameter(w_ptr, offs, mask, w_channels, w_inner).to(COMPUTE_DTYPE))
     theta = _load_parameter(theta_ptr, offs, mask, theta_channels, theta_inner).to(COMPUTE_DTYPE)
@@ -194,9 +227,9 @@ def slif_backward_kernel(
                     if DETACH_RESET:
                         dv_dh = 1.0 - s
                         dv_dtheta = zero
-                    else:
-                        dv_dh = (1.0 - s) + (v_rest - h) * psi
+                    else:  # (V_r - H) psi written as -(H - V_r) psi: one product, the same bits
                         dv_dtheta = (h - v_rest) * psi
+                        dv_dh = (1.0 - s) - dv_dtheta
                 else:
                     if DETACH_RESET:
                         dv_dh = zero + 1.0
@@ -385,7 +418,7 @@ def triton_forward(x2d: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
         plan.theta_inner, HAS_V_INIT=v_init is not None, HARD_RESET=plan.v_reset is not None,
         DECAY_INPUT=plan.decay_input, CHUNK=plan.chunk,
         COMPUTE_DTYPE=_triton_dtype(plan.compute_dtype), BLOCK=FORWARD_BLOCK,
-        num_warps=FORWARD_WARPS,
+        REST_IS_ZERO=plan.v_reset == 0.0, PRELOAD=FORWARD_PRELOAD, num_warps=FORWARD_WARPS,
     )
     return spikes, v_final, checkpoints
 
@@ -433,7 +466,7 @@ def triton_backward(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tens
         NEED_GRAD_W=need_w, NEED_GRAD_THETA=need_theta, W_PARTIAL=plan.w_partial,
         THETA_PARTIAL=plan.theta_partial, CHUNK=plan.chunk,
         COMPUTE_DTYPE=_triton_dtype(cdtype), BLOCK=plan.backward_block,
-        num_warps=BACKWARD_WARPS,
+        REST_IS_ZERO=plan.v_reset == 0.0, num_warps=BACKWARD_WARPS,
     )
     return grad_x, grad_w, grad_theta, grad_v_init
 
