@@ -191,6 +191,18 @@ def main() -> int:
                 base = (f"{100 * default['fraction_of_copy']:.0f} %" if default and
                         default["fraction_of_copy"] else "not measured")
                 print(f"best {kind} T={T}: {describe(top)} (defaults: {base})")
+        # the chunk is shared (the forward writes the checkpoints the backward reads): the
+        # fastest forward + backward pair per chunk length
+        pairs = []
+        for chunk in effective_chunks(T):
+            times = [min((r["ms"] for r in rows if r["kind"] == kind and r["T"] == T
+                          and r["dtype"] == "float16" and r["MAX_CHUNK"] == chunk and r["ms"]),
+                         default=None) for kind in ("forward", "backward")]
+            if None not in times:
+                pairs.append((sum(times), chunk, times))
+        for total, chunk, (fwd, bwd) in sorted(pairs)[:1]:
+            print(f"best forward + backward T={T}: chunk {chunk}, {fwd:.4f} + {bwd:.4f} = "
+                  f"{total:.4f} ms")
     return 0
 
 

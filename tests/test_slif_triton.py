@@ -94,6 +94,25 @@ def test_forward_preload_variant_half_and_byte_spikes(spike_dtype, monkeypatch, 
                                atol=2e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_preload_variant_compiled(dtype, monkeypatch, device):
+    # The compiled preload path (the interpreter compiles nothing): T = 8 (one chunk) and
+    # T = 17 (a partial last chunk), hard and soft reset, against the default path and the
+    # float64 reference.
+    for index in (37, 42, 47, 49, 57):
+        case = COVERING[index]
+        inputs = make_inputs(case, seed=6000 + index)
+        results = []
+        for preload in (False, True):
+            monkeypatch.setattr(slif_ops, "FORWARD_PRELOAD", preload)
+            results.append(run_case(case, inputs, "triton", dtype, device))
+        torch.testing.assert_close(results[1]["spikes"], results[0]["spikes"], rtol=0, atol=0)
+        torch.testing.assert_close(results[1]["v_final"], results[0]["v_final"], rtol=1e-6,
+                                   atol=1e-6)
+        assert_matches(results[1], reference_for(case, inputs, dtype), dtype, str(case))
+
+
 SURROGATES = surrogate_cases()
 
 
