@@ -101,6 +101,9 @@ def recorded_launches(monkeypatch) -> list:
     # both forward variants and both ways of getting V_r (folded 0, loaded -0.3 / soft) compile
     assert {e["constexprs"]["PRELOAD"] for e in forward.launches} == {False, True}
     assert {e["constexprs"]["REST_IS_ZERO"] for e in backward.launches} == {False, True}
+    # per-layer parameters take the row grid, channel-last ones the tiled backward
+    assert {e["constexprs"]["TILE_ROWS"] for e in backward.launches} == {
+        0, slif_ops.BACKWARD_BLOCK // slif_ops.TILE_COLUMNS}
     return list(unique.values())
 
 
@@ -113,3 +116,35 @@ def test_launched_slif_kernels_compile_for_gpu(arch, monkeypatch):
     failures = [r for r in results if not r["ok"]]
     assert not failures, json.dumps(failures, indent=1)[:6000]
     assert len(results) == len(entries), proc.stderr[-3000:]
+
+
+def test_tiled_backward_real_launch_does_not_spill():
+    # The tiled backward as the JIT specialises it for x = [T, 64, 65536] fp16 with channel-last
+    # w and V_th (channels = 65536 divisible by 16, inner = 1 folded): no spills, and at most 128
+    # registers per thread, so 4 programs of 4 warps fit an SM, as for the row-grid backward
+    # (124). (Looping one program over several tiles cost 162 registers: 3 per SM.)
+    from test_slif_compile_targets import _SASS_SCRIPT, _real_launch
+
+    constexprs = {"HAS_V_INIT": False, "HAS_GRAD_V_FINAL": False, "HARD_RESET": True,
+                  "DECAY_INPUT": True, "DETACH_RESET": False, "SURROGATE": 1,
+                  "NEED_GRAD_X": True, "NEED_GRAD_W": True, "NEED_GRAD_THETA": True,
+                  "W_PARTIAL": True, "THETA_PARTIAL": True, "CHUNK": slif_ops.MAX_CHUNK,
+                  "COMPUTE_DTYPE": "tl.float32", "BLOCK": slif_ops.TILE_COLUMNS,
+                  "REST_IS_ZERO": True,
+                  "TILE_ROWS": slif_ops.BACKWARD_BLOCK // slif_ops.TILE_COLUMNS}
+    entry = _real_launch("slif_backward_kernel", "fp16", constexprs, slif_ops.BACKWARD_WARPS,
+                         "tiled backward")
+    signature = dict(entry["signature"], w_channels="i32", theta_channels="i32")
+    del signature["w_inner"], signature["theta_inner"]
+    names = list(inspect.signature(slif_ops.slif_backward_kernel.fn).parameters)
+    entry.update(signature={n: signature[n] for n in names if n in signature},  # kernel order
+                 equal_to_1=["w_inner", "theta_inner"],
+                 divisible_by_16=["N", "stride_xt", "row_len", "w_channels", "theta_channels"])
+    proc = subprocess.run([sys.executable, "-c", _SASS_SCRIPT, json.dumps([entry])],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (found,) = map(json.loads, proc.stdout.splitlines())
+    summary = {key: found[key] for key in ("regs", "stack", "local")}
+    assert found["stack"] == 0 and found["local"] == 0, summary
+    assert found["regs"] <= 128, summary
+    assert "LDG.E.64" in found["ops"], summary  # 4 fp16 per load: the columns are contiguous

@@ -13,8 +13,9 @@ grad_spikes and x, writes grad_x — 20 bytes, the docs/benchmarks.md minimum. T
 traffic is one fp32 V checkpoint per CHUNK steps (0 when T <= CHUNK). Parameter gradients
 are summed inside the backward kernel to one partial per program wherever a program's
 neurons all share one parameter entry (per-layer parameters always; per-channel ones when
-the channel's span of neurons is at least MIN_PARTIAL_ROW long), then one small deterministic
-torch sum; only per-neuron parameters and short channel spans store one value per neuron.
+the channel's span of neurons is at least MIN_PARTIAL_ROW long), or, for shorter spans
+(channel-last), to one partial per column of a [rows, columns] tile (1 value per 16 neurons),
+then one small deterministic torch sum; only per-neuron parameters store one value per neuron.
 """
 from __future__ import annotations
 
@@ -49,6 +50,14 @@ FORWARD_PRELOAD = os.environ.get("EFFST_SLIF_FORWARD_PRELOAD", "0") == "1"
 # at least this many consecutive neurons (the backward grid then follows those runs, so no
 # program straddles two channels); shorter runs would leave most of a program's lanes idle.
 MIN_PARTIAL_ROW = 128
+# Shorter runs (channel-last: runs of one neuron) take the tiled backward instead: neurons as
+# [rows, row_len], row_len a multiple of the channel period, each program owning one
+# [BACKWARD_BLOCK // TILE_COLUMNS, TILE_COLUMNS] tile (columns contiguous: coalesced) and
+# summing it over rows to TILE_COLUMNS partials, 1 value per 16 neurons at the defaults. (A
+# program looping over several tiles would store fewer partials, but the loop costs 38
+# registers on sm_90, 124 -> 162: 3 instead of 4 programs per SM.) A power of 2; 0 turns the
+# tiled backward off (per-neuron gradients, as before it existed: for A/B timing on a GPU).
+TILE_COLUMNS = int(os.environ.get("EFFST_SLIF_TILE_COLUMNS", 32))
 MAX_GRID_ROWS = 65535  # CUDA's limit on grid dimension 1
 BACKENDS = ("auto", "reference", "triton", "native")
 SPIKE_DTYPES = (None, torch.uint8, torch.bool)
@@ -146,39 +155,23 @@ def slif_forward_kernel(
 
 
 @triton.jit
-def slif_backward_kernel(
-    grad_spikes_ptr, grad_v_final_ptr, x_ptr, w_ptr, theta_ptr, v_init_ptr, checkpoint_ptr,
-    scalars_ptr, grad_x_ptr, grad_w_ptr, grad_theta_ptr, grad_v_init_ptr,
-    T, N, stride_xt, row_len,
+def _backward_neurons(
+    offs, mask, grad_spikes_ptr, grad_v_final_ptr, x_ptr, w_ptr, theta_ptr, v_init_ptr,
+    checkpoint_ptr, grad_x_ptr, T, N64, stride64, v_rest, alpha,
     w_channels, w_inner, theta_channels, theta_inner,
     HAS_V_INIT: tl.constexpr, HAS_GRAD_V_FINAL: tl.constexpr, HARD_RESET: tl.constexpr,
     DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
     NEED_GRAD_X: tl.constexpr, NEED_GRAD_W: tl.constexpr, NEED_GRAD_THETA: tl.constexpr,
-    W_PARTIAL: tl.constexpr, THETA_PARTIAL: tl.constexpr,
-    CHUNK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-    REST_IS_ZERO: tl.constexpr = False,
+    CHUNK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):
-    # Grid (column blocks, rows) over the neurons viewed as [N / row_len, row_len]: a program
-    # never straddles two rows, so when every row uses one parameter entry (W_PARTIAL /
-    # THETA_PARTIAL) the program sums its neurons' gradients to one partial.
-    col_block = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1).to(tl.int64)
-    program = row * tl.num_programs(0) + col_block
-    cols = col_block * BLOCK + tl.arange(0, BLOCK)
-    row_len64 = tl.cast(row_len, tl.int64)
-    mask = cols < row_len64
-    offs = row * row_len64 + cols
-    # Row offsets in int64 too (t * N can pass 2**31 long before N does).
-    stride64 = tl.cast(stride_xt, tl.int64)
-    N64 = tl.cast(N, tl.int64)
-    if REST_IS_ZERO or not HARD_RESET:  # V_r = 0 known when compiling: its terms fold away
-        v_rest = 0.0
-    else:
-        v_rest = tl.load(scalars_ptr).to(COMPUTE_DTYPE)
-    alpha = tl.load(scalars_ptr + 1).to(COMPUTE_DTYPE)
+    """The backward of the neurons at ``offs`` (any shape) over all T, in reverse time.
+
+    Stores grad_x; returns ``(grad_k, grad_theta, carry, k)`` per neuron: the gradient sums of
+    k = sigmoid(w) and theta, and the gradient reaching V_0 (grad_v_init).
+    """
     k = tl.sigmoid(_load_parameter(w_ptr, offs, mask, w_channels, w_inner).to(COMPUTE_DTYPE))
     theta = _load_parameter(theta_ptr, offs, mask, theta_channels, theta_inner).to(COMPUTE_DTYPE)
-    zero = tl.zeros([BLOCK], dtype=COMPUTE_DTYPE)
+    zero = tl.zeros(offs.shape, dtype=COMPUTE_DTYPE)
     # carry: gradient reaching V_t from step t+1 (plus the final state's own gradient)
     if HAS_GRAD_V_FINAL:
         carry = tl.load(grad_v_final_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
@@ -253,16 +246,73 @@ def slif_backward_kernel(
                         grad_x = grad_h
                     tl.store(grad_x_ptr + t * N64 + offs,
                              grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    return grad_k, grad_theta, carry, k
+
+
+@triton.jit
+def slif_backward_kernel(
+    grad_spikes_ptr, grad_v_final_ptr, x_ptr, w_ptr, theta_ptr, v_init_ptr, checkpoint_ptr,
+    scalars_ptr, grad_x_ptr, grad_w_ptr, grad_theta_ptr, grad_v_init_ptr,
+    T, N, stride_xt, row_len,
+    w_channels, w_inner, theta_channels, theta_inner,
+    HAS_V_INIT: tl.constexpr, HAS_GRAD_V_FINAL: tl.constexpr, HARD_RESET: tl.constexpr,
+    DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
+    NEED_GRAD_X: tl.constexpr, NEED_GRAD_W: tl.constexpr, NEED_GRAD_THETA: tl.constexpr,
+    W_PARTIAL: tl.constexpr, THETA_PARTIAL: tl.constexpr,
+    CHUNK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    REST_IS_ZERO: tl.constexpr = False, TILE_ROWS: tl.constexpr = 0,
+):
+    # Neurons viewed as [rows, row_len] (the last row may be short when TILE_ROWS > 0).
+    # TILE_ROWS = 0: grid (column blocks, rows), a program owns BLOCK neurons of one row; when
+    # every row uses one parameter entry (W_PARTIAL / THETA_PARTIAL) it sums its neurons'
+    # gradients to one partial.
+    # TILE_ROWS > 0 (row_len a multiple of every per-channel parameter's period, so a neuron's
+    # entry depends on its column only): grid (column blocks, row tiles), a program owns a
+    # [TILE_ROWS, BLOCK] tile and sums each partial parameter's gradient over its rows, writing
+    # BLOCK partials, one per column, at [tile, columns] of a [row tiles, row_len] buffer.
+    col_block = tl.program_id(0).to(tl.int64)
+    cols = col_block * BLOCK + tl.arange(0, BLOCK)
+    row_len64 = tl.cast(row_len, tl.int64)
+    col_mask = cols < row_len64
+    # Row offsets in int64 too (t * N can pass 2**31 long before N does).
+    stride64 = tl.cast(stride_xt, tl.int64)
+    N64 = tl.cast(N, tl.int64)
+    if REST_IS_ZERO or not HARD_RESET:  # V_r = 0 known when compiling: its terms fold away
+        v_rest = 0.0
+    else:
+        v_rest = tl.load(scalars_ptr).to(COMPUTE_DTYPE)
+    alpha = tl.load(scalars_ptr + 1).to(COMPUTE_DTYPE)
+    if not TILE_ROWS:  # (an AOT compile that leaves TILE_ROWS out gets None: this path)
+        row = tl.program_id(1).to(tl.int64)
+        offs = row * row_len64 + cols
+        mask = col_mask
+        partial_offs = row * tl.num_programs(0) + col_block  # one partial per program
+        partial_mask = None
+    else:
+        tile = tl.program_id(1).to(tl.int64)
+        rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS).to(tl.int64)
+        offs = rows[:, None] * row_len64 + cols[None, :]
+        mask = col_mask[None, :] & (offs < N64)
+        partial_offs = tile * row_len64 + cols  # one per column: [row tiles, row_len]
+        partial_mask = col_mask
+    grad_k, grad_theta, carry, k = _backward_neurons(
+        offs, mask, grad_spikes_ptr, grad_v_final_ptr, x_ptr, w_ptr, theta_ptr, v_init_ptr,
+        checkpoint_ptr, grad_x_ptr, T, N64, stride64, v_rest, alpha,
+        w_channels, w_inner, theta_channels, theta_inner, HAS_V_INIT, HAS_GRAD_V_FINAL,
+        HARD_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE, NEED_GRAD_X, NEED_GRAD_W,
+        NEED_GRAD_THETA, CHUNK, COMPUTE_DTYPE)
+    # partials: sums over the program's neurons (over its tile's rows when tiled)
     if NEED_GRAD_W:
         grad_w = tl.where(mask, grad_k * k * (1.0 - k), 0.0)
         if W_PARTIAL:
-            tl.store(grad_w_ptr + program, tl.sum(grad_w, axis=0))
+            tl.store(grad_w_ptr + partial_offs, tl.sum(grad_w, axis=0), mask=partial_mask)
         else:
             tl.store(grad_w_ptr + offs, grad_w, mask=mask)
     if NEED_GRAD_THETA:
         grad_theta = tl.where(mask, grad_theta, 0.0)
         if THETA_PARTIAL:
-            tl.store(grad_theta_ptr + program, tl.sum(grad_theta, axis=0))
+            tl.store(grad_theta_ptr + partial_offs, tl.sum(grad_theta, axis=0),
+                     mask=partial_mask)
         else:
             tl.store(grad_theta_ptr + offs, grad_theta, mask=mask)
     if HAS_V_INIT:
@@ -315,20 +365,26 @@ class SLIFPlan:
     detach_reset: bool
     decay_input: bool
     chunk: int
-    # backward grid: neurons viewed as [rows, row_len], BACKWARD_BLOCK-wide programs per row
+    # backward grid (column_blocks, rows): neurons viewed as [N / row_len, row_len],
+    # backward_block-wide programs per row; tiled (tile_rows > 0): ``rows`` counts row tiles,
+    # a program owns [tile_rows, backward_block], row_len is a multiple of every channel period
     row_len: int
     rows: int
     column_blocks: int
     backward_block: int
-    w_partial: bool  # the backward writes one w-gradient partial per program
+    w_partial: bool  # the backward writes one w-gradient partial per program (tiled: per column)
     theta_partial: bool
+    tile_rows: int = 0
 
     @property
     def programs(self) -> int:
         return self.rows * self.column_blocks
 
     def parameter_gradient_size(self, partial: bool) -> int:
-        return self.programs if partial else self.N
+        """Length of the raw gradient buffer: partials ([rows, row_len] when tiled) or N."""
+        if not partial:
+            return self.N
+        return self.rows * self.row_len if self.tile_rows else self.programs
 
 
 def make_plan(
@@ -345,13 +401,21 @@ def make_plan(
     # long enough; then every program's neurons share one entry of each non-neuron parameter.
     row_len = N
     spans = [layout.inner for layout in (w_layout, theta_layout) if layout.form == "channel"]
-    if partials and spans and min(spans) >= MIN_PARTIAL_ROW and N // min(spans) <= MAX_GRID_ROWS:
+    long_runs = spans and min(spans) >= MIN_PARTIAL_ROW and N // min(spans) <= MAX_GRID_ROWS
+    if partials and long_runs:
         row_len = min(spans)
     row_len = max(row_len, 1)
     block = max(min(BACKWARD_BLOCK, _next_power_of_2(row_len)), 16)
+    rows, tile_rows = N // row_len, 0
+    if partials and spans and not long_runs and N > 0 and TILE_COLUMNS > 0:
+        # short channel runs (or too many rows of long ones): the tiled grid, if it fits
+        tiled = _tile_grid(N, w_layout, theta_layout)
+        if tiled[3] <= MAX_GRID_ROWS:
+            row_len, tile_rows, block, rows = tiled
 
     def partial(layout) -> bool:
-        return partials and layout.form != "neuron" and layout.inner % row_len == 0
+        return partials and layout.form != "neuron" and (tile_rows > 0
+                                                         or layout.inner % row_len == 0)
 
     return SLIFPlan(
         backend=backend, T=T, N=N, x_dtype=x_dtype, compute_dtype=compute_dtype_for(x_dtype),
@@ -359,9 +423,40 @@ def make_plan(
         w_channels=w_layout.channels, w_inner=w_layout.inner,
         theta_channels=theta_layout.channels, theta_inner=theta_layout.inner,
         v_reset=v_reset, surrogate_id=surrogate_id, alpha=alpha, detach_reset=detach_reset,
-        decay_input=decay_input, chunk=chunk_size(T), row_len=row_len, rows=N // row_len,
+        decay_input=decay_input, chunk=chunk_size(T), row_len=row_len, rows=rows,
         column_blocks=triton.cdiv(row_len, block), backward_block=block,
-        w_partial=partial(w_layout), theta_partial=partial(theta_layout))
+        w_partial=partial(w_layout), theta_partial=partial(theta_layout), tile_rows=tile_rows)
+
+
+def _tile_grid(N: int, w_layout, theta_layout) -> tuple[int, int, int, int]:
+    """``(row_len, tile_rows, tile_columns, row_tiles)`` of the tiled backward.
+
+    row_len: a multiple of the channel period (channels * inner, or the lcm of two per-channel
+    parameters' periods: both divide N) that fills whole column blocks best, so a neuron's
+    parameter entry depends on its column alone and few lanes idle. The last row may be short.
+    """
+    period = 1  # (plain loops: torch.compile traces this)
+    for layout in (w_layout, theta_layout):
+        if layout.form == "channel":
+            a, b = period, layout.channels * layout.inner
+            while b:
+                a, b = b, a % b
+            period = period // a * layout.channels * layout.inner
+    columns = min(TILE_COLUMNS, BACKWARD_BLOCK)  # powers of 2
+    row_len = period
+    if period < columns * 8:  # else idle lanes < 1/8 of the last column block anyway
+        # the multiple of the period with the fewest idle lanes per column (the smallest on
+        # ties); none idle from columns / gcd(period, columns) multiples on
+        best_idle = columns
+        for m in range(1, min(8 * columns, N) // period + 2):
+            n = period * m
+            idle = triton.cdiv(n, columns) * columns - n
+            if idle * row_len < best_idle * n:
+                row_len, best_idle = n, idle
+            if idle == 0:
+                break
+    tile_rows = max(BACKWARD_BLOCK // columns, 1)
+    return row_len, tile_rows, columns, triton.cdiv(triton.cdiv(N, row_len), tile_rows)
 
 
 def reduce_parameter_gradient(raw: torch.Tensor, plan: SLIFPlan, partial: bool, channels: int,
@@ -372,6 +467,13 @@ def reduce_parameter_gradient(raw: torch.Tensor, plan: SLIFPlan, partial: bool, 
     """
     if not partial:
         return reduce_to_parameter(raw, channels, inner)
+    if plan.tile_rows:
+        # [row tiles, row_len] column partials: over tiles, then over the columns of each entry
+        # (column j uses entry (j // inner) % channels; row_len is a multiple of the period)
+        per_column = raw.reshape(plan.rows, plan.row_len).sum(dim=0)
+        if channels == 1:
+            return per_column.sum().reshape(1)
+        return per_column.reshape(-1, channels, inner).sum(dim=(0, 2))
     # program p = row * column_blocks + block; row r holds neurons of entry (r // q) % channels
     q = inner // plan.row_len
     return raw.reshape(-1, channels, q * plan.column_blocks).sum(dim=(0, 2))
@@ -466,7 +568,7 @@ def triton_backward(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tens
         NEED_GRAD_W=need_w, NEED_GRAD_THETA=need_theta, W_PARTIAL=plan.w_partial,
         THETA_PARTIAL=plan.theta_partial, CHUNK=plan.chunk,
         COMPUTE_DTYPE=_triton_dtype(cdtype), BLOCK=plan.backward_block,
-        REST_IS_ZERO=plan.v_reset == 0.0, num_warps=BACKWARD_WARPS,
+        REST_IS_ZERO=plan.v_reset == 0.0, TILE_ROWS=plan.tile_rows, num_warps=BACKWARD_WARPS,
     )
     return grad_x, grad_w, grad_theta, grad_v_init
 
