@@ -3,7 +3,9 @@
 The interpreter forgives what the compiler does not (constexpr misuse, dtype mixing, shapes);
 this compiles the variants the launcher can request: every chunk length 1..MAX_CHUNK, every
 surrogate, both resets, detach, decay_input, v_init / final-state gradient on and off, every
-input dtype, and 64-bit strides for tensors past 2**31 elements.
+input dtype, both forward variants (PRELOAD), V_r folded or loaded (REST_IS_ZERO), and 64-bit
+strides for tensors past 2**31 elements. The last test compiles launches as the JIT specialises
+them for a large fp16 input and checks the generated code (registers, spills, load order).
 """
 import itertools
 import json
@@ -52,7 +54,9 @@ def variants(arch: int) -> list:
                                     spike_type=[None, "*u8", "*i1"][i % 3]),
             "constexprs": {"HAS_V_INIT": has_v_init, "HARD_RESET": hard_reset,
                            "DECAY_INPUT": decay_input, "CHUNK": chunk,
-                           "COMPUTE_DTYPE": f"tl.float{compute[2:]}", "BLOCK": 1024}})
+                           "COMPUTE_DTYPE": f"tl.float{compute[2:]}", "BLOCK": 1024,
+                           # both forward variants, V_r folded (0) or loaded
+                           "PRELOAD": i % 2 == 1, "REST_IS_ZERO": i % 4 < 2}})
     for i, surrogate in enumerate(SURROGATE_NAMES):
         chunk = chunks[(3 * i) % len(chunks)]
         x_dtype = X_DTYPES[i % len(X_DTYPES)]
@@ -72,7 +76,8 @@ def variants(arch: int) -> list:
                            "NEED_GRAD_X": i % 3 != 2, "NEED_GRAD_W": i % 2 == 0,
                            "NEED_GRAD_THETA": i % 4 != 1, "W_PARTIAL": i % 3 == 0,
                            "THETA_PARTIAL": i % 2 == 1, "CHUNK": chunk,
-                           "COMPUTE_DTYPE": f"tl.float{compute[2:]}", "BLOCK": 512}})
+                           "COMPUTE_DTYPE": f"tl.float{compute[2:]}", "BLOCK": 512,
+                           "REST_IS_ZERO": i % 3 == 1}})
     return entries
 
 
@@ -86,3 +91,100 @@ def test_slif_kernels_compile_for_gpu(arch):
     assert not failures, json.dumps(failures, indent=1)
     assert len(results) == len(entries), proc.stderr[-3000:]
     assert all(r["ptx_bytes"] > 1000 for r in results)
+
+
+# What a real launch on x = [T, 64 * 65536] specialises (Triton's JIT: 16-byte aligned pointers,
+# integers divisible by 16, integers equal to 1 folded) and what the compiled code then looks
+# like. Without the specialisation the compiler cannot vectorise, so the entries above say
+# nothing about load widths, registers or spills.
+_SASS_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+os.environ.pop("TRITON_INTERPRET", None)
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import effst.ops.slif as slif_ops
+tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+for entry in json.loads(sys.argv[1]):
+    kernel = getattr(slif_ops, entry["kernel"])
+    constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) else v
+                  for k, v in entry["constexprs"].items()}
+    signature = dict(entry["signature"])
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if signature[n].startswith("*") or n in entry["divisible_by_16"]}
+    for n in entry["equal_to_1"]:
+        constexprs[n] = 1
+    signature.update({n: "constexpr" for n in constexprs})
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", 90, 32), options=entry["options"])
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
+                           capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name],
+                          capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+    regs, stack, local = (int(re.search(key + r":(\d+)", usage).group(1))
+                          for key in ("REG", "STACK", "LOCAL"))
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)
+    print(json.dumps({"name": entry["name"], "regs": regs, "stack": stack, "local": local,
+                      "ops": ops}), flush=True)
+"""
+
+
+def _real_launch(kernel: str, x_dtype: str, constexprs: dict, num_warps: int, name: str) -> dict:
+    """fp16 x, per-layer parameters (channels == 1), N = 64 * 65536, hard reset to 0."""
+    if kernel == "slif_forward_kernel":
+        pointers = ["x_ptr", "spikes_ptr", "w_ptr", "theta_ptr", "v_init_ptr", "v_final_ptr",
+                    "checkpoint_ptr", "scalars_ptr"]
+        ints, row = ["T", "N", "stride_xt"], False
+    else:
+        pointers = ["grad_spikes_ptr", "grad_v_final_ptr", "x_ptr", "w_ptr", "theta_ptr",
+                    "v_init_ptr", "checkpoint_ptr", "scalars_ptr", "grad_x_ptr", "grad_w_ptr",
+                    "grad_theta_ptr", "grad_v_init_ptr"]
+        ints, row = ["T", "N", "stride_xt"], True
+    # w_channels / theta_channels == 1: folded by the JIT (equal_to_1). They stay in the
+    # signature so every argument keeps its position (the divisibility hints are positional).
+    signature = _signature(pointers, x_dtype, "fp32", "i32", with_row_len=row)
+    return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
+            "options": {"num_warps": num_warps}, "equal_to_1": ["w_channels", "theta_channels"],
+            "divisible_by_16": ints[1:] + (["row_len"] if row else []) + ["w_inner", "theta_inner"]}
+
+
+def test_real_launches_do_not_spill_and_preload_issues_loads_first():
+    from effst.ops import slif as slif_ops
+
+    # forward at 1024 per 4 warps = 8 fp16 per thread (16-byte loads), where x's register
+    # layout differs from V's (fp32, 4 per thread); backward at the module's launch parameters
+    forward = {"HAS_V_INIT": False, "HARD_RESET": True, "DECAY_INPUT": True, "CHUNK": 8,
+               "COMPUTE_DTYPE": "tl.float32", "BLOCK": 1024, "REST_IS_ZERO": True}
+    backward = {"HAS_V_INIT": False, "HAS_GRAD_V_FINAL": False, "HARD_RESET": True,
+                "DECAY_INPUT": True, "DETACH_RESET": False, "SURROGATE": 1, "NEED_GRAD_X": True,
+                "NEED_GRAD_W": True, "NEED_GRAD_THETA": True, "W_PARTIAL": True,
+                "THETA_PARTIAL": True, "CHUNK": slif_ops.MAX_CHUNK, "COMPUTE_DTYPE": "tl.float32",
+                "BLOCK": slif_ops.BACKWARD_BLOCK, "REST_IS_ZERO": True}
+    entries = [
+        _real_launch("slif_forward_kernel", "fp16", dict(forward, PRELOAD=False), 4, "forward"),
+        _real_launch("slif_forward_kernel", "fp16", dict(forward, PRELOAD=True), 4,
+                     "forward preload"),
+        _real_launch("slif_backward_kernel", "fp16", backward, slif_ops.BACKWARD_WARPS,
+                     "backward"),
+    ]
+    proc = subprocess.run([sys.executable, "-c", _SASS_SCRIPT, json.dumps(entries)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    summary = {name: {"regs": r["regs"], "stack": r["stack"], "local": r["local"],
+                      "barriers": r["ops"].count("BAR.SYNC.DEFER_BLOCKING")}
+               for name, r in found.items()}
+    for name, r in found.items():  # everything stays in registers: no spills
+        assert r["stack"] == 0 and r["local"] == 0, summary
+    # x arrives in 16-byte loads, one per step
+    loads = [i for i, op in enumerate(found["forward preload"]["ops"]) if op == "LDG.E.128"]
+    stores = [i for i, op in enumerate(found["forward preload"]["ops"]) if op.startswith("STG")]
+    assert len(loads) == 8, summary
+    # the preload variant issues all of the chunk's x loads before its first spike store, and
+    # moves V through shared memory at most at the chunk boundaries, not every step
+    assert not [i for i in stores if loads[0] < i < loads[-1]], summary
+    assert summary["forward preload"]["barriers"] < summary["forward"]["barriers"], summary

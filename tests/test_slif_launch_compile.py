@@ -77,9 +77,12 @@ def recorded_launches(monkeypatch) -> list:
         (torch.bfloat16, 3, True, 0.0, True, False),
         (torch.float32, 1, False, 0.0, False, True),
         (torch.float32, 17, True, None, True, False),
-        (torch.float64, 5, True, 0.0, False, False),
+        (torch.float64, 5, True, -0.3, False, False),
     ]
-    for dtype, T, per_channel, v_reset, with_v_init, return_state in cases:
+    # the forward's preload variant (EFFST_SLIF_FORWARD_PRELOAD=1) on the first three cases
+    for case_number, (dtype, T, per_channel, v_reset, with_v_init, return_state) in enumerate(
+            cases + cases[:3]):
+        monkeypatch.setattr(slif_ops, "FORWARD_PRELOAD", case_number >= len(cases))
         x = torch.zeros(T, 2, 8, dtype=dtype, requires_grad=True)
         shape = (8,) if per_channel else ()
         w = torch.zeros(shape, dtype=dtype, requires_grad=True)
@@ -95,6 +98,12 @@ def recorded_launches(monkeypatch) -> list:
               for entry in forward.launches + backward.launches}
     assert {entry["kernel"] for entry in unique.values()} == {"slif_forward_kernel",
                                                               "slif_backward_kernel"}
+    # both forward variants and both ways of getting V_r (folded 0, loaded -0.3 / soft) compile
+    assert {e["constexprs"]["PRELOAD"] for e in forward.launches} == {False, True}
+    assert {e["constexprs"]["REST_IS_ZERO"] for e in backward.launches} == {False, True}
+    # per-layer parameters take the row grid, channel-last ones the tiled backward
+    assert {e["constexprs"]["TILE_ROWS"] for e in backward.launches} == {
+        0, slif_ops.BACKWARD_BLOCK // slif_ops.TILE_COLUMNS}
     return list(unique.values())
 
 
@@ -107,3 +116,36 @@ def test_launched_slif_kernels_compile_for_gpu(arch, monkeypatch):
     failures = [r for r in results if not r["ok"]]
     assert not failures, json.dumps(failures, indent=1)[:6000]
     assert len(results) == len(entries), proc.stderr[-3000:]
+
+
+def test_tiled_backward_real_launch_does_not_spill():
+    # The tiled backward as the JIT specialises it for x = [T, 64, 65536] fp16 with channel-last
+    # w and V_th (channels = 65536 divisible by 16, inner = 1 folded): no spills, and at most 128
+    # registers per thread, so 4 programs of 4 warps fit an SM, as for the row-grid backward
+    # (124; the tiled one: 124 today). (Looping one program over several tiles cost 162: 3.)
+    from test_slif_compile_targets import _SASS_SCRIPT, _real_launch
+
+    constexprs = {"HAS_V_INIT": False, "HAS_GRAD_V_FINAL": False, "HARD_RESET": True,
+                  "DECAY_INPUT": True, "DETACH_RESET": False, "SURROGATE": 1,
+                  "NEED_GRAD_X": True, "NEED_GRAD_W": True, "NEED_GRAD_THETA": True,
+                  "W_PARTIAL": True, "THETA_PARTIAL": True, "CHUNK": slif_ops.MAX_CHUNK,
+                  "COMPUTE_DTYPE": "tl.float32", "BLOCK": slif_ops.TILE_COLUMNS,
+                  "REST_IS_ZERO": True,
+                  "TILE_ROWS": slif_ops.BACKWARD_BLOCK // slif_ops.TILE_COLUMNS}
+    entry = _real_launch("slif_backward_kernel", "fp16", constexprs, slif_ops.BACKWARD_WARPS,
+                         "tiled backward")
+    # every integer stays in the signature, in the kernel's order (the script numbers the
+    # divisibility hints by signature position); equal_to_1 turns the inners into constexprs
+    signature = dict(entry["signature"], w_channels="i32", theta_channels="i32")
+    names = list(inspect.signature(slif_ops.slif_backward_kernel.fn).parameters)
+    entry.update(signature={n: signature[n] for n in names if n in signature},
+                 equal_to_1=["w_inner", "theta_inner"],
+                 divisible_by_16=["N", "stride_xt", "row_len", "w_channels", "theta_channels"])
+    proc = subprocess.run([sys.executable, "-c", _SASS_SCRIPT, json.dumps([entry])],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (found,) = map(json.loads, proc.stdout.splitlines())
+    summary = {key: found[key] for key in ("regs", "stack", "local")}
+    assert found["stack"] == 0 and found["local"] == 0, summary
+    assert found["regs"] <= 128, summary
+    assert "LDG.E.64" in found["ops"], summary  # 4 fp16 per load: the columns are contiguous

@@ -28,12 +28,53 @@ def test_plan_chooses_partials_by_channel_span():
     plan = plan_for((3, 4, 130), (4,), (), channel_dim=0)
     assert (plan.row_len, plan.rows, plan.w_partial, plan.theta_partial) == (130, 4, True, True)
     assert plan.programs == 4 * plan.column_blocks
-    # channel-last: spans of one neuron -> per-neuron gradients for the channel parameter
+    # channel-last: spans of one neuron -> the tiled grid (test_tiled_plan_for_short_channel_runs)
     plan = plan_for((3, 40, 6), (6,), ())
-    assert (plan.row_len, plan.w_partial, plan.theta_partial) == (240, False, True)
+    assert (plan.tile_rows > 0, plan.w_partial, plan.theta_partial) == (True, True, True)
     # per-neuron parameters are stored per neuron (that is the parameter's shape)
     plan = plan_for((3, 40, 6), (40, 6), (40, 6))
     assert not plan.w_partial and not plan.theta_partial
+
+
+def test_tiled_plan_for_short_channel_runs(monkeypatch):
+    # Channel runs shorter than MIN_PARTIAL_ROW: [row tiles, row_len] column partials, row_len
+    # a multiple of the channel period; the partial buffer is N / tile_rows plus idle columns.
+    rows, columns = slif_ops.BACKWARD_BLOCK // slif_ops.TILE_COLUMNS, slif_ops.TILE_COLUMNS
+    for x_shape, channel_dim, period in [((8, 64, 65536), -1, 65536),  # the neuron benchmark
+                                         ((4, 64, 64, 384), -1, 384),  # Spikformer-like
+                                         ((3, 1000, 3), -1, 3), ((2, 50, 7, 9), 1, 63)]:
+        C = x_shape[1:][channel_dim]
+        plan = plan_for(x_shape, (C,), (C,), channel_dim=channel_dim)
+        assert (plan.tile_rows, plan.backward_block) == (rows, columns)
+        assert plan.w_partial and plan.theta_partial and plan.row_len % period == 0
+        assert plan.rows == (plan.N + plan.row_len * rows - 1) // (plan.row_len * rows)
+        idle = plan.column_blocks * columns / plan.row_len  # lanes per useful column
+        assert idle < 1.13
+        assert plan.parameter_gradient_size(True) <= plan.N / rows + plan.row_len
+    plan = plan_for((8, 64, 65536), (65536,), (65536,))
+    assert plan.parameter_gradient_size(True) * 16 == plan.N  # 1 partial per 16 neurons
+    # one parameter per layer or per neuron beside a per-channel one
+    plan = plan_for((3, 40, 6), (6,), (40, 6))
+    assert plan.tile_rows and plan.w_partial and not plan.theta_partial
+    plan = plan_for((3, 40, 6), (), (6,))
+    assert plan.tile_rows and plan.w_partial and plan.theta_partial
+    # long channel runs keep one partial per program; no per-channel parameter: no tiles
+    assert plan_for((3, 4, 130), (4,), (), channel_dim=0).tile_rows == 0
+    assert plan_for((3, 40, 6), (), (40, 6)).tile_rows == 0
+    # the contract path (partials=False) keeps per-neuron gradients
+    step = (40, 6)
+    layout = resolve_parameter_layout((6,), step, -1, "w")
+    plan = slif_ops.make_plan("triton", (3,) + step, torch.float32, layout, layout, 0.0, 1, 2.0,
+                              False, True, partials=False)
+    assert plan.tile_rows == 0 and not plan.w_partial
+    # more row tiles than grid dimension 1 allows, or EFFST_SLIF_TILE_COLUMNS=0: per neuron
+    monkeypatch.setattr(slif_ops, "TILE_COLUMNS", 0)
+    plan = plan_for((3, 1000, 3), (3,), (3,))
+    assert plan.tile_rows == 0 and not plan.w_partial and plan.rows == 1
+    monkeypatch.setattr(slif_ops, "TILE_COLUMNS", 32)
+    monkeypatch.setattr(slif_ops, "MAX_GRID_ROWS", 1)  # (3000 neurons: 2 tiles of 16 x 96)
+    plan = plan_for((3, 1000, 3), (3,), (3,))
+    assert plan.tile_rows == 0 and not plan.w_partial and plan.rows == 1
 
 
 @pytest.mark.parametrize("index", range(0, len(COVERING), 2))

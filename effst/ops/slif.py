@@ -13,8 +13,9 @@ grad_spikes and x, writes grad_x — 20 bytes, the docs/benchmarks.md minimum. T
 traffic is one fp32 V checkpoint per CHUNK steps (0 when T <= CHUNK). Parameter gradients
 are summed inside the backward kernel to one partial per program wherever a program's
 neurons all share one parameter entry (per-layer parameters always; per-channel ones when
-the channel's span of neurons is at least MIN_PARTIAL_ROW long), then one small deterministic
-torch sum; only per-neuron parameters and short channel spans store one value per neuron.
+the channel's span of neurons is at least MIN_PARTIAL_ROW long), or, for shorter spans
+(channel-last), to one partial per column of a [rows, columns] tile (1 value per 16 neurons),
+then one small deterministic torch sum; only per-neuron parameters store one value per neuron.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from triton import knobs as _triton_knobs
 from triton.knobs import HookChain as _HookChain
 from triton.runtime.jit import JITFunction as _JITFunction
 
-from effst.ops.layout import reduce_to_parameter, resolve_parameter_layout
+from effst.ops.layout import normalize_channel_dim, reduce_to_parameter, resolve_parameter_layout
 from effst.ops.slif_reference import slif_reference
 from effst.ops.surrogates import SURROGATE_NAMES, resolve_surrogate, surrogate_grad_triton
 
@@ -45,10 +46,22 @@ FORWARD_BLOCK = int(os.environ.get("EFFST_SLIF_FORWARD_BLOCK", 1024))
 FORWARD_WARPS = int(os.environ.get("EFFST_SLIF_FORWARD_WARPS", 4))
 BACKWARD_BLOCK = int(os.environ.get("EFFST_SLIF_BACKWARD_BLOCK", 512))
 BACKWARD_WARPS = int(os.environ.get("EFFST_SLIF_BACKWARD_WARPS", 4))
+# Forward variant: 1 loads all of a chunk's x tiles before its serial recurrence (CHUNK loads in
+# flight per thread, no branch per step); 0 (default until a GPU run measures both) loads one
+# step at a time. Both are exact; docs/slif.md ("Kernels") says what each costs.
+FORWARD_PRELOAD = os.environ.get("EFFST_SLIF_FORWARD_PRELOAD", "0") == "1"
 # A per-channel parameter gets per-program partial gradients when each channel covers runs of
 # at least this many consecutive neurons (the backward grid then follows those runs, so no
 # program straddles two channels); shorter runs would leave most of a program's lanes idle.
 MIN_PARTIAL_ROW = 128
+# Shorter runs (channel-last: runs of one neuron) take the tiled backward instead: neurons as
+# [rows, row_len], row_len a multiple of the channel period, each program owning one
+# [BACKWARD_BLOCK // TILE_COLUMNS, TILE_COLUMNS] tile (columns contiguous: coalesced) and
+# summing it over rows to TILE_COLUMNS partials, 1 value per 16 neurons at the defaults. (A
+# program looping over several tiles would store fewer partials, but the loop costs 38
+# registers on sm_90, 124 -> 162: 3 instead of 4 programs per SM.) A power of 2; 0 turns the
+# tiled backward off (per-neuron gradients, as before it existed: for A/B timing on a GPU).
+TILE_COLUMNS = int(os.environ.get("EFFST_SLIF_TILE_COLUMNS", 32))
 MAX_GRID_ROWS = 65535  # CUDA's limit on grid dimension 1
 BACKENDS = ("auto", "reference", "triton", "native")
 SPIKE_DTYPES = (None, torch.uint8, torch.bool)
@@ -68,9 +81,10 @@ def _charge(v, x, k, v_rest, DECAY_INPUT: tl.constexpr):
 @triton.jit
 def _fire_and_reset(h, theta, v_rest, HARD_RESET: tl.constexpr):
     """S_t (spike when H_t >= theta) and V_t after the reset."""
-    s = (h >= theta).to(h.dtype)
+    fired = h >= theta
+    s = fired.to(h.dtype)
     if HARD_RESET:
-        v = (1.0 - s) * h + s * v_rest
+        v = tl.where(fired, v_rest, h)  # = (1 - S) H + S V_r, in one select
     else:
         v = h - s * theta
     return s, v
@@ -83,12 +97,23 @@ def _load_parameter(ptr, offs, mask, channels, inner):
 
 
 @triton.jit
+def _rest_potential(scalars_ptr, REST_IS_ZERO: tl.constexpr, HARD_RESET: tl.constexpr,
+                    COMPUTE_DTYPE: tl.constexpr):
+    """V_rest: 0 when known at compile time (V_r = 0, or soft reset), so its terms fold away."""
+    if REST_IS_ZERO or not HARD_RESET:
+        return 0.0
+    else:
+        return tl.load(scalars_ptr).to(COMPUTE_DTYPE)
+
+
+@triton.jit
 def slif_forward_kernel(
     x_ptr, spikes_ptr, w_ptr, theta_ptr, v_init_ptr, v_final_ptr, checkpoint_ptr, scalars_ptr,
     T, N, stride_xt,
     w_channels, w_inner, theta_channels, theta_inner,
     HAS_V_INIT: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     CHUNK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    REST_IS_ZERO: tl.constexpr = False, PRELOAD: tl.constexpr = False,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)  # int64: tensors past 2**31 elements index correctly
@@ -96,7 +121,7 @@ def slif_forward_kernel(
     # Row offsets in int64 too (t * N can pass 2**31 long before N does).
     stride64 = tl.cast(stride_xt, tl.int64)
     N64 = tl.cast(N, tl.int64)
-    v_rest = tl.load(scalars_ptr).to(COMPUTE_DTYPE)
+    v_rest = _rest_potential(scalars_ptr, REST_IS_ZERO, HARD_RESET, COMPUTE_DTYPE)
     k = tl.sigmoid(_load_parameter(w_ptr, offs, mask, w_channels, w_inner).to(COMPUTE_DTYPE))
     theta = _load_parameter(theta_ptr, offs, mask, theta_channels, theta_inner).to(COMPUTE_DTYPE)
     if HAS_V_INIT:
@@ -107,49 +132,57 @@ def slif_forward_kernel(
     for c in range(num_chunks):
         if c > 0:  # V entering chunk c, for the backward's recomputation
             tl.store(checkpoint_ptr + (c - 1) * N64 + offs, v, mask=mask)
-        for j in tl.static_range(CHUNK):
-            t = c * CHUNK + j
-            if t < T:
-                x = tl.load(x_ptr + t * stride64 + offs, mask=mask, other=0.0)
-                h = _charge(v, x.to(COMPUTE_DTYPE), k, v_rest, DECAY_INPUT)
+        if PRELOAD:
+            # All of the chunk's x loads in flight before the serial recurrence needs the
+            # first, and no branch per step (a branch per step makes the compiler move V
+            # through shared memory, with two barriers, every step when x's register layout
+            # differs from V's: 8 fp16 per thread). Steps past T (last chunk only) load
+            # nothing, store nothing and keep V.
+            xs = ()
+            for j in tl.static_range(CHUNK):
+                t = c * CHUNK + j
+                xs = xs + (tl.load(x_ptr + t * stride64 + offs, mask=mask & (t < T),
+                                   other=0.0),)
+            for j in tl.static_range(CHUNK):
+                t = c * CHUNK + j
+                h = _charge(v, xs[j].to(COMPUTE_DTYPE), k, v_rest, DECAY_INPUT)
                 fired = h >= theta
-                _, v = _fire_and_reset(h, theta, v_rest, HARD_RESET)
-                # a comparison result converts exactly to float, uint8 and bool outputs alike
-                tl.store(spikes_ptr + t * N64 + offs,
-                         fired.to(spikes_ptr.dtype.element_ty), mask=mask)
+                _, v_next = _fire_and_reset(h, theta, v_rest, HARD_RESET)
+                tl.store(spikes_ptr + t * N64 + offs, fired.to(spikes_ptr.dtype.element_ty),
+                         mask=mask & (t < T))
+                v = tl.where(t < T, v_next, v)
+        else:  # one load per step, issued when the step begins
+            for j in tl.static_range(CHUNK):
+                t = c * CHUNK + j
+                if t < T:
+                    x = tl.load(x_ptr + t * stride64 + offs, mask=mask, other=0.0)
+                    h = _charge(v, x.to(COMPUTE_DTYPE), k, v_rest, DECAY_INPUT)
+                    fired = h >= theta
+                    _, v = _fire_and_reset(h, theta, v_rest, HARD_RESET)
+                    # a comparison result converts exactly to float, uint8 and bool outputs
+                    tl.store(spikes_ptr + t * N64 + offs,
+                             fired.to(spikes_ptr.dtype.element_ty), mask=mask)
     tl.store(v_final_ptr + offs, v, mask=mask)
 
 
 @triton.jit
-def slif_backward_kernel(
-    grad_spikes_ptr, grad_v_final_ptr, x_ptr, w_ptr, theta_ptr, v_init_ptr, checkpoint_ptr,
-    scalars_ptr, grad_x_ptr, grad_w_ptr, grad_theta_ptr, grad_v_init_ptr,
-    T, N, stride_xt, row_len,
+def _backward_neurons(
+    offs, mask, grad_spikes_ptr, grad_v_final_ptr, x_ptr, w_ptr, theta_ptr, v_init_ptr,
+    checkpoint_ptr, grad_x_ptr, T, N64, stride64, v_rest, alpha,
     w_channels, w_inner, theta_channels, theta_inner,
     HAS_V_INIT: tl.constexpr, HAS_GRAD_V_FINAL: tl.constexpr, HARD_RESET: tl.constexpr,
     DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
     NEED_GRAD_X: tl.constexpr, NEED_GRAD_W: tl.constexpr, NEED_GRAD_THETA: tl.constexpr,
-    W_PARTIAL: tl.constexpr, THETA_PARTIAL: tl.constexpr,
-    CHUNK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):
-    # Grid (column blocks, rows) over the neurons viewed as [N / row_len, row_len]: a program
-    # never straddles two rows, so when every row uses one parameter entry (W_PARTIAL /
-    # THETA_PARTIAL) the program sums its neurons' gradients to one partial.
-    col_block = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1).to(tl.int64)
-    program = row * tl.num_programs(0) + col_block
-    cols = col_block * BLOCK + tl.arange(0, BLOCK)
-    row_len64 = tl.cast(row_len, tl.int64)
-    mask = cols < row_len64
-    offs = row * row_len64 + cols
-    # Row offsets in int64 too (t * N can pass 2**31 long before N does).
-    stride64 = tl.cast(stride_xt, tl.int64)
-    N64 = tl.cast(N, tl.int64)
-    v_rest = tl.load(scalars_ptr).to(COMPUTE_DTYPE)
-    alpha = tl.load(scalars_ptr + 1).to(COMPUTE_DTYPE)
+    """The backward of the neurons at ``offs`` (any shape) over all T, in reverse time.
+
+    Stores grad_x; returns ``(grad_k, grad_theta, carry, k)`` per neuron: the gradient sums of
+    k = sigmoid(w) and theta, and the gradient reaching V_0 (grad_v_init).
+    """
     k = tl.sigmoid(_load_parameter(w_ptr, offs, mask, w_channels, w_inner).to(COMPUTE_DTYPE))
     theta = _load_parameter(theta_ptr, offs, mask, theta_channels, theta_inner).to(COMPUTE_DTYPE)
-    zero = tl.zeros([BLOCK], dtype=COMPUTE_DTYPE)
+    zero = tl.zeros(offs.shape, dtype=COMPUTE_DTYPE)
     # carry: gradient reaching V_t from step t+1 (plus the final state's own gradient)
     if HAS_GRAD_V_FINAL:
         carry = tl.load(grad_v_final_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
@@ -198,9 +231,9 @@ def slif_backward_kernel(
                     if DETACH_RESET:
                         dv_dh = 1.0 - s
                         dv_dtheta = zero
-                    else:
-                        dv_dh = (1.0 - s) + (v_rest - h) * psi
+                    else:  # (V_r - H) psi written as -(H - V_r) psi: one product, the same bits
                         dv_dtheta = (h - v_rest) * psi
+                        dv_dh = (1.0 - s) - dv_dtheta
                 else:
                     if DETACH_RESET:
                         dv_dh = zero + 1.0
@@ -224,16 +257,70 @@ def slif_backward_kernel(
                         grad_x = grad_h
                     tl.store(grad_x_ptr + t * N64 + offs,
                              grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    return grad_k, grad_theta, carry, k
+
+
+@triton.jit
+def slif_backward_kernel(
+    grad_spikes_ptr, grad_v_final_ptr, x_ptr, w_ptr, theta_ptr, v_init_ptr, checkpoint_ptr,
+    scalars_ptr, grad_x_ptr, grad_w_ptr, grad_theta_ptr, grad_v_init_ptr,
+    T, N, stride_xt, row_len,
+    w_channels, w_inner, theta_channels, theta_inner,
+    HAS_V_INIT: tl.constexpr, HAS_GRAD_V_FINAL: tl.constexpr, HARD_RESET: tl.constexpr,
+    DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
+    NEED_GRAD_X: tl.constexpr, NEED_GRAD_W: tl.constexpr, NEED_GRAD_THETA: tl.constexpr,
+    W_PARTIAL: tl.constexpr, THETA_PARTIAL: tl.constexpr,
+    CHUNK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    REST_IS_ZERO: tl.constexpr = False, TILE_ROWS: tl.constexpr = 0,
+):
+    # Neurons viewed as [rows, row_len] (the last row may be short when TILE_ROWS > 0).
+    # TILE_ROWS = 0: grid (column blocks, rows), a program owns BLOCK neurons of one row; when
+    # every row uses one parameter entry (W_PARTIAL / THETA_PARTIAL) it sums its neurons'
+    # gradients to one partial.
+    # TILE_ROWS > 0 (row_len a multiple of every per-channel parameter's period, so a neuron's
+    # entry depends on its column only): grid (column blocks, row tiles), a program owns a
+    # [TILE_ROWS, BLOCK] tile and sums each partial parameter's gradient over its rows, writing
+    # BLOCK partials, one per column, at [tile, columns] of a [row tiles, row_len] buffer.
+    col_block = tl.program_id(0).to(tl.int64)
+    cols = col_block * BLOCK + tl.arange(0, BLOCK)
+    row_len64 = tl.cast(row_len, tl.int64)
+    col_mask = cols < row_len64
+    # Row offsets in int64 too (t * N can pass 2**31 long before N does).
+    stride64 = tl.cast(stride_xt, tl.int64)
+    N64 = tl.cast(N, tl.int64)
+    v_rest = _rest_potential(scalars_ptr, REST_IS_ZERO, HARD_RESET, COMPUTE_DTYPE)
+    alpha = tl.load(scalars_ptr + 1).to(COMPUTE_DTYPE)
+    if not TILE_ROWS:  # (an AOT compile that leaves TILE_ROWS out gets None: this path)
+        row = tl.program_id(1).to(tl.int64)
+        offs = row * row_len64 + cols
+        mask = col_mask
+        partial_offs = row * tl.num_programs(0) + col_block  # one partial per program
+        partial_mask = None
+    else:
+        tile = tl.program_id(1).to(tl.int64)
+        rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS).to(tl.int64)
+        offs = rows[:, None] * row_len64 + cols[None, :]
+        mask = col_mask[None, :] & (offs < N64)
+        partial_offs = tile * row_len64 + cols  # one per column: [row tiles, row_len]
+        partial_mask = col_mask
+    grad_k, grad_theta, carry, k = _backward_neurons(
+        offs, mask, grad_spikes_ptr, grad_v_final_ptr, x_ptr, w_ptr, theta_ptr, v_init_ptr,
+        checkpoint_ptr, grad_x_ptr, T, N64, stride64, v_rest, alpha,
+        w_channels, w_inner, theta_channels, theta_inner, HAS_V_INIT, HAS_GRAD_V_FINAL,
+        HARD_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE, NEED_GRAD_X, NEED_GRAD_W,
+        NEED_GRAD_THETA, CHUNK, COMPUTE_DTYPE)
+    # partials: sums over the program's neurons (over its tile's rows when tiled)
     if NEED_GRAD_W:
         grad_w = tl.where(mask, grad_k * k * (1.0 - k), 0.0)
         if W_PARTIAL:
-            tl.store(grad_w_ptr + program, tl.sum(grad_w, axis=0))
+            tl.store(grad_w_ptr + partial_offs, tl.sum(grad_w, axis=0), mask=partial_mask)
         else:
             tl.store(grad_w_ptr + offs, grad_w, mask=mask)
     if NEED_GRAD_THETA:
         grad_theta = tl.where(mask, grad_theta, 0.0)
         if THETA_PARTIAL:
-            tl.store(grad_theta_ptr + program, tl.sum(grad_theta, axis=0))
+            tl.store(grad_theta_ptr + partial_offs, tl.sum(grad_theta, axis=0),
+                     mask=partial_mask)
         else:
             tl.store(grad_theta_ptr + offs, grad_theta, mask=mask)
     if HAS_V_INIT:
@@ -286,16 +373,20 @@ class SLIFPlan:
     detach_reset: bool
     decay_input: bool
     chunk: int
-    # backward grid: neurons viewed as [rows, row_len], BACKWARD_BLOCK-wide programs per row
+    # backward grid (column_blocks, rows): neurons viewed as [N / row_len, row_len],
+    # backward_block-wide programs per row; tiled (tile_rows > 0): ``rows`` counts row tiles,
+    # a program owns [tile_rows, backward_block], row_len is a multiple of every channel period
     row_len: int
     rows: int
     column_blocks: int
     backward_block: int
-    w_partial: bool  # the backward writes one w-gradient partial per program
+    w_partial: bool  # the backward writes one w-gradient partial per program (tiled: per column)
     theta_partial: bool
+    tile_rows: int = 0  # > 0: the tiled backward (short channel runs), see _tile_grid
     # launch configuration, fixed when the plan is made (EFFST_SLIF_* overrides included)
     forward_block: int = FORWARD_BLOCK
     forward_warps: int = FORWARD_WARPS
+    forward_preload: bool = FORWARD_PRELOAD
     backward_warps: int = BACKWARD_WARPS
     # Compiled Triton kernels of this plan by specialisation (see _launch); never compared.
     launch_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -305,7 +396,10 @@ class SLIFPlan:
         return self.rows * self.column_blocks
 
     def parameter_gradient_size(self, partial: bool) -> int:
-        return self.programs if partial else self.N
+        """Length of the raw gradient buffer: partials ([rows, row_len] when tiled) or N."""
+        if not partial:
+            return self.N
+        return self.rows * self.row_len if self.tile_rows else self.programs
 
     @cached_property
     def native_args(self) -> tuple:
@@ -333,13 +427,21 @@ def make_plan(
     # long enough; then every program's neurons share one entry of each non-neuron parameter.
     row_len = N
     spans = [layout.inner for layout in (w_layout, theta_layout) if layout.form == "channel"]
-    if partials and spans and min(spans) >= MIN_PARTIAL_ROW and N // min(spans) <= MAX_GRID_ROWS:
+    long_runs = spans and min(spans) >= MIN_PARTIAL_ROW and N // min(spans) <= MAX_GRID_ROWS
+    if partials and long_runs:
         row_len = min(spans)
     row_len = max(row_len, 1)
     block = max(min(BACKWARD_BLOCK, _next_power_of_2(row_len)), 16)
+    rows, tile_rows = N // row_len, 0
+    if partials and spans and not long_runs and N > 0 and TILE_COLUMNS > 0:
+        # short channel runs (or too many rows of long ones): the tiled grid, if it fits
+        tiled = _tile_grid(N, w_layout, theta_layout)
+        if tiled[3] <= MAX_GRID_ROWS:
+            row_len, tile_rows, block, rows = tiled
 
     def partial(layout) -> bool:
-        return partials and layout.form != "neuron" and layout.inner % row_len == 0
+        return partials and layout.form != "neuron" and (tile_rows > 0
+                                                         or layout.inner % row_len == 0)
 
     return SLIFPlan(
         backend=backend, T=T, N=N, x_dtype=x_dtype, compute_dtype=compute_dtype_for(x_dtype),
@@ -347,10 +449,42 @@ def make_plan(
         w_channels=w_layout.channels, w_inner=w_layout.inner,
         theta_channels=theta_layout.channels, theta_inner=theta_layout.inner,
         v_reset=v_reset, surrogate_id=surrogate_id, alpha=alpha, detach_reset=detach_reset,
-        decay_input=decay_input, chunk=chunk_size(T), row_len=row_len, rows=N // row_len,
+        decay_input=decay_input, chunk=chunk_size(T), row_len=row_len, rows=rows,
         column_blocks=triton.cdiv(row_len, block), backward_block=block,
-        w_partial=partial(w_layout), theta_partial=partial(theta_layout),
-        forward_block=FORWARD_BLOCK, forward_warps=FORWARD_WARPS, backward_warps=BACKWARD_WARPS)
+        w_partial=partial(w_layout), theta_partial=partial(theta_layout), tile_rows=tile_rows,
+        forward_block=FORWARD_BLOCK, forward_warps=FORWARD_WARPS, forward_preload=FORWARD_PRELOAD,
+        backward_warps=BACKWARD_WARPS)
+
+
+def _tile_grid(N: int, w_layout, theta_layout) -> tuple[int, int, int, int]:
+    """``(row_len, tile_rows, tile_columns, row_tiles)`` of the tiled backward.
+
+    row_len: a multiple of the channel period (channels * inner, or the lcm of two per-channel
+    parameters' periods: both divide N) that fills whole column blocks best, so a neuron's
+    parameter entry depends on its column alone and few lanes idle. The last row may be short.
+    """
+    period = 1  # (plain loops: torch.compile traces this)
+    for layout in (w_layout, theta_layout):
+        if layout.form == "channel":
+            a, b = period, layout.channels * layout.inner
+            while b:
+                a, b = b, a % b
+            period = period // a * layout.channels * layout.inner
+    columns = min(TILE_COLUMNS, BACKWARD_BLOCK)  # powers of 2
+    row_len = period
+    if period < columns * 8:  # else idle lanes < 1/8 of the last column block anyway
+        # the multiple of the period with the fewest idle lanes per column (the smallest on
+        # ties); none idle from columns / gcd(period, columns) multiples on
+        best_idle = columns
+        for m in range(1, min(8 * columns, N) // period + 2):
+            n = period * m
+            idle = triton.cdiv(n, columns) * columns - n
+            if idle * row_len < best_idle * n:
+                row_len, best_idle = n, idle
+            if idle == 0:
+                break
+    tile_rows = max(BACKWARD_BLOCK // columns, 1)
+    return row_len, tile_rows, columns, triton.cdiv(triton.cdiv(N, row_len), tile_rows)
 
 
 def reduce_parameter_gradient(raw: torch.Tensor, plan: SLIFPlan, partial: bool, channels: int,
@@ -361,6 +495,13 @@ def reduce_parameter_gradient(raw: torch.Tensor, plan: SLIFPlan, partial: bool, 
     """
     if not partial:
         return reduce_to_parameter(raw, channels, inner)
+    if plan.tile_rows:
+        # [row tiles, row_len] column partials: over tiles, then over the columns of each entry
+        # (column j uses entry (j // inner) % channels; row_len is a multiple of the period)
+        per_column = raw.reshape(plan.rows, plan.row_len).sum(dim=0)
+        if channels == 1:
+            return per_column.sum().reshape(1)
+        return per_column.reshape(-1, channels, inner).sum(dim=(0, 2))
     # program p = row * column_blocks + block; row r holds neurons of entry (r // q) % channels
     q = inner // plan.row_len
     return raw.reshape(-1, channels, q * plan.column_blocks).sum(dim=(0, 2))
@@ -408,7 +549,8 @@ class _LaunchConfig:
         # (values per part, then the split of those into [-1, channels, run]); None otherwise.
         # Per-neuron parameters (channels == N) need no sum at all.
         self.joint_reduction = None
-        if (plan.w_partial == plan.theta_partial and plan.w_channels == plan.theta_channels
+        if (not plan.tile_rows
+                and plan.w_partial == plan.theta_partial and plan.w_channels == plan.theta_channels
                 and plan.w_inner == plan.theta_inner
                 and not (plan.w_inner == 1 and plan.w_channels == N)):
             run = (plan.w_inner // plan.row_len * plan.column_blocks if plan.w_partial
@@ -416,17 +558,20 @@ class _LaunchConfig:
             self.joint_reduction = (self.w_size, (2, -1, plan.w_channels, run))
         compute = _triton_dtype(plan.compute_dtype)
         hard_reset = plan.v_reset is not None
+        rest_is_zero = plan.v_reset == 0.0  # V_r = 0 folded at compile time (soft reset: always)
         # constexprs in each kernel's signature order (a test checks it), after the flags that
         # change per call (HAS_V_INIT; HAS_GRAD_V_FINAL and the NEED_GRAD_* flags)
         self.forward_constexprs = {"HARD_RESET": hard_reset, "DECAY_INPUT": plan.decay_input,
                                    "CHUNK": plan.chunk, "COMPUTE_DTYPE": compute,
-                                   "BLOCK": plan.forward_block}
+                                   "BLOCK": plan.forward_block, "REST_IS_ZERO": rest_is_zero,
+                                   "PRELOAD": plan.forward_preload}
         self.backward_constexprs = {"HARD_RESET": hard_reset, "DECAY_INPUT": plan.decay_input,
                                     "DETACH_RESET": plan.detach_reset,
                                     "SURROGATE": plan.surrogate_id}
         self.backward_tail = {"W_PARTIAL": plan.w_partial, "THETA_PARTIAL": plan.theta_partial,
                               "CHUNK": plan.chunk, "COMPUTE_DTYPE": compute,
-                              "BLOCK": plan.backward_block}
+                              "BLOCK": plan.backward_block, "REST_IS_ZERO": rest_is_zero,
+                              "TILE_ROWS": plan.tile_rows}
         self.channel_ints = (plan.w_channels, plan.w_inner, plan.theta_channels, plan.theta_inner)
 
 
@@ -1101,6 +1246,10 @@ def slif(
     w = _as_parameter(w, "w", x)
     theta = _as_parameter(v_threshold, "v_threshold", x)
     step_shape = x.shape[1:]
+    if len(step_shape) > 0:  # checked even when no (C,) parameter reads it: bad input is never ignored
+        normalize_channel_dim(channel_dim, len(step_shape))
+    elif isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim: expected an int, got {type(channel_dim).__name__}")
     w_layout = resolve_parameter_layout(w.shape, step_shape, channel_dim, "w")
     theta_layout = resolve_parameter_layout(theta.shape, step_shape, channel_dim, "v_threshold")
     if v_init is not None:
