@@ -256,3 +256,41 @@ def test_every_surrogate_name_is_known():
     assert len(SURROGATE_NAMES) == 8 and SURROGATE_NAMES[-1] == "rect"
     assert effst.slif is slif
     assert math.isclose(DEFAULT_ALPHA["sigmoid"], 4.0)
+
+
+def test_channel_dim_out_of_range_is_refused_even_for_per_layer_parameters():
+    """A channel_dim that names no dim of the per-step shape is bad input, even when no (C,)
+    parameter reads it (it was silently ignored)."""
+    import effst.nn
+
+    with pytest.raises(ValueError, match="channel_dim"):
+        slif(torch.ones(2, 3), 0.0, 1.0, channel_dim=5)
+    with pytest.raises(TypeError, match="channel_dim"):
+        slif(torch.ones(2, 3), 0.0, 1.0, channel_dim=True)
+    with pytest.raises(ValueError, match="channel_dim"):
+        effst.nn.SLIF(channel_dim=-3, backend="reference")(torch.ones(2, 3))
+    assert slif(torch.ones(2, 3), 0.0, 1.0, channel_dim=-1).shape == (2, 3)
+
+
+def test_module_copies_after_a_forward_detach_the_state_and_drop_plans():
+    """copy.deepcopy (EMA models, keeping the best model) and pickling work after a forward with
+    gradients: the copy's state is the same values, detached; the original keeps its graph."""
+    import copy
+    import io
+    import pickle
+
+    module = SLIF(channels=4, backend="reference")
+    x = torch.randn(3, 2, 4, requires_grad=True) + 1.0
+    module(x)
+    assert module.v.grad_fn is not None
+    clones = (copy.deepcopy(module), pickle.loads(pickle.dumps(module)))
+    assert module.v.grad_fn is not None  # the original keeps its graph
+    for clone in clones:
+        assert clone.v.grad_fn is None and torch.equal(clone.v, module.v.detach())
+        assert clone._plans == {} and clone.w is not module.w and torch.equal(clone.w, module.w)
+    follow = [clone(x.detach()) for clone in clones]  # both continue from the same state
+    assert torch.equal(follow[0], follow[1]) and torch.equal(follow[0], module(x.detach()))
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    assert isinstance(torch.load(buffer, weights_only=False), SLIF)

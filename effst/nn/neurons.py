@@ -3,6 +3,9 @@
 They drop in where SpikingJelly's ``LIFNode(step_mode='m')`` / ``ParametricLIFNode`` stand:
 input ``[T, ...]``, spikes of the same shape out, a membrane state ``v`` that persists across
 calls until ``reset()`` (which ``spikingjelly.activation_based.functional.reset_net`` calls).
+Under ``torch.compile(mode="reduce-overhead")`` the stored ``module.v`` is a CUDA-graph output,
+valid only until the next ``torch.compiler.cudagraph_mark_step_begin()``: reset the neurons at
+the start of each step (inside the compiled function) rather than reading ``v`` across steps.
 """
 from __future__ import annotations
 
@@ -135,6 +138,16 @@ class SLIF(nn.Module):
             return self._multi_step(x.unsqueeze(0)).squeeze(0)
         raise ValueError(f"step_mode: expected 'm' or 's', got {mode!r}")
 
+    def __getstate__(self) -> dict:
+        # Copies (copy.deepcopy, pickling) take the membrane state detached from the step's
+        # autograd graph (a non-leaf tensor cannot be deep-copied) and no launch plans (caches
+        # that may hold compiled kernels; rebuilt on the first call).
+        state = self.__dict__.copy()
+        if isinstance(state.get("v"), torch.Tensor):
+            state["v"] = state["v"].detach()
+        state["_plans"] = {}
+        return state
+
     def __setattr__(self, name, value):
         if name == "v":
             # The membrane state is a plain attribute (never a Parameter, buffer or module):
@@ -152,6 +165,8 @@ class SLIF(nn.Module):
                             f"{x.dtype}")
         if x.dim() < 1 or x.shape[0] == 0:
             raise ValueError(f"x: expected shape [T, *] with T >= 1, got {tuple(x.shape)}")
+        if self.channels is None and x.dim() >= 2:
+            normalize_channel_dim(self.channel_dim, x.dim() - 1)  # unused here, but never bad
         if self.channels is not None:
             if x.dim() < 2:
                 raise ValueError(f"x: expected [T, *] with a per-step dim of {self.channels} "
