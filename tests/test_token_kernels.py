@@ -250,6 +250,26 @@ def test_fused_routed_neuron_integer_spikes_and_fallbacks():
     assert torch.equal(run_neuron_on_tokens(hooked, current, index, N), fused) and seen == [(T, B, N, C)]
 
 
+def test_per_channel_neuron_along_another_dim_is_not_fused():
+    """The fused kernel indexes parameters by the last dim's channel: a per-channel neuron along
+    the token dim with C = 1 (inner == 1 too) must run unfused and give the unfused spikes
+    (it was fused and used threshold[0] for every token)."""
+    from effst.nn import SLIF
+
+    T, B, N, K, C = 3, 2, 6, 3, 1
+    g = torch.Generator().manual_seed(0)
+    index = torch.stack([torch.stack([torch.sort(torch.randperm(N, generator=g)[:K]).values for _ in range(B)])
+                         for _ in range(T)])
+    current = torch.rand(T, B, K, C, generator=g) * 2
+    neurons = [SLIF(channels=N, channel_dim=1, backend="triton") for _ in range(2)]
+    for neuron in neurons:
+        with torch.no_grad():
+            neuron.v_threshold.copy_(torch.linspace(0.2, 1.9, N))
+    assert not token_routing._fusable(neurons[0], current, N, "auto")
+    assert torch.equal(run_neuron_on_tokens(neurons[0], current, index, N),
+                       run_neuron_on_tokens(neurons[1], current, index, N, fused=False))
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="k: expected"):
         ts.anchor_topk_gather(torch.ones(2, 4), torch.ones(2, 5, 4), torch.ones(2, 5, 3), 6)

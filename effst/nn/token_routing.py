@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from effst.nn.neurons import SLIF
-from effst.ops.layout import resolve_parameter_layout
+from effst.ops.layout import normalize_channel_dim, resolve_parameter_layout
 from effst.ops.slif import check_integer_spikes_need_no_grad, resolve_backend
 from effst.ops.token_select import (MAX_ROUTED_T, _check_index, _check_rows, _use_triton, gather_tokens,
                                     routed_neuron, scatter_tokens, token_slots)
@@ -45,7 +45,10 @@ def _fusable(neuron, current: torch.Tensor, tokens: int, backend: str) -> bool:
             layout = resolve_parameter_layout(parameter.shape, step, neuron.channel_dim, name)
         except ValueError:
             return False       # the neuron itself reports the error
-        if not (layout.form == "layer" or (layout.form == "channel" and layout.inner == 1)):
+        # The kernel reads entry c % channels for channel c of the LAST dim: a per-channel
+        # parameter along another dim (tokens with C = 1 also has inner == 1) runs unfused.
+        if not (layout.form == "layer" or (layout.form == "channel" and layout.channels == C
+                                           and normalize_channel_dim(neuron.channel_dim, 3) == 2)):
             return False
     state = neuron.v
     return not isinstance(state, torch.Tensor) or tuple(state.shape) == step
