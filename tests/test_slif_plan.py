@@ -215,6 +215,24 @@ def test_module_rejects_bad_inputs_once_planned():
         m(torch.randn(2, 3, 5))
 
 
+def test_module_plans_follow_replaced_parameters_and_moves():
+    """A plan holds the parameters' layout and was checked against their device: replacing a
+    parameter with another form, or moving the module, drops it (the Triton path kept the
+    per-layer plan and read threshold[0] for every channel; a moved module skipped the device
+    check)."""
+    x = torch.rand(4, 3, 8) * 2
+    m = SLIF(backend="triton")
+    m(x)
+    m.reset()
+    m.v_threshold = torch.nn.Parameter(torch.linspace(0.1, 3.0, 8))  # per channel now
+    expected = slif(x, m.w, m.v_threshold, backend="reference")
+    assert torch.equal(m(x), expected)
+    m.reset()
+    m.to("meta")
+    with pytest.raises(ValueError, match="x: expected a tensor on meta"):
+        m(x)
+
+
 @pytest.mark.parametrize("backend", ["triton", "native"])
 def test_inductor_training_step_matches_eager(backend, device):
     # torch.compile with the Inductor backend, fullgraph: a Linear + SLIF training step over

@@ -21,9 +21,12 @@ from effst.ops.slif import (BACKENDS, SLIFPlan, check_integer_spikes_need_no_gra
                             check_spike_dtype, make_plan, resolve_backend, slif, slif_with_plan)
 from effst.ops.surrogates import resolve_surrogate
 
-# Attributes the cached launch plans depend on: setting one drops the cache.
+# Attributes the cached launch plans depend on: setting one drops the cache (the parameters
+# too: a plan holds their layout, and was made after checking their device; moving the module,
+# nn.Module._apply, drops it as well).
 _PLAN_OPTIONS = frozenset({"v_reset", "surrogate", "alpha", "detach_reset", "decay_input",
-                           "channels", "channel_dim", "backend", "spike_dtype"})
+                           "channels", "channel_dim", "backend", "spike_dtype",
+                           "w", "v_threshold"})
 
 
 class SLIF(nn.Module):
@@ -147,6 +150,11 @@ class SLIF(nn.Module):
             state["v"] = state["v"].detach()
         state["_plans"] = {}
         return state
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .double(): plans were validated against the parameters' device
+        self.__dict__.get("_plans", {}).clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def __setattr__(self, name, value):
         if name == "v":
