@@ -144,11 +144,12 @@ def _jit_launches(call):
     import effst.ops.slif as slif_ops
 
     def run():
+        before = slif_ops.LAUNCH_CACHE  # (EFFST_SLIF_LAUNCH_CACHE=0 must stay off for the other rows)
         slif_ops.LAUNCH_CACHE = False
         try:
             return call()
         finally:
-            slif_ops.LAUNCH_CACHE = True
+            slif_ops.LAUNCH_CACHE = before
     return run
 
 

@@ -659,3 +659,20 @@ def test_kernel_speedup_compares_like_with_like():
     assert cupy["kernel_speedup"] == pytest.approx(0.75 / 0.25) and cupy["effst_kernel_ms"] == 0.25
     assert sj2["kernel_speedup"] == pytest.approx(0.80 / 0.20) and sj2["effst_kernel_ms"] == 0.20
     assert cupy["speedup"] == pytest.approx(2.0) and cupy["target"] == 4.0 and cupy["met"] is False
+
+
+def test_profile_host_jit_rows_restore_the_launch_cache_switch(monkeypatch):
+    """bench/profile_host.py's ``kernel[grid]`` rows turn effst's launch cache off for their own
+    call only: a run with EFFST_SLIF_LAUNCH_CACHE=0 keeps it off for every other row (it was
+    switched on after the first such row)."""
+    import importlib.util
+
+    from effst.ops import slif as slif_ops
+
+    spec = importlib.util.spec_from_file_location("profile_host_under_test", REPO / "bench" / "profile_host.py")
+    profile_host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_host)
+    for setting in (False, True):
+        monkeypatch.setattr(slif_ops, "LAUNCH_CACHE", setting)
+        assert profile_host._jit_launches(lambda: slif_ops.LAUNCH_CACHE)() is False
+        assert slif_ops.LAUNCH_CACHE is setting
