@@ -1,59 +1,22 @@
-"""The sLIF launchers' per-plan cache of compiled Triton kernels (effst/ops/slif.py, _launch).
+"""The sLIF launchers' per-plan cache of compiled Triton kernels (effst/ops/launch.py, launch).
 
 On the CPU the kernels are replaced by stand-ins for a JITFunction and the CompiledKernel its
-``kernel[grid](...)`` returns, so the cache-key logic runs without a GPU: the first launch of a
-specialisation goes through ``kernel[grid]``, later ones through ``CompiledKernel.run`` with
-the same arguments in the kernel's signature order, and anything that changes the
-specialisation (flags, alignment, the int specialisation of the row stride, device, debug
-settings) or disables the cache (launch hooks, EFFST_SLIF_LAUNCH_CACHE=0, the interpreter)
-goes through ``kernel[grid]`` again. The ``gpu`` test compares cached launches with JIT
+``kernel[grid](...)`` returns (FakeKernel, from tests/test_launch_cache.py), so the cache-key
+logic runs without a GPU: the first launch of a specialisation goes through ``kernel[grid]``,
+later ones through ``CompiledKernel.run`` with the same arguments in the kernel's signature
+order, and anything that changes the specialisation (flags, alignment, the int specialisation
+of the row stride, device, debug settings) or disables the cache (launch hooks,
+EFFST_SLIF_LAUNCH_CACHE=0, the interpreter) goes through ``kernel[grid]`` again. The ``gpu`` test compares cached launches with JIT
 launches bit for bit on CUDA.
 """
-import inspect
-
 import pytest
 import torch
-import triton.language as tl
+from test_launch_cache import FakeKernel, describe, launch_hook
 from triton import knobs
 
 from effst.nn import LIF, SLIF
+from effst.ops import launch as launch_ops
 from effst.ops import slif as slif_ops
-
-
-def _describe(value):
-    """What a launch argument is, independent of which fresh buffer it was."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", value.dtype, value.device.type)
-    return value
-
-
-class FakeCompiled:
-    function = "function-handle"
-    packed_metadata = "packed-metadata"
-
-    def __init__(self):
-        self.runs = []
-
-    def run(self, *args):
-        self.runs.append(args)
-
-
-class FakeKernel:
-    """Stands in for a JITFunction: records ``kernel[grid](*args, **kwargs)``."""
-
-    def __init__(self, kernel):
-        parameters = inspect.signature(kernel.fn).parameters
-        self.constexpr_names = [n for n, p in parameters.items()  # (annotations may be strings)
-                                if p.annotation is tl.constexpr or p.annotation == "tl.constexpr"]
-        self.runtime_count = len(parameters) - len(self.constexpr_names)
-        self.jit = []
-        self.compiled = FakeCompiled()
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.jit.append((grid, args, kwargs))
-            return self.compiled
-        return launch
 
 
 @pytest.fixture
@@ -62,8 +25,8 @@ def fake(monkeypatch):
                "backward": FakeKernel(slif_ops.slif_backward_kernel)}
     monkeypatch.setattr(slif_ops, "slif_forward_kernel", kernels["forward"])
     monkeypatch.setattr(slif_ops, "slif_backward_kernel", kernels["backward"])
-    monkeypatch.setattr(slif_ops, "_cacheable", lambda kernel: slif_ops.LAUNCH_CACHE)
-    monkeypatch.setattr(slif_ops, "_device_and_stream", lambda: (0, 1234))
+    monkeypatch.setattr(launch_ops, "_cacheable", lambda kernel: slif_ops.LAUNCH_CACHE)
+    monkeypatch.setattr(launch_ops, "_device_and_stream", lambda: (0, 1234))
     return kernels
 
 
@@ -92,7 +55,7 @@ def test_second_launch_runs_the_compiled_kernel_with_the_jit_arguments(fake):
         assert list(kwargs) == kernel.constexpr_names + ["num_warps"]
         assert len(args) == kernel.runtime_count
         jit_order = [*args, *(kwargs[name] for name in kernel.constexpr_names)]
-        assert [_describe(a) for a in run[9:]] == [_describe(a) for a in jit_order]
+        assert [describe(a) for a in run[9:]] == [describe(a) for a in jit_order]
     # the plan's cache holds one compiled kernel per specialisation
     plan = next(iter(m._plans.values()))
     assert len(plan.launch_cache) == 2
@@ -151,7 +114,7 @@ def test_a_new_specialisation_goes_through_the_jit(fake, monkeypatch):
     _step(m, x)
     assert _counts(fake) == {name: (j + 1, r) for name, (j, r) in before.items()}
     # another current device
-    monkeypatch.setattr(slif_ops, "_device_and_stream", lambda: (1, 99))
+    monkeypatch.setattr(launch_ops, "_device_and_stream", lambda: (1, 99))
     before = _counts(fake)
     _step(m, x)
     assert _counts(fake) == {name: (j + 1, r) for name, (j, r) in before.items()}
@@ -163,15 +126,8 @@ def test_launch_hooks_and_the_switch_bypass_the_cache(fake, monkeypatch):
     _step(m, x)
     _step(m, x)
     assert _counts(fake) == {"forward": (1, 1), "backward": (1, 1)}
-
-    def hook(metadata):
-        pass
-
-    knobs.runtime.launch_enter_hook.add(hook)  # what a profiler does
-    try:
+    with launch_hook():  # what a profiler does
         _step(m, x)
-    finally:
-        knobs.runtime.launch_enter_hook.remove(hook)
     assert _counts(fake) == {"forward": (2, 1), "backward": (2, 1)}
     monkeypatch.setattr(slif_ops, "LAUNCH_CACHE", False)  # EFFST_SLIF_LAUNCH_CACHE=0
     _step(m, x)
@@ -181,19 +137,7 @@ def test_launch_hooks_and_the_switch_bypass_the_cache(fake, monkeypatch):
 def test_only_compiled_kernels_are_cached(device):
     # under the interpreter (the CPU tests) the kernels are not JITFunctions: never cached
     for kernel in (slif_ops.slif_forward_kernel, slif_ops.slif_backward_kernel):
-        assert slif_ops._cacheable(kernel) == (device == "cuda")
-
-
-def test_int_key_follows_triton_specialisation():
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-
-    for value in (1, 2, 15, 16, 17, 32, 48, 2**31 - 16, 2**31, 2**31 + 16, 2**40):
-        kind, attribute = native_specialize_impl(BaseBackend, value, False, True, True)
-        one, divisible, wide = slif_ops._int_key(value)
-        assert one == (kind == "constexpr")
-        if not one:
-            assert divisible == (attribute == "D") and wide == (kind == "i64"), value
+        assert launch_ops._cacheable(kernel) == (device == "cuda")
 
 
 @pytest.mark.gpu

@@ -31,8 +31,10 @@ fp32 products follow ``torch.backends.cuda.matmul.allow_tf32`` exactly as ``F.li
 
 Launch configurations are cached per (shape, dtype, layout); on CUDA the first eager call of a
 configuration times a few candidates and keeps the fastest (``EFFST_BSL_AUTOTUNE=0`` keeps the
-fixed default). Where Triton cannot run (CPU tensors outside ``TRITON_INTERPRET=1``) the same
-products run as a torch implementation that touches only the kept tiles (``backend='torch'``
+fixed default), and each kernel is launched through effst.ops.launch's cache of compiled
+kernels (``CompiledKernel.run`` after a specialisation's first launch; ``EFFST_BSL_LAUNCH_CACHE=0``
+launches through ``kernel[grid]``). Where Triton cannot run (CPU tensors outside
+``TRITON_INTERPRET=1``) the same products run as a torch implementation that touches only the kept tiles (``backend='torch'``
 selects it anywhere). Eager calls go through one ``torch.autograd.Function``; under
 ``torch.compile`` the same launchers are wrapped as the custom ops ``effst::block_sparse_linear``
 (+ gradient ops) with fake implementations, so graphs trace without breaks.
@@ -48,6 +50,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 import triton
 import triton.language as tl
+
+from effst.ops import launch as _launch
 
 BlockSize = Union[int, Sequence[int]]
 
@@ -451,10 +455,64 @@ def _persistent_grid(num_tiles: int, device: torch.device, cfg: LaunchConfig) ->
     return max(1, min(num_tiles, _sm_count(device.index) * cfg.programs_per_sm))
 
 
-# Everything a launch needs besides its tensors (grid, scalars, compile-time constants), per
-# exact call shape: worked out (and tuned) on the first call, a dict lookup after that.
+# Everything a launch needs besides its tensors (grid, scalars, compile-time constants, compile
+# options, and its dict of compiled kernels), per exact call shape: worked out (and tuned) on the
+# first call, a dict lookup after that. The key of a plan holds everything that fixes the
+# kernel's binary (shapes, hence every int argument but the input row strides; every pointer's
+# dtype; the constexpr flags; TF32) besides what effst.ops.launch adds (device, debug
+# settings), so within a plan the compiled kernels are keyed by the row strides' int
+# specialisation alone. EFFST_BSL_LAUNCH_CACHE=0 (or EFFST_LAUNCH_CACHE=0): every launch
+# through ``kernel[grid](...)``.
 _LAUNCHES: dict[tuple, tuple] = {}
 _MAX_LAUNCHES = 4096
+LAUNCH_CACHE = _launch.switch("EFFST_BSL_LAUNCH_CACHE")
+# constexprs in each kernel's signature order (CompiledKernel.run takes them positionally)
+_FORWARD_CONSTEXPRS = _launch.constexpr_names(_bsl_forward_kernel)
+_GRAD_INPUT_CONSTEXPRS = _launch.constexpr_names(_bsl_grad_input_kernel)
+_GRAD_WEIGHT_CONSTEXPRS = _launch.constexpr_names(_bsl_grad_weight_kernel)
+_SUM_SPLITS_BLOCK = 1024
+
+
+class _PersistentPlan(NamedTuple):
+    """A forward / grad-input launch of one call shape."""
+
+    grid: tuple
+    num_groups: int
+    num_tiles: int
+    constexprs: dict  # in the kernel's signature order
+    options: dict
+    compiled: dict  # compiled kernels by specialisation (effst.ops.launch)
+
+
+class _GradWeightPlan(NamedTuple):
+    """A grad-weight launch (and its split reduction) of one call shape."""
+
+    grid: tuple
+    buffer_shape: tuple  # (splits, total)
+    buffer_dtype: torch.dtype
+    tile_numel: int
+    rows_per_split: int
+    constexprs: dict
+    options: dict
+    compiled: dict
+    reduction: Optional[tuple]  # (grid, compiled kernels) of _sum_splits_kernel; None with one slice
+
+
+def _in_order(names: tuple, values: dict) -> dict:
+    """``values`` (one per name) in the order of ``names``."""
+    if set(values) != set(names):
+        raise AssertionError(f"constexprs {sorted(values)} do not match the kernel's {sorted(names)}")
+    return {name: values[name] for name in names}
+
+
+def _options(cfg: "LaunchConfig") -> dict:
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _index_dtypes(*tensors: torch.Tensor) -> tuple:
+    """Dtypes of the layout tensors a kernel reads (int32 from build_block_layout; any integer
+    dtype a hand-made BlockLayout holds compiles its own kernel)."""
+    return tuple([t.dtype for t in tensors])
 
 
 def _new_plan(key: tuple, kind: str, tune_key: tuple, device: torch.device, width: int, bk: int, dtype: torch.dtype,
@@ -474,12 +532,15 @@ def _new_plan(key: tuple, kind: str, tune_key: tuple, device: torch.device, widt
 # Launchers (inputs: 2-D, unit stride along the last dim; outputs in the layer dtype)
 # ---------------------------------------------------------------------------------------------
 def _persistent_plan(cfg: LaunchConfig, m: int, num_groups: int, device: torch.device, dtype: torch.dtype,
-                     **constants) -> tuple:
-    """(grid, num_groups, num_tiles, constants) of a persistent forward / grad-input launch."""
+                     names: tuple, **constants) -> _PersistentPlan:
+    """(grid, num_groups, num_tiles, constexprs in the order ``names``, options, compiled-kernel
+    cache) of a persistent forward / grad-input launch."""
     num_tiles = _cdiv(m, cfg.block_m) * num_groups
-    return (_persistent_grid(num_tiles, device, cfg),), num_groups, num_tiles, dict(
+    constexprs = _in_order(names, dict(
         constants, BLOCK_M=cfg.block_m, ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_input_precision(dtype),
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        NUM_STAGES=cfg.num_stages))
+    return _PersistentPlan((_persistent_grid(num_tiles, device, cfg), 1, 1), num_groups, num_tiles, constexprs,
+                           _options(cfg), {})
 
 
 def _triton_forward(x, values, bias, layout: BlockLayout, out_features: int) -> torch.Tensor:
@@ -491,26 +552,31 @@ def _triton_forward(x, values, bias, layout: BlockLayout, out_features: int) -> 
     # Plain ints in the keys: comparing torch.Size objects in a dict lookup costs a few µs.
     nnz, bm, bk = values.shape
     key = ("forward", x.device, m, k, out_features, nnz, bm, bk, layout.row_group_tile.shape[1],
-           layout.row_group_ptr.shape[0], values.dtype, x.dtype, has_bias, _input_precision(values.dtype))
+           layout.row_group_ptr.shape[0], values.dtype, x.dtype, bias.dtype if has_bias else None,
+           _input_precision(values.dtype),
+           _index_dtypes(layout.row_group_ptr, layout.row_group_col, layout.row_group_tile))
     plan = _LAUNCHES.get(key)
     if plan is None:
         group, num_groups = layout.row_group_tile.shape[1], layout.row_group_ptr.shape[0] - 1
         plan = _new_plan(
             key, "forward", (_next_pow2(m), k, out_features, bm, bk, group, nnz, values.dtype, x.dtype),
             x.device, group * bm, bk, values.dtype, m,
-            lambda cfg: _persistent_plan(cfg, m, num_groups, x.device, values.dtype, HAS_BIAS=has_bias, BM=bm,
-                                         BK=bk, GROUP=group, EVEN_K=k % bk == 0),
+            lambda cfg: _persistent_plan(cfg, m, num_groups, x.device, values.dtype, _FORWARD_CONSTEXPRS,
+                                         HAS_BIAS=has_bias, BM=bm, BK=bk, GROUP=group, EVEN_K=k % bk == 0),
             lambda candidate: _launch_forward(candidate, x, values, bias, layout, y))
     _launch_forward(plan, x, values, bias, layout, y)
     return y
 
 
 def _launch_forward(plan, x, values, bias, layout: BlockLayout, y) -> None:
-    grid, num_groups, num_tiles, constants = plan
-    _bsl_forward_kernel[grid](
-        x, values, bias if bias is not None else values, y,
-        layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
-        x.shape[0], x.shape[1], y.shape[1], x.stride(0), y.stride(0), num_groups, num_tiles, **constants)
+    grid, num_groups, num_tiles, constexprs, options, compiled = plan
+    b = bias if bias is not None else values
+    stride_xm = x.stride(0)
+    _launch.launch(
+        _bsl_forward_kernel, grid, compiled if LAUNCH_CACHE else None, _launch.int_key(stride_xm),
+        (x, values, b, y, layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
+         x.shape[0], x.shape[1], y.shape[1], stride_xm, y.stride(0), num_groups, num_tiles),
+        constexprs, options, (x, values, b, layout.row_group_ptr, layout.row_group_col, layout.row_group_tile))
 
 
 def _triton_grad_input(grad_y, values, layout: BlockLayout, in_features: int) -> torch.Tensor:
@@ -520,26 +586,29 @@ def _triton_grad_input(grad_y, values, layout: BlockLayout, in_features: int) ->
         return grad_x
     nnz, bm, bk = values.shape
     key = ("grad_input", grad_y.device, m, n, in_features, nnz, bm, bk, layout.col_group_tile.shape[1],
-           layout.col_group_ptr.shape[0], values.dtype, _input_precision(values.dtype))
+           layout.col_group_ptr.shape[0], values.dtype, grad_y.dtype, _input_precision(values.dtype),
+           _index_dtypes(layout.col_group_ptr, layout.col_group_row, layout.col_group_tile))
     plan = _LAUNCHES.get(key)
     if plan is None:
         group, num_groups = layout.col_group_tile.shape[1], layout.col_group_ptr.shape[0] - 1
         plan = _new_plan(
             key, "grad_input", (_next_pow2(m), in_features, n, bm, bk, group, nnz, values.dtype),
             grad_y.device, group * bk, bk, values.dtype, m,
-            lambda cfg: _persistent_plan(cfg, m, num_groups, grad_y.device, values.dtype, BM=bm, BK=bk,
-                                         GROUP=group, EVEN_N=n % bm == 0),
+            lambda cfg: _persistent_plan(cfg, m, num_groups, grad_y.device, values.dtype, _GRAD_INPUT_CONSTEXPRS,
+                                         BM=bm, BK=bk, GROUP=group, EVEN_N=n % bm == 0),
             lambda candidate: _launch_grad_input(candidate, grad_y, values, layout, grad_x))
     _launch_grad_input(plan, grad_y, values, layout, grad_x)
     return grad_x
 
 
 def _launch_grad_input(plan, grad_y, values, layout: BlockLayout, grad_x) -> None:
-    grid, num_groups, num_tiles, constants = plan
-    _bsl_grad_input_kernel[grid](
-        grad_y, values, grad_x, layout.col_group_ptr, layout.col_group_row, layout.col_group_tile,
-        grad_y.shape[0], grad_x.shape[1], grad_y.shape[1], grad_y.stride(0), grad_x.stride(0),
-        num_groups, num_tiles, **constants)
+    grid, num_groups, num_tiles, constexprs, options, compiled = plan
+    stride_dym = grad_y.stride(0)
+    _launch.launch(
+        _bsl_grad_input_kernel, grid, compiled if LAUNCH_CACHE else None, _launch.int_key(stride_dym),
+        (grad_y, values, grad_x, layout.col_group_ptr, layout.col_group_row, layout.col_group_tile,
+         grad_y.shape[0], grad_x.shape[1], grad_y.shape[1], stride_dym, grad_x.stride(0), num_groups, num_tiles),
+        constexprs, options, (grad_y, values, layout.col_group_ptr, layout.col_group_row, layout.col_group_tile))
 
 
 def _grad_weight_splits(m: int, entries: int, cfg: LaunchConfig, device: torch.device) -> int:
@@ -563,7 +632,9 @@ def _triton_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_c
     entries = layout.row_group_chunk.shape[0]
     key = ("grad_weight", grad_y.device, m, n, x.shape[1], nnz, bm, bk, layout.row_group_tile.shape[1],
            layout.col_group_tile.shape[1], entries, layout.row_group_ptr.shape[0], grad_y.dtype, x.dtype,
-           bias_grad, split, _input_precision(grad_y.dtype))
+           bias_grad, split, _input_precision(grad_y.dtype),
+           _index_dtypes(layout.row_group_ptr, layout.row_group_col, layout.row_group_tile, layout.row_group_of,
+                         layout.row_group_chunk))
     plan = _LAUNCHES.get(key)
     if plan is None:
         group, cols = layout.row_group_tile.shape[1], layout.col_group_tile.shape[1]
@@ -581,7 +652,7 @@ def _triton_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_c
 
 
 def _grad_weight_plan(cfg: LaunchConfig, grad_y, x, layout: BlockLayout, bm: int, bk: int, bias_grad: bool,
-                      split: Optional[int]) -> tuple:
+                      split: Optional[int]) -> _GradWeightPlan:
     m, n = grad_y.shape
     dtype = grad_y.dtype
     nnz = layout.row_idx.shape[0]
@@ -594,29 +665,37 @@ def _grad_weight_plan(cfg: LaunchConfig, grad_y, x, layout: BlockLayout, bm: int
     splits = _cdiv(m, rows_per_split)
     # One slice writes the layer dtype directly; several write fp32 partials summed after.
     buffer_dtype = dtype if splits == 1 else (torch.float64 if dtype == torch.float64 else torch.float32)
-    constants = dict(
+    constexprs = _in_order(_GRAD_WEIGHT_CONSTEXPRS, dict(
         HAS_DB=bias_grad, BM=bm, BK=bk, GROUP=group, COLS=layout.col_group_tile.shape[1], BLOCK_M=cfg.block_m,
-        ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_input_precision(dtype),
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return (entries, splits), (splits, total), buffer_dtype, tile_numel, rows_per_split, constants
+        ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_input_precision(dtype), NUM_STAGES=cfg.num_stages))
+    reduction = ((_cdiv(total, _SUM_SPLITS_BLOCK), 1, 1), {}) if splits > 1 else None
+    return _GradWeightPlan((entries, splits, 1), (splits, total), buffer_dtype, tile_numel, rows_per_split,
+                           constexprs, _options(cfg), {}, reduction)
 
 
 def _launch_grad_weight(plan, grad_y, x, layout: BlockLayout):
-    grid, buffer_shape, buffer_dtype, tile_numel, rows_per_split, constants = plan
+    grid, buffer_shape, buffer_dtype, tile_numel, rows_per_split, constexprs, options, compiled, reduction = plan
     m, n = grad_y.shape
     splits, total = buffer_shape
     buffer = torch.empty(total if splits == 1 else buffer_shape, dtype=buffer_dtype, device=grad_y.device)
-    _bsl_grad_weight_kernel[grid](
-        grad_y, x, buffer, layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
-        layout.row_group_of, layout.row_group_chunk, m, x.shape[1], n, grad_y.stride(0), x.stride(0), tile_numel,
-        rows_per_split, total, **constants)
-    if splits == 1:
+    stride_dym, stride_xm = grad_y.stride(0), x.stride(0)
+    _launch.launch(
+        _bsl_grad_weight_kernel, grid, compiled if LAUNCH_CACHE else None,
+        (_launch.int_key(stride_dym), _launch.int_key(stride_xm)),
+        (grad_y, x, buffer, layout.row_group_ptr, layout.row_group_col, layout.row_group_tile,
+         layout.row_group_of, layout.row_group_chunk, m, x.shape[1], n, stride_dym, stride_xm, tile_numel,
+         rows_per_split, total),
+        constexprs, options,
+        (grad_y, x, layout.row_group_ptr, layout.row_group_col, layout.row_group_tile, layout.row_group_of,
+         layout.row_group_chunk))
+    if reduction is None:
         out = buffer
     else:
         out = torch.empty((total,), dtype=grad_y.dtype, device=grad_y.device)
-        block = 1024
-        _sum_splits_kernel[(_cdiv(total, block),)](buffer, out, total, splits, BLOCK=block)
-    bm, bk = constants["BM"], constants["BK"]
+        # both buffers fresh (aligned), every int fixed by the plan: one specialisation
+        _launch.launch(_sum_splits_kernel, reduction[0], reduction[1] if LAUNCH_CACHE else None, (),
+                       (buffer, out, total, splits), {"BLOCK": _SUM_SPLITS_BLOCK}, {}, ())
+    bm, bk = constexprs["BM"], constexprs["BK"]
     return out[:tile_numel].view(-1, bm, bk), out[tile_numel:tile_numel + n]
 
 

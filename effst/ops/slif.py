@@ -28,10 +28,8 @@ from typing import Optional, Union
 import torch
 import triton
 import triton.language as tl
-from triton import knobs as _triton_knobs
-from triton.knobs import HookChain as _HookChain
-from triton.runtime.jit import JITFunction as _JITFunction
 
+from effst.ops import launch as _launch
 from effst.ops.layout import normalize_channel_dim, reduce_to_parameter, resolve_parameter_layout
 from effst.ops.slif_reference import slif_reference
 from effst.ops.surrogates import SURROGATE_NAMES, resolve_surrogate, surrogate_grad_triton
@@ -573,92 +571,18 @@ class _LaunchConfig:
                               "BLOCK": plan.backward_block, "REST_IS_ZERO": rest_is_zero,
                               "TILE_ROWS": plan.tile_rows}
         self.channel_ints = (plan.w_channels, plan.w_inner, plan.theta_channels, plan.theta_inner)
+        self.forward_options = {"num_warps": plan.forward_warps}
+        self.backward_options = {"num_warps": plan.backward_warps}
 
 
-# Cached launches. JITFunction.run (what ``kernel[grid](...)`` calls) binds and specialises
-# every argument, builds a cache key and looks the compiled kernel up on every launch: tens of
-# microseconds of Python. Within one plan almost all of that is fixed, so each plan keeps the
-# CompiledKernel that ``kernel[grid](...)`` returned per specialisation and launches it with
-# CompiledKernel.run, exactly as JITFunction.run does at its end. The key holds all that can
-# still change the compiled binary for a given plan and launcher:
-# - the kernel and the flags passed as constexprs (HAS_V_INIT, NEED_GRAD_*, ...);
-# - the int arguments that are not fixed by the plan (the row stride of x), by Triton's int
-#   specialisation: == 1 (made a constexpr), divisible by 16, 32 or 64 bits;
-# - the current device (a CompiledKernel is loaded per device) and Triton's debug and
-#   instrumentation settings, which change the compile options.
-# Pointer dtypes are fixed by the plan and the flags (the launchers cast every tensor to the
-# plan's dtypes), and only launches whose pointers are all 16-byte aligned use the cache (that
-# is Triton's pointer specialisation, and what fresh allocations always are); anything else,
-# the first launch of a key, the interpreter (TRITON_INTERPRET=1), active launch hooks (a
-# profiler) or EFFST_SLIF_LAUNCH_CACHE=0 go through ``kernel[grid](...)``.
-LAUNCH_CACHE = os.environ.get("EFFST_SLIF_LAUNCH_CACHE", "1") != "0"
-_driver_calls: Optional[tuple] = None
-
-
-def _cacheable(kernel) -> bool:
-    """A real JITFunction (not the interpreter's) without pre-run hooks, caching enabled."""
-    return LAUNCH_CACHE and isinstance(kernel, _JITFunction) and not kernel.pre_run_hooks
-
-
-def _device_and_stream() -> tuple:
-    """The current device and its stream, as JITFunction.run gets them."""
-    global _driver_calls
-    if _driver_calls is None:
-        from triton.runtime import driver
-
-        _driver_calls = (driver.active.get_current_device, driver.active.get_current_stream)
-    device = _driver_calls[0]()
-    return device, _driver_calls[1](device)
-
-
-def _launch_hooks_idle() -> bool:
-    """No launch enter/exit hooks are installed (a profiler would install some)."""
-    runtime = _triton_knobs.runtime
-    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
-        if hook is not None and (not isinstance(hook, _HookChain) or hook.calls):
-            return False
-    return True
-
-
-def _int_key(value: int) -> tuple:
-    """Triton's specialisation of an int argument: == 1, divisible by 16, needs 64 bits."""
-    return (value == 1, value % 16 == 0, not -2**31 <= value < 2**31)
-
-
-def _aligned(tensors: tuple) -> bool:
-    """Every tensor's data pointer is 16-byte aligned."""
-    bits = 0
-    for t in tensors:
-        bits |= t.data_ptr()
-    return bits % 16 == 0
-
-
-def _launch(kernel, grid: tuple, cache: dict, key: tuple, pointers: tuple, ints: tuple,
-            constexprs: dict, num_warps: int, foreign: tuple) -> None:
-    """``kernel[grid](*pointers, *ints, **constexprs, num_warps=num_warps)``, through the
-    plan's cache.
-
-    ``pointers`` (tensors), ``ints`` and ``constexprs`` are the kernel's arguments in its
-    signature order (both kernels take their tensors first and their constexprs last); ``key``
-    identifies the specialisation within the plan (see LAUNCH_CACHE above). ``foreign`` are
-    the pointers the caller passed in: the others are fresh allocations (or 16-value-aligned
-    parts of one), which PyTorch's allocators align to at least 64 bytes.
-    """
-    args = (*pointers, *ints)
-    if _cacheable(kernel) and _aligned(foreign):
-        device, stream = _device_and_stream()
-        key = (key, device, _triton_knobs.runtime.debug,
-               _triton_knobs.compilation.instrumentation_mode)
-        compiled = cache.get(key)
-        if compiled is not None and _launch_hooks_idle():
-            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
-                         compiled.packed_metadata, None, None, None, *args, *constexprs.values())
-            return
-        compiled = kernel[grid](*args, **constexprs, num_warps=num_warps)
-        if compiled is not None and hasattr(compiled, "packed_metadata"):
-            cache[key] = compiled
-        return
-    kernel[grid](*args, **constexprs, num_warps=num_warps)
+# Cached launches (effst/ops/launch.py): each plan keeps the CompiledKernels of its launches in
+# plan.launch_cache. The plan fixes the grids, the constexprs other than the per-call flags,
+# the options, every pointer's dtype (the launchers cast every tensor to the plan's dtypes) and
+# every int argument but the row stride of x; so the key within a plan is the kernel, the
+# per-call flags (HAS_V_INIT, HAS_GRAD_V_FINAL, NEED_GRAD_*) and the stride's int
+# specialisation. EFFST_SLIF_LAUNCH_CACHE=0 (or EFFST_LAUNCH_CACHE=0) launches every call
+# through ``kernel[grid](...)``.
+LAUNCH_CACHE = _launch.switch("EFFST_SLIF_LAUNCH_CACHE")
 
 
 def _kernel_vector(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -686,12 +610,13 @@ def _forward(x: torch.Tensor, stride_t: int, w: torch.Tensor, theta: torch.Tenso
     v_init_arg = v_init if has_v_init else v_final
     checkpoint_arg = v_final if checkpoints is None else checkpoints
     scalars = _scalars(plan.v_reset, plan.alpha, plan.compute_dtype, x.device)
-    _launch(slif_forward_kernel, cfg.forward_grid, plan.launch_cache,
-            ("forward", has_v_init, _int_key(stride_t)),
-            (x, spikes, w, theta, v_init_arg, v_final, checkpoint_arg, scalars),
-            (plan.T, plan.N, stride_t, *cfg.channel_ints),
-            {"HAS_V_INIT": has_v_init, **cfg.forward_constexprs}, plan.forward_warps,
-            (x, w, theta, v_init_arg))
+    _launch.launch(slif_forward_kernel, cfg.forward_grid,
+                   plan.launch_cache if LAUNCH_CACHE else None,
+                   ("forward", has_v_init, _launch.int_key(stride_t)),
+                   (x, spikes, w, theta, v_init_arg, v_final, checkpoint_arg, scalars,
+                    plan.T, plan.N, stride_t, *cfg.channel_ints),
+                   {"HAS_V_INIT": has_v_init, **cfg.forward_constexprs}, cfg.forward_options,
+                   (x, w, theta, v_init_arg))
     return checkpoints
 
 
@@ -710,19 +635,21 @@ def _backward(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor], x
     need_x, need_w, need_theta = grad_x is not None, grad_w is not None, grad_theta is not None
     grad_v_final_arg = grad_v_final if has_grad_v_final else dummy
     v_init_arg = v_init if has_v_init else dummy
-    pointers = (grad_spikes, grad_v_final_arg, x, w, theta, v_init_arg, dummy,
-                _scalars(plan.v_reset, plan.alpha, plan.compute_dtype, x.device),
-                grad_x if need_x else dummy, grad_w if need_w else dummy,
-                grad_theta if need_theta else dummy,
-                grad_v_init if grad_v_init is not None else dummy)
-    _launch(slif_backward_kernel, cfg.backward_grid, plan.launch_cache,
-            ("backward", has_v_init, has_grad_v_final, need_x, need_w, need_theta,
-             _int_key(stride_t)),
-            pointers, (plan.T, plan.N, stride_t, plan.row_len, *cfg.channel_ints),
-            {"HAS_V_INIT": has_v_init, "HAS_GRAD_V_FINAL": has_grad_v_final,
-             **cfg.backward_constexprs, "NEED_GRAD_X": need_x, "NEED_GRAD_W": need_w,
-             "NEED_GRAD_THETA": need_theta, **cfg.backward_tail},
-            plan.backward_warps, (grad_spikes, grad_v_final_arg, x, w, theta, v_init_arg, dummy))
+    _launch.launch(slif_backward_kernel, cfg.backward_grid,
+                   plan.launch_cache if LAUNCH_CACHE else None,
+                   ("backward", has_v_init, has_grad_v_final, need_x, need_w, need_theta,
+                    _launch.int_key(stride_t)),
+                   (grad_spikes, grad_v_final_arg, x, w, theta, v_init_arg, dummy,
+                    _scalars(plan.v_reset, plan.alpha, plan.compute_dtype, x.device),
+                    grad_x if need_x else dummy, grad_w if need_w else dummy,
+                    grad_theta if need_theta else dummy,
+                    grad_v_init if grad_v_init is not None else dummy,
+                    plan.T, plan.N, stride_t, plan.row_len, *cfg.channel_ints),
+                   {"HAS_V_INIT": has_v_init, "HAS_GRAD_V_FINAL": has_grad_v_final,
+                    **cfg.backward_constexprs, "NEED_GRAD_X": need_x, "NEED_GRAD_W": need_w,
+                    "NEED_GRAD_THETA": need_theta, **cfg.backward_tail},
+                   cfg.backward_options,
+                   (grad_spikes, grad_v_final_arg, x, w, theta, v_init_arg, dummy))
 
 
 def _check_kernel_input(x2d: torch.Tensor, plan: SLIFPlan) -> None:
