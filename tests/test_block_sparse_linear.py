@@ -522,15 +522,22 @@ def test_spikformer_inference_with_uint8_spikes_end_to_end():
 
 def test_host_cost_mode_counts_launches_and_restores_the_kernels():
     """``python -m effst.benchmarks.sparse --host-cost``: three launches (forward, grad input,
-    grad weight) per fwd+bwd on the Triton path, and the real kernels are back afterwards."""
+    grad weight) per fwd+bwd on the Triton path, all three through the launch cache's
+    ``CompiledKernel.run`` in the cached row, and the real kernels and cache hooks are back
+    afterwards."""
     from effst.benchmarks import sparse
     from effst.ops import block_sparse_linear as bsl
+    from effst.ops import launch as launch_ops
 
-    kernel, use_triton = bsl._bsl_forward_kernel, bsl._use_triton
+    kernel, use_triton, plans = bsl._bsl_forward_kernel, bsl._use_triton, bsl._LAUNCHES
+    cacheable, device_and_stream = launch_ops._cacheable, launch_ops._device_and_stream
     cost = sparse.host_cost(rows=4, rounds=1, round_seconds=0.01)
     assert cost["launches_per_call"] == 3
-    assert all(cost[k] > 0 for k in ("torch_us", "triton_python_us", "dense_us"))
-    assert bsl._bsl_forward_kernel is kernel and bsl._use_triton is use_triton
+    assert cost["cached_runs_per_call"] == 3 and cost["jit_launches_per_cached_call"] == 0
+    assert all(cost[f"{row}_us{stat}"] > 0 for row in ("torch", "triton_python", "triton_jit", "triton_cached", "dense")
+               for stat in ("", "_min"))
+    assert bsl._bsl_forward_kernel is kernel and bsl._use_triton is use_triton and bsl._LAUNCHES is plans
+    assert launch_ops._cacheable is cacheable and launch_ops._device_and_stream is device_and_stream
 
 
 @pytest.mark.gpu

@@ -452,19 +452,80 @@ class _NoLaunch:
         return lambda *args, **kwargs: self.counter.append(grid)
 
 
-def host_cost(rows: int = 8, rounds: int = 5, round_seconds: float = 0.5) -> dict:
+class _BindNoLaunch(_NoLaunch):
+    """``kernel[grid](...)`` does the Python of ``JITFunction.run`` before its launch -- Triton's
+    argument binder and specialisation (built for an sm_90 target) and its cache key -- then
+    nothing: the uncached path as a GPU runs it, less the C launcher and the in-memory kernel
+    lookup. Works for any kernel, interpreted or not (it builds its own JITFunction)."""
+
+    def __init__(self, counter: list, kernel) -> None:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+
+        super().__init__(counter)
+        jit = JITFunction(kernel.fn)
+        self.binder = create_function_from_signature(jit.signature, jit.params,
+                                                     make_backend(GPUTarget("cuda", 90, 32)))
+        self.debug = jit.debug
+        self.keys: dict = {}
+
+    def __getitem__(self, grid):
+        from triton import knobs
+        from triton.runtime.jit import compute_cache_key
+
+        def launch(*args, **kwargs):
+            kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
+            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+            _, specialization, options = self.binder(*args, **kwargs)
+            compute_cache_key(self.keys, specialization, options)
+            self.counter.append(grid)
+        return launch
+
+
+class _CachedNoLaunch(_NoLaunch):
+    """Stands in for a JITFunction and the CompiledKernel its ``kernel[grid](...)`` returns, so
+    effst.ops.launch caches it: the first launch of a specialisation goes through
+    ``kernel[grid]`` (counted in ``counter``), later ones through ``run`` (counted in ``runs``);
+    neither does anything."""
+
+    function = packed_metadata = None
+
+    def __init__(self, counter: list, runs: list) -> None:
+        super().__init__(counter)
+        self.runs = runs
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.counter.append(grid)
+            return self
+        return launch
+
+    def run(self, *args) -> None:
+        self.runs.append(None)  # (no new object per call: a growing heap of them slows the GC)
+
+
+def host_cost(rows: int = 8, rounds: int = 7, round_seconds: float = 0.3) -> dict:
     """Host time (µs) of one tiny ``BlockSparseLinear`` fwd+bwd on the CPU (one thread): the
     overhead suite's layer (64 -> 64, 16x16 tiles, half kept), x = [rows, 64] fp32,
-    ``autograd.grad`` of x, values and bias, median over ``rounds`` of back-to-back calls. ``torch``:
-    the torch implementation; ``triton_python``: the Triton path with every kernel launch replaced
-    by a no-op (the Python cost of the GPU path without Triton's own launcher); ``F.linear``: the
-    dense layer, in the same process."""
+    ``autograd.grad`` of x, values and bias; each row the median over ``rounds`` of a round of
+    back-to-back calls (``<row>_us``; ``<row>_us_min`` the fastest round), the rows' rounds
+    interleaved (round 1 of every row, then round 2, ...) so that a busy machine slows them
+    alike. Rows: ``torch``: the torch
+    implementation; ``triton_python``: the Triton path with every launch through
+    ``kernel[grid](...)`` replaced by a no-op (effst's Python on the uncached path, as
+    EFFST_BSL_LAUNCH_CACHE=0 runs it, without Triton's binder); ``triton_jit``: the same with
+    Triton's binder and cache key run per launch (:class:`_BindNoLaunch`: the uncached path's
+    Python as on a GPU, less the launcher and the kernel lookup); ``triton_cached``: the Triton
+    path as a GPU runs it, launches through effst.ops.launch's cache with ``CompiledKernel.run``
+    replaced by a no-op (all of effst's Python per call; what remains on a GPU is the launcher's
+    C code); ``dense``: ``F.linear``, forward and ``autograd.grad`` of x, weight and bias."""
+    import statistics
+
     from effst.benchmarks.overhead import per_call_us
     from effst.nn import BlockSparseLinear
     from effst.ops import block_sparse_linear as ops
-
-    def per_call(fn) -> float:
-        return per_call_us(fn, "cpu", rounds=rounds, round_seconds=round_seconds)["us"]
+    from effst.ops import launch as launch_ops
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -476,23 +537,57 @@ def host_cost(rows: int = 8, rounds: int = 5, round_seconds: float = 0.5) -> dic
     weight, bias = linear.weight.detach().clone().requires_grad_(), linear.bias.detach().clone().requires_grad_()
     inputs = [x, layer.values, layer.bias]
     kernels = ("_bsl_forward_kernel", "_bsl_grad_input_kernel", "_bsl_grad_weight_kernel", "_sum_splits_kernel")
-    saved = {name: getattr(ops, name) for name in kernels + ("_use_triton",)}
+    saved = {name: getattr(ops, name) for name in kernels + ("_use_triton", "LAUNCH_CACHE", "_LAUNCHES")}
+    saved_launch = {name: getattr(launch_ops, name) for name in ("_cacheable", "_device_and_stream")}
     launches: list = []
+    runs: list = []
+    stand_ins = {"triton_python": {name: _NoLaunch(launches) for name in kernels},
+                 "triton_jit": {name: _BindNoLaunch(launches, saved[name]) for name in kernels},
+                 "triton_cached": {name: _CachedNoLaunch(launches, runs) for name in kernels}}
+
+    def bsl_step():
+        return torch.autograd.grad(layer(x), inputs, grad_y)
+
+    def dense_step():
+        return torch.autograd.grad(F.linear(x, weight, bias), [x, weight, bias], grad_y)
+
+    def configure(row: str) -> None:
+        """Point the op at the row's kernels (the real ones and the torch path for 'torch')."""
+        layer.backend = "torch" if row == "torch" else "auto"
+        ops._use_triton = saved["_use_triton"] if row == "torch" else (lambda device, backend: True)
+        ops.LAUNCH_CACHE = row == "triton_cached"
+        for name in kernels:
+            setattr(ops, name, stand_ins[row][name] if row in stand_ins else saved[name])
+
+    steps = {"torch": bsl_step, "triton_python": bsl_step, "triton_jit": bsl_step, "triton_cached": bsl_step,
+             "dense": dense_step}
+    samples: dict = {row: [] for row in steps}
     out = {"rows": rows, "rounds": rounds}
     try:
-        out["torch_us"] = per_call(lambda: torch.autograd.grad(layer(x), inputs, grad_y))
-        out["dense_us"] = per_call(lambda: torch.autograd.grad(F.linear(x, weight, bias), [x, weight, bias], grad_y))
-        for name in kernels:
-            setattr(ops, name, _NoLaunch(launches))
-        ops._use_triton = lambda device, backend: True
-        layer.backend = "auto"
-        out["triton_python_us"] = per_call(lambda: torch.autograd.grad(layer(x), inputs, grad_y))
+        ops._LAUNCHES = {}  # this run's plans (and compiled stand-ins) only
+        launch_ops._cacheable = lambda kernel: isinstance(kernel, _CachedNoLaunch)
+        launch_ops._device_and_stream = lambda: (0, 0)
+        for _ in range(rounds):
+            for row, step in steps.items():
+                configure(row)
+                samples[row].append(per_call_us(step, "cpu", rounds=1, round_seconds=round_seconds)["us"])
+        for row, values in samples.items():
+            out[f"{row}_us"], out[f"{row}_us_min"] = statistics.median(values), min(values)
+        configure("triton_python")
         launches.clear()
-        torch.autograd.grad(layer(x), inputs, grad_y)
+        bsl_step()
         out["launches_per_call"] = len(launches)
+        configure("triton_cached")
+        launches.clear()
+        runs.clear()
+        bsl_step()
+        out["cached_runs_per_call"], out["jit_launches_per_cached_call"] = len(runs), len(launches)
     finally:
         for name, value in saved.items():
             setattr(ops, name, value)
+        for name, value in saved_launch.items():
+            setattr(launch_ops, name, value)
+        layer.backend = "torch"
         torch.set_num_threads(threads)
     return out
 
@@ -506,10 +601,15 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["--host-cost"]:
         cost = host_cost()
         print(f"BlockSparseLinear 64->64, 16x16 tiles, half kept, x = [{cost['rows']}, 64] fp32, fwd + autograd.grad, "
-              f"1 thread, median of {cost['rounds']} rounds (load average {os.getloadavg()[0]:.2f}):")
-        for key, label in (("torch_us", "torch implementation"), ("triton_python_us",
-                           f"Triton path, {cost['launches_per_call']} launches as no-ops"), ("dense_us", "F.linear")):
-            print(f"  {label:<40} {cost[key]:8.1f} us  ({cost[key] / cost['dense_us']:.2f}x F.linear)")
+              f"1 thread, median of {cost['rounds']} interleaved rounds (load average {os.getloadavg()[0]:.2f}):")
+        for key, label in (("torch_us", "torch implementation"),
+                           ("triton_python_us", f"Triton path, {cost['launches_per_call']} kernel[grid] as no-ops"),
+                           ("triton_jit_us", "Triton path, kernel[grid] = Triton's binder + key"),
+                           ("triton_cached_us",
+                            f"Triton path, {cost['cached_runs_per_call']} cached launches, run() as no-ops"),
+                           ("dense_us", "F.linear")):
+            print(f"  {label:<52} {cost[key]:8.1f} us  ({cost[key] / cost['dense_us']:.2f}x F.linear)"
+                  f"  min {cost[key + '_min']:8.1f} us ({cost[key + '_min'] / cost['dense_us_min']:.2f}x)")
     else:
         sys.exit("usage: python -m effst.benchmarks.sparse --spike-bytes | --host-cost "
                  "(the suite itself runs through 'effst bench sparse')")
