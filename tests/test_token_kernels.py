@@ -250,6 +250,29 @@ def test_fused_routed_neuron_integer_spikes_and_fallbacks():
     assert torch.equal(run_neuron_on_tokens(hooked, current, index, N), fused) and seen == [(T, B, N, C)]
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_fused_routed_neuron_with_a_nonzero_reset_potential(detach):
+    """V_r != 0 (the oracle test above resets to 0 only): the fused kernel's spikes, state and
+    every gradient equal the unfused path's (scatter, effst's sLIF kernel, gather) in float64."""
+    from effst.nn import SLIF
+
+    T, B, N, K, C = 3, 2, 6, 3, 5
+    g = torch.Generator().manual_seed(21)
+    index = torch.stack([torch.stack([torch.sort(torch.randperm(N, generator=g)[:K]).values for _ in range(B)])
+                         for _ in range(T)])
+    current = torch.rand(T, B, K, C, generator=g, dtype=torch.float64) * 4.0 - 0.5
+    results = []
+    for fused in (True, False):
+        neuron = SLIF(v_reset=-0.3, channels=C, detach_reset=detach, backend="triton").double()
+        x = current.clone().requires_grad_()
+        spikes = run_neuron_on_tokens(neuron, x, index, N, fused=fused)
+        ((spikes * torch.linspace(-1, 1, C, dtype=torch.float64)).sum() + 0.5 * neuron.v.sum()).backward()
+        results.append((spikes.detach(), neuron.v.detach(), x.grad, neuron.w.grad, neuron.v_threshold.grad))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][0].any()
+    for got, want in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_per_channel_neuron_along_another_dim_is_not_fused():
     """The fused kernel indexes parameters by the last dim's channel: a per-channel neuron along
     the token dim with C = 1 (inner == 1 too) must run unfused and give the unfused spikes
