@@ -60,6 +60,8 @@ MIN_PARTIAL_ROW = 128
 # registers on sm_90, 124 -> 162: 3 instead of 4 programs per SM.) A power of 2; 0 turns the
 # tiled backward off (per-neuron gradients, as before it existed: for A/B timing on a GPU).
 TILE_COLUMNS = int(os.environ.get("EFFST_SLIF_TILE_COLUMNS", 32))
+if TILE_COLUMNS < 0 or TILE_COLUMNS & (TILE_COLUMNS - 1):
+    raise ValueError(f"EFFST_SLIF_TILE_COLUMNS: expected 0 (tiling off) or a power of 2, got {TILE_COLUMNS}")
 MAX_GRID_ROWS = 65535  # CUDA's limit on grid dimension 1
 BACKENDS = ("auto", "reference", "triton", "native")
 SPIKE_DTYPES = (None, torch.uint8, torch.bool)
@@ -496,10 +498,11 @@ def reduce_parameter_gradient(raw: torch.Tensor, plan: SLIFPlan, partial: bool, 
     if plan.tile_rows:
         # [row tiles, row_len] column partials: over tiles, then over the columns of each entry
         # (column j uses entry (j // inner) % channels; row_len is a multiple of the period)
-        per_column = raw.reshape(plan.rows, plan.row_len).sum(dim=0)
+        # One sum (a tiny call pays per torch op): row_len is a multiple of channels * inner,
+        # so the flat buffer splits into [-1, channels, inner] with every column on its entry.
         if channels == 1:
-            return per_column.sum().reshape(1)
-        return per_column.reshape(-1, channels, inner).sum(dim=(0, 2))
+            return raw.sum().reshape(1)
+        return raw.reshape(-1, channels, inner).sum(dim=(0, 2))
     # program p = row * column_blocks + block; row r holds neurons of entry (r // q) % channels
     q = inner // plan.row_len
     return raw.reshape(-1, channels, q * plan.column_blocks).sum(dim=(0, 2))
@@ -546,13 +549,17 @@ class _LaunchConfig:
         # layout, both partials or both per neuron): the raw [2, ...] view it sums, as
         # (values per part, then the split of those into [-1, channels, run]); None otherwise.
         # Per-neuron parameters (channels == N) need no sum at all.
+        # Tiled partials ([row tiles, row_len], row_len a multiple of channels * inner) split
+        # the same way with run = inner.
         self.joint_reduction = None
-        if (not plan.tile_rows
-                and plan.w_partial == plan.theta_partial and plan.w_channels == plan.theta_channels
+        if (plan.w_partial == plan.theta_partial and plan.w_channels == plan.theta_channels
                 and plan.w_inner == plan.theta_inner
-                and not (plan.w_inner == 1 and plan.w_channels == N)):
-            run = (plan.w_inner // plan.row_len * plan.column_blocks if plan.w_partial
-                   else plan.w_inner)
+                and not (plan.w_inner == 1 and plan.w_channels == N)
+                and not (plan.tile_rows and plan.w_channels == 1)):
+            if plan.tile_rows or not plan.w_partial:
+                run = plan.w_inner
+            else:
+                run = plan.w_inner // plan.row_len * plan.column_blocks
             self.joint_reduction = (self.w_size, (2, -1, plan.w_channels, run))
         compute = _triton_dtype(plan.compute_dtype)
         hard_reset = plan.v_reset is not None
