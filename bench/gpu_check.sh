@@ -120,10 +120,11 @@ PLAN=(install versions bench render gpu-tests-core gpu-compile-tests)
 [ "$T_TUNE" -gt 0 ] && PLAN+=(tune-slif)
 PLAN+=(native-build gpu-tests-rest host-profile)
 # The must-run subset of the GPU tests, in this order: the Triton file first (bf16 covering set,
-# determinism), the cached-launch file (CompiledKernel.run bit for bit against kernel[grid]),
+# determinism), the cached-launch files (CompiledKernel.run bit for bit against kernel[grid],
+# sLIF and BlockSparseLinear),
 # then the CUDA-graph file, whose last test (bitwise-deterministic parameter
 # gradients) was the one running when the 2026-11-30 step was cut.
-CORE_TESTS="tests/test_slif_triton.py tests/test_slif_launch_cache.py tests/test_slif_cuda_graphs.py"
+CORE_TESTS="tests/test_slif_triton.py tests/test_slif_launch_cache.py tests/test_launch_cache.py tests/test_slif_cuda_graphs.py"
 
 SCRIPT="$REPO/bench/gpu_check.sh"
 export DRY SITE PY TEST_DEVICE SCRIPT OUT TEST_TIMEOUT CORE_TESTS

@@ -109,9 +109,10 @@ def mock_launch(calls: int) -> int:
     kernels = {"slif_forward_kernel": _MockKernel(), "slif_backward_kernel": _MockKernel()}
     for name, mock in kernels.items():
         setattr(slif_ops, name, mock)
-    if hasattr(slif_ops, "_cacheable"):  # the cached-launch path, as it runs on a GPU
-        slif_ops._cacheable = lambda kernel: True
-        slif_ops._device_and_stream = lambda: (0, 0)
+    from effst.ops import launch as launch_ops  # the cached-launch path, as it runs on a GPU
+
+    launch_ops._cacheable = lambda kernel: True
+    launch_ops._device_and_stream = lambda: (0, 0)
     torch.set_num_threads(1)
     x = torch.randn(4, 64, 64, requires_grad=True)
     grad = torch.ones_like(x)

@@ -564,7 +564,7 @@ echo "after_bench=$(reserve_after bench)"; echo "after_profile=$(reserve_after h
     assert out["plan"].split() == ["install", "versions", "bench", "render", "gpu-tests-core",
                                    "gpu-compile-tests", "native-build", "gpu-tests-rest", "host-profile"]
     assert out["core"].split() == ["tests/test_slif_triton.py", "tests/test_slif_launch_cache.py",
-                                   "tests/test_slif_cuda_graphs.py"]
+                                   "tests/test_launch_cache.py", "tests/test_slif_cuda_graphs.py"]
     kept = ("render", "gpu-tests-core", "gpu-compile-tests", "native-build", "gpu-tests-rest", "host-profile")
     assert int(out["after_bench"]) == sum(floors.get(s, 0) + values["KILL_GRACE"] for s in kept)
     assert int(out["after_profile"]) == 0
