@@ -166,6 +166,43 @@ def slif_forward_kernel(
 
 
 @triton.jit
+def reverse_step(grad_s, carry, x, v_prev, k, theta, v_rest, alpha, zero,
+                 HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
+                 SURROGATE: tl.constexpr):
+    """Reverse one sLIF step from its input ``x`` and ``V_{t-1}``, given dL/dS_t (``grad_s``)
+    and dL/dV_t (``carry``): ``(dL/dX_t, dL/dV_{t-1}, dL/dk, dL/dtheta)``, the last two per
+    neuron (what a caller does not use is compiled away). The one copy of the backward step:
+    the sLIF kernel and the token-routed neuron (effst/ops/token_select.py) both call it."""
+    h = _charge(v_prev, x, k, v_rest, DECAY_INPUT)
+    s = (h >= theta).to(h.dtype)
+    psi = surrogate_grad_triton(h - theta, alpha, SURROGATE)
+    # dV_t/dH_t and dV_t/dtheta: the reset's own terms, plus the path through the spike's
+    # surrogate unless detach_reset cuts it.
+    if HARD_RESET:
+        if DETACH_RESET:
+            dv_dh = 1.0 - s
+            dv_dtheta = zero
+        else:  # (V_r - H) psi written as -(H - V_r) psi: one product, the same bits
+            dv_dtheta = (h - v_rest) * psi
+            dv_dh = (1.0 - s) - dv_dtheta
+    else:
+        if DETACH_RESET:
+            dv_dh = zero + 1.0
+            dv_dtheta = -s
+        else:
+            dv_dh = 1.0 - theta * psi
+            dv_dtheta = theta * psi - s
+    grad_h = grad_s * psi + carry * dv_dh
+    if DECAY_INPUT:
+        grad_k = grad_h * (x - (v_prev - v_rest))
+        grad_x = grad_h * k
+    else:
+        grad_k = grad_h * (v_rest - v_prev)
+        grad_x = grad_h
+    return grad_x, grad_h * (1.0 - k), grad_k, carry * dv_dtheta - grad_s * psi
+
+
+@triton.jit
 def _backward_neurons(
     offs, mask, grad_spikes_ptr, grad_v_final_ptr, x_ptr, w_ptr, theta_ptr, v_init_ptr,
     checkpoint_ptr, grad_x_ptr, T, N64, stride64, v_rest, alpha,
@@ -221,40 +258,15 @@ def _backward_neurons(
         for j in tl.static_range(CHUNK - 1, -1, -1):
             t = c * CHUNK + j
             if t < T:
-                x = xs[j]
-                v_prev = v_prevs[j]
-                grad_s = grads_s[j]
-                h = _charge(v_prev, x, k, v_rest, DECAY_INPUT)
-                s = (h >= theta).to(COMPUTE_DTYPE)
-                psi = surrogate_grad_triton(h - theta, alpha, SURROGATE)
-                if HARD_RESET:
-                    if DETACH_RESET:
-                        dv_dh = 1.0 - s
-                        dv_dtheta = zero
-                    else:  # (V_r - H) psi written as -(H - V_r) psi: one product, the same bits
-                        dv_dtheta = (h - v_rest) * psi
-                        dv_dh = (1.0 - s) - dv_dtheta
-                else:
-                    if DETACH_RESET:
-                        dv_dh = zero + 1.0
-                        dv_dtheta = -s
-                    else:
-                        dv_dh = 1.0 - theta * psi
-                        dv_dtheta = theta * psi - s
-                grad_h = grad_s * psi + carry * dv_dh
+                grad_x, carry_prev, step_k, step_theta = reverse_step(
+                    grads_s[j], carry, xs[j], v_prevs[j], k, theta, v_rest, alpha, zero,
+                    HARD_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE)
                 if NEED_GRAD_W:
-                    if DECAY_INPUT:
-                        grad_k += grad_h * (x - (v_prev - v_rest))
-                    else:
-                        grad_k += grad_h * (v_rest - v_prev)
+                    grad_k += step_k
                 if NEED_GRAD_THETA:
-                    grad_theta += carry * dv_dtheta - grad_s * psi
-                carry = grad_h * (1.0 - k)
+                    grad_theta += step_theta
+                carry = carry_prev
                 if NEED_GRAD_X:
-                    if DECAY_INPUT:
-                        grad_x = grad_h * k
-                    else:
-                        grad_x = grad_h
                     tl.store(grad_x_ptr + t * N64 + offs,
                              grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
     return grad_k, grad_theta, carry, k

@@ -40,8 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from effst.ops.slif import _charge, _fire_and_reset
-from effst.ops.surrogates import surrogate_grad_triton
+from effst.ops.slif import _charge, _fire_and_reset, _scalars, reverse_step
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -305,38 +304,6 @@ def _routed_load(slot_ptr, x_ptr, b, t, tokens, channels, grid_mask, B, N, K, C,
 
 
 @triton.jit
-def _lif_backward_step(grad_s, carry, x, v_prev, k, theta, v_rest, alpha, zero, HARD_RESET: tl.constexpr,
-                       DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr):
-    """Reverse one sLIF step from its input ``x`` and ``V_{t-1}``, given dL/dS_t (``grad_s``) and
-    dL/dV_t (``carry``): returns ``(dL/dX_t, dL/dV_{t-1}, dL/dk, dL/dtheta)`` (the last two
-    per neuron; unused ones are compiled away)."""
-    h = _charge(v_prev, x, k, v_rest, DECAY_INPUT)
-    s = (h >= theta).to(h.dtype)
-    psi = surrogate_grad_triton(h - theta, alpha, SURROGATE)
-    # dV_t/dH_t and dV_t/dtheta: the reset's own terms, plus the path through the spike's
-    # surrogate unless detach_reset cuts it.
-    if HARD_RESET:
-        dv_dh = 1.0 - s
-        dv_dtheta = zero
-        through_spike = (v_rest - h) * psi
-    else:
-        dv_dh = zero + 1.0
-        dv_dtheta = -s
-        through_spike = -theta * psi
-    if not DETACH_RESET:
-        dv_dh += through_spike
-        dv_dtheta -= through_spike
-    grad_h = grad_s * psi + carry * dv_dh
-    if DECAY_INPUT:
-        grad_k = grad_h * (x - (v_prev - v_rest))
-        grad_x = grad_h * k
-    else:
-        grad_k = grad_h * (v_rest - v_prev)
-        grad_x = grad_h
-    return grad_x, grad_h * (1.0 - k), grad_k, carry * dv_dtheta - grad_s * psi
-
-
-@triton.jit
 def _routed_tile(w_ptr, theta_ptr, scalars_ptr, N, C, w_channels, theta_channels,
                  COMPUTE_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """The program's sample, tokens, channels, mask, state offsets, k = sigmoid(w), theta, V_rest."""
@@ -408,8 +375,8 @@ def _routed_neuron_backward_kernel(grad_s_ptr, grad_v_final_ptr, x_ptr, slot_ptr
         kept, compact, x = _routed_load(slot_ptr, x_ptr, b, t, tokens, channels, grid_mask, B, N, K, C,
                                         COMPUTE_DTYPE)
         grad_s = tl.load(grad_s_ptr + compact, mask=kept, other=0.0).to(COMPUTE_DTYPE)
-        grad_x, carry, step_k, step_theta = _lif_backward_step(grad_s, carry, x, v_prevs[t], k, theta, v_rest, alpha,
-                                                               zero, HARD_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE)
+        grad_x, carry, step_k, step_theta = reverse_step(grad_s, carry, x, v_prevs[t], k, theta, v_rest, alpha,
+                                                         zero, HARD_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE)
         grad_k += step_k
         grad_theta += step_theta
         tl.store(grad_x_ptr + compact, grad_x.to(grad_x_ptr.dtype.element_ty), mask=kept)
@@ -423,17 +390,6 @@ def _routed_neuron_backward_kernel(grad_s_ptr, grad_v_final_ptr, x_ptr, slot_ptr
         tl.store(grad_theta_ptr + partial, tl.sum(tl.where(grid_mask, grad_theta, 0.0), axis=0), mask=channels < C)
     if HAS_V_INIT:
         tl.store(grad_v_init_ptr + state, carry, mask=grid_mask)
-
-
-_ROUTE_SCALARS: dict = {}
-
-
-def _route_scalars(v_reset: Optional[float], alpha: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """``[V_rest, alpha]`` in the compute dtype on the device, cached (no copy per call)."""
-    key = (v_reset, alpha, dtype, device)
-    if key not in _ROUTE_SCALARS:
-        _ROUTE_SCALARS[key] = torch.tensor([0.0 if v_reset is None else v_reset, alpha], dtype=dtype, device=device)
-    return _ROUTE_SCALARS[key]
 
 
 def token_slots(index: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -456,7 +412,7 @@ class _RoutedNeuron(torch.autograd.Function):
         cdtype = torch.float64 if current.dtype == torch.float64 else torch.float32
         spikes = torch.empty_like(current, dtype=current.dtype if spike_dtype is None else spike_dtype)
         v_final = torch.empty(B, N, C, dtype=cdtype, device=current.device)
-        scalars = _route_scalars(v_reset, alpha, cdtype, current.device)
+        scalars = _scalars(v_reset, alpha, cdtype, current.device)
         block_n, block_c = ROUTED_FORWARD_BLOCK
         if v_final.numel():
             grid = (B * triton.cdiv(N, block_n), triton.cdiv(C, block_c))
