@@ -728,6 +728,21 @@ def _from_tiles_t(t: torch.Tensor, features: int, dtype: torch.dtype, bias=None)
     return out.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
+def _segment_products(w: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, src_t: torch.Tensor,
+                      tile_in: int, tile_out: int, out_t: torch.Tensor) -> None:
+    """``out_t[g]`` = ``w``'s columns of segment g times the gathered source slabs, per segment g
+    of ``ptr`` (block-rows for the forward, block-columns for grad-input): one GEMM each.
+    ``w`` is ``[tile_out, tiles x tile_in]`` with a segment's tiles side by side, ``src_t`` the
+    source cut into ``[blocks, tile_in, M]`` slabs, ``idx`` each tile's slab."""
+    m = src_t.shape[2]
+    bounds = ptr.tolist()
+    for g in range(len(bounds) - 1):
+        s, e = bounds[g], bounds[g + 1]
+        if s < e:
+            slabs = src_t.index_select(0, idx[s:e]).view((e - s) * tile_in, m)
+            torch.mm(w[:, s * tile_in:e * tile_in], slabs, out=out_t[g * tile_out:(g + 1) * tile_out])
+
+
 def _torch_forward(x, values, bias, layout: BlockLayout, out_features: int) -> torch.Tensor:
     m = x.shape[0]
     nnz, bm, bk = values.shape
@@ -735,14 +750,8 @@ def _torch_forward(x, values, bias, layout: BlockLayout, out_features: int) -> t
     acc = _compute_dtype(values.dtype)
     y_t = torch.zeros((nbr * bm, m), dtype=acc, device=x.device)
     if nnz and m:
-        x_t = _tiles_t(x, bk, nbc, acc)
         w = values.to(acc).transpose(0, 1).reshape(bm, nnz * bk)  # [bm, tiles x bk]: a row's tiles side by side
-        ptr = layout.row_ptr.tolist()
-        for r in range(nbr):
-            s, e = ptr[r], ptr[r + 1]
-            if s < e:
-                x_r = x_t.index_select(0, layout.col_idx[s:e]).view((e - s) * bk, m)
-                torch.mm(w[:, s * bk:e * bk], x_r, out=y_t[r * bm:(r + 1) * bm])
+        _segment_products(w, layout.row_ptr, layout.col_idx, _tiles_t(x, bk, nbc, acc), bk, bm, y_t)
     return _from_tiles_t(y_t, out_features, values.dtype, bias)
 
 
@@ -753,14 +762,9 @@ def _torch_grad_input(grad_y, values, layout: BlockLayout, in_features: int) -> 
     acc = _compute_dtype(values.dtype)
     dx_t = torch.zeros((nbc * bk, m), dtype=acc, device=grad_y.device)
     if nnz and m:
-        dy_t = _tiles_t(grad_y, bm, nbr, acc)
-        w = values.to(acc).index_select(0, layout.csc_perm).view(nnz * bm, bk)  # column order, a column's tiles stacked
-        ptr = layout.col_ptr.tolist()
-        for c in range(nbc):
-            s, e = ptr[c], ptr[c + 1]
-            if s < e:
-                dy_c = dy_t.index_select(0, layout.csc_row_idx[s:e]).view((e - s) * bm, m)
-                torch.mm(w[s * bm:e * bm].t(), dy_c, out=dx_t[c * bk:(c + 1) * bk])
+        # column order, a column's tiles side by side: [bk, tiles x bm]
+        w = values.to(acc).index_select(0, layout.csc_perm).view(nnz * bm, bk).t()
+        _segment_products(w, layout.col_ptr, layout.csc_row_idx, _tiles_t(grad_y, bm, nbr, acc), bm, bk, dx_t)
     return _from_tiles_t(dx_t, in_features, values.dtype)
 
 
