@@ -116,7 +116,7 @@ class SLIF(nn.Module):
 
     def reset(self) -> None:
         """Forget the membrane state (SpikingJelly's ``reset_net`` calls this)."""
-        self.__dict__["v"] = 0.0 if self.v_reset is None else self.v_reset  # see __setattr__
+        self.__dict__["v"] = self._rest_potential()  # see __setattr__
 
     @property
     def tau(self) -> torch.Tensor:
@@ -239,7 +239,7 @@ class SLIF(nn.Module):
             if state.shape != x.shape[1:]:
                 raise self._state_shape_error(x, state)
             v_init = state if state.dtype == plan.compute_dtype else state.to(plan.compute_dtype)
-        elif state != (0.0 if plan.v_reset is None else plan.v_reset):
+        elif state != self._rest_potential():
             v_init = torch.full((plan.N,), float(state), dtype=plan.compute_dtype, device=x.device)
         else:
             v_init = None
