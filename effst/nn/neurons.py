@@ -235,16 +235,21 @@ class SLIF(nn.Module):
                 decay_input=self.decay_input, channel_dim=self.channel_dim, backend="reference",
                 return_state=True, spike_dtype=self.spike_dtype)
             return spikes
-        if isinstance(state, torch.Tensor):
-            if state.shape != x.shape[1:]:
-                raise self._state_shape_error(x, state)
-            v_init = state if state.dtype == plan.compute_dtype else state.to(plan.compute_dtype)
-        elif state != self._rest_potential():
-            v_init = torch.full((plan.N,), float(state), dtype=plan.compute_dtype, device=x.device)
-        else:
-            v_init = None
+        if isinstance(state, torch.Tensor) and state.shape != x.shape[1:]:
+            raise self._state_shape_error(x, state)
+        v_init = self._initial_membrane((plan.N,), plan.compute_dtype, x.device)
         spikes, self.__dict__["v"] = slif_with_plan(x, w, theta, v_init, plan)
         return spikes
+
+    def _initial_membrane(self, shape, dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+        """The membrane a kernel starts from: None at rest, else the stored state as a ``dtype``
+        tensor (a float state filled into ``shape``). The fused token-routed neuron uses it too."""
+        state = self.v
+        if isinstance(state, torch.Tensor):
+            return state if state.dtype == dtype else state.to(dtype)
+        if state != self._rest_potential():
+            return torch.full(shape, float(state), dtype=dtype, device=device)
+        return None
 
     @staticmethod
     def _state_shape_error(x: torch.Tensor, state: torch.Tensor) -> ValueError:

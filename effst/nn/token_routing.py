@@ -58,13 +58,9 @@ def _run_fused(neuron, current: torch.Tensor, index: torch.Tensor, tokens: int) 
     T, B, K, C = current.shape
     cdtype = torch.float64 if current.dtype == torch.float64 else torch.float32
     state = neuron.v
-    rest = 0.0 if neuron.v_reset is None else neuron.v_reset
-    if isinstance(state, torch.Tensor):
-        v_init = state.to(cdtype).contiguous()
-    elif state != rest:
-        v_init = torch.full((B, tokens, C), float(state), dtype=cdtype, device=current.device)
-    else:
-        v_init = None
+    v_init = neuron._initial_membrane((B, tokens, C), cdtype, current.device)
+    if v_init is not None:
+        v_init = v_init.contiguous()
     if neuron.spike_dtype is not None:
         check_integer_spikes_need_no_grad(neuron.spike_dtype, (current, neuron.w, neuron.v_threshold, state))
     options = (neuron.v_reset, neuron.surrogate_id, neuron.alpha, neuron.detach_reset, neuron.decay_input,
