@@ -393,8 +393,7 @@ def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
             row.update(ms=statistics.median(medians), ms_min=min(r["ms_min"] for r in ok),
                        round_ms=[r["ms"] for r in ok], rounds=len(ok), reps=sum(r["reps"] for r in ok))
             if len(medians) >= 2:
-                # inclusive: quartiles inside the measured range (the default extrapolates past it for few rounds)
-                quartiles = statistics.quantiles(medians, n=4, method="inclusive")
+                quartiles = timing.quartiles_of(medians)
                 row.update(ms_q1=quartiles[0], ms_q3=quartiles[2])
         merged.append(row)
     return merged

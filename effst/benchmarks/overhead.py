@@ -53,7 +53,7 @@ def per_call_us(call: Callable[[], object], device: str, *, rounds: int, round_s
         timing.synchronize(device)
         samples.append((time.perf_counter() - start) / calls * 1e6)
     samples.sort()
-    quartiles = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    quartiles = timing.quartiles_of(samples)
     return {"us": statistics.median(samples), "us_min": samples[0], "us_q1": quartiles[0], "us_q3": quartiles[2],
             "calls_per_round": calls, "rounds": rounds}
 

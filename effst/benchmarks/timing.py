@@ -34,6 +34,16 @@ from typing import Any, Callable, Optional
 
 import torch
 
+def quartiles_of(samples) -> list:
+    """``[q1, median, q3]`` of one or more samples, inside the measured range (``inclusive``:
+    the default method extrapolates past the extremes for few samples); one sample: itself x 3.
+    Every suite's quartiles come from here."""
+    samples = list(samples)
+    if len(samples) < 2:
+        return [samples[0]] * 3
+    return statistics.quantiles(samples, n=4, method="inclusive")
+
+
 # ---------------------------------------------------------------------------- device helpers
 
 
@@ -137,9 +147,7 @@ def time_function(
             times_ms.append((time.perf_counter() - start) * 1e3)
         method = "time.perf_counter per call, median"
     times_ms.sort()
-    # inclusive: quartiles inside the measured range (the default extrapolates past it for few calls)
-    quartiles = (statistics.quantiles(times_ms, n=4, method="inclusive") if len(times_ms) >= 2
-                 else [times_ms[0]] * 3)
+    quartiles = quartiles_of(times_ms)
     return {
         "ms": statistics.median(times_ms),
         "ms_min": times_ms[0],

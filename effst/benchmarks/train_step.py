@@ -164,8 +164,7 @@ def time_train_step(neuron: str, device: str = "cpu", batch: int = 64, T: int = 
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     if dev.type == "cuda" and not graphed:
         kernel = timing.kernel_time_profiled(step, device, reps=1)
-    # inclusive: quartiles inside the measured range (the default extrapolates past it for few reps)
-    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) >= 2 else [times[0]] * 3
+    q = timing.quartiles_of(times)
     library = "effst" if not neuron.startswith("spikingjelly") else f"spikingjelly {_sj_version()}"
     ms = statistics.median(times)
     return {
