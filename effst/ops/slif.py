@@ -402,6 +402,11 @@ class SLIFPlan:
     backward_warps: int = BACKWARD_WARPS
     # Compiled Triton kernels of this plan by specialisation (see _launch); never compared.
     launch_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # Per input (x, w, theta): calls left before the backward asks the engine again whether a
+    # leaf input's gradient will be used, after the engine answered "captured by
+    # autograd.grad" (an exception, ~10 us) for it; see _edges_that_run. Never compared.
+    capture_hints: list = field(default_factory=lambda: [0, 0, 0], compare=False, hash=False,
+                                repr=False)
 
     @property
     def programs(self) -> int:
@@ -896,12 +901,58 @@ class SLIFFunction(torch.autograd.Function):
             if grad_x is not None:
                 grad_x = grad_x.view(x_shape)
         else:
+            if need_x + need_w + need_theta + need_v > 1:  # else the one edge runs: no question
+                need_x, need_w, need_theta = _edges_that_run(ctx, plan.capture_hints, need_x,
+                                                             need_w, need_theta, need_v)
             grad_x, grad_w, grad_theta, grad_v_init = _eager_backward(
                 grad_spikes, grad_v_final, x2d, ctx.stride_t, w, theta, v_init, saved, plan,
                 x_shape, need_x, need_w, need_theta)
         return (grad_x, _as_input(grad_w, w_shape, w_dtype),
                 _as_input(grad_theta, theta_shape, theta_dtype),
                 _as_input(grad_v_init, v_shape, v_dtype) if need_v else None, None)
+
+
+_will_engine_execute_node = torch._C._will_engine_execute_node
+#: calls during which a leaf input that autograd.grad captured is assumed captured again
+CAPTURE_HINT_CALLS = 32
+
+
+def _edges_that_run(ctx, hints: list, need_x: bool, need_w: bool, need_theta: bool,
+                    need_v: bool) -> list:
+    """Which of x, w, theta the engine will pass a gradient on to, among those that require
+    one: ``autograd.grad(spikes.sum(), [x])`` needs no parameter gradient even when w and
+    theta are learnable, and ``backward(inputs=[w])`` no grad_x (what
+    task_should_compute_output tells the C++ node, csrc/slif_autograd.cpp).
+
+    ``torch._C._will_engine_execute_node`` answers in ~0.1 us, except for a leaf that
+    ``autograd.grad`` captures (one of its ``inputs``): that raises (~10 us) and means "yes".
+    Two things keep that rare. The node runs, so one of its edges is used: the last edge not
+    yet known unused needs no question (x is asked last: ``autograd.grad(out, [x])`` asks no
+    leaf that raises). And after a "captured" answer, ``hints`` (the plan's, per input) keeps
+    that gradient on without asking for the next CAPTURE_HINT_CALLS calls (loops repeat one
+    request), then asks again. A gradient is skipped only on a "no"; any exception means
+    "compute it".
+    """
+    needs = [need_x, need_w, need_theta]
+    maybe = need_x + need_w + need_theta + need_v  # edges not known to be unused
+    edges = None
+    for i in (1, 2, 0):
+        if not needs[i]:
+            continue
+        if maybe == 1:  # every other edge is unused, and the node runs: this one is used
+            break
+        if hints[i]:
+            hints[i] -= 1
+            continue
+        if edges is None:
+            edges = ctx.next_functions
+        try:
+            if not _will_engine_execute_node(edges[i][0]):
+                needs[i] = False
+                maybe -= 1
+        except RuntimeError:  # a leaf autograd.grad captures (or no engine task): computed
+            hints[i] = CAPTURE_HINT_CALLS
+    return needs
 
 
 def _as_input(grad: Optional[torch.Tensor], shape, dtype) -> Optional[torch.Tensor]:

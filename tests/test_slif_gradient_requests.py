@@ -1,0 +1,186 @@
+"""sLIF's Triton backward computes only the gradients the autograd engine will use.
+
+``ctx.needs_input_grad`` only says which inputs require grad; ``autograd.grad(out, [x])`` with
+learnable w and theta, ``backward(inputs=[w])`` or a non-leaf x nobody asks for need less.
+SLIFFunction.backward asks the engine (effst.ops.slif._edges_that_run) and launches the
+kernel with None for the rest. A spy on the launcher records which gradient buffers it got;
+every value is checked against the float64 reference. CPU: Triton's interpreter (conftest).
+"""
+import pytest
+import torch
+
+from effst import slif
+from effst.nn import PLIF, SLIF
+from effst.ops import slif as slif_ops
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The (grad_x, grad_w, grad_theta) buffers each backward launch got: True = allocated."""
+    seen = []
+    backward = slif_ops._backward
+
+    def spy(*args):
+        seen.append(tuple(g is not None for g in args[-4:-1]))
+        return backward(*args)
+
+    monkeypatch.setattr(slif_ops, "_backward", spy)
+    return seen
+
+
+def neuron(device, cls=SLIF):
+    torch.manual_seed(3)
+    kwargs = {"channels": 4} if cls is SLIF else {}
+    m = cls(backend="triton", **kwargs).to(device=device, dtype=torch.float64)
+    with torch.no_grad():  # distinct per-channel values, so a wrong sum shows
+        m.w.copy_(torch.linspace(-0.5, 0.7, m.w.numel(), dtype=torch.float64).view(m.w.shape))
+        m.v_threshold.copy_(torch.linspace(0.6, 1.1, m.v_threshold.numel(),
+                                           dtype=torch.float64).view(m.v_threshold.shape))
+    return m
+
+
+def inputs(device):
+    torch.manual_seed(4)
+    x = (torch.randn(6, 3, 4, dtype=torch.float64) + 0.6).to(device)
+    weight = torch.randn(6, 3, 4, dtype=torch.float64, device=device)  # d loss / d spikes
+    return x, weight
+
+
+def reference_grads(m, x, weight):
+    """d(sum(spikes * weight)) / d(x, w, theta) from the float64 pure-torch reference."""
+    xr = x.detach().clone().requires_grad_(True)
+    w = m.w.detach().clone().requires_grad_(True)
+    theta = m.v_threshold.detach().clone().requires_grad_(True)
+    spikes = slif(xr, w, theta, v_reset=m.v_reset, backend="reference")
+    return torch.autograd.grad((spikes * weight).sum(), [xr, w, theta])
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_grad_of_x_alone_skips_parameter_gradients(launched, device):
+    m = neuron(device)
+    x, weight = inputs(device)
+    x.requires_grad_(True)
+    expected = reference_grads(m, x, weight)
+    (gx,) = torch.autograd.grad((m(x) * weight).sum(), [x])
+    assert launched[-1] == (True, False, False)
+    assert m.w.grad is None and m.v_threshold.grad is None
+    assert_close(gx, expected[0])
+    m.reset()  # the full computation gives the same grad_x
+    (m(x) * weight).sum().backward()
+    assert launched[-1] == (True, True, True)
+    assert_close(x.grad, gx)
+    for actual, wanted in zip((m.w.grad, m.v_threshold.grad), expected[1:]):
+        assert_close(actual, wanted)
+
+
+@pytest.mark.parametrize("cls", [SLIF, PLIF])
+def test_grad_of_one_parameter_skips_the_others(cls, launched, device):
+    m = neuron(device, cls)
+    x, weight = inputs(device)
+    x.requires_grad_(True)  # a leaf that requires grad, not asked for
+    expected = reference_grads(m, x, weight)
+    (gw,) = torch.autograd.grad((m(x) * weight).sum(), [m.w])
+    assert launched[-1] == (False, True, False)
+    assert_close(gw, expected[1])
+    if cls is SLIF:  # (a new module: this one's plan now holds w's capture hint)
+        m = neuron(device, cls)
+        (gt,) = torch.autograd.grad((m(x) * weight).sum(), [m.v_threshold])
+        assert launched[-1] == (False, False, True)
+        assert_close(gt, expected[2])
+
+
+def test_backward_with_inputs_and_non_leaf_x(launched, device):
+    m = neuron(device)
+    x, weight = inputs(device)
+    x0 = (x / 2).requires_grad_(True)
+    expected = reference_grads(m, x, weight)
+
+    def loss():
+        m.reset()
+        return (m(x0 * 2) * weight).sum()  # x is a non-leaf (MulBackward0)
+
+    (gx0,) = torch.autograd.grad(loss(), [x0])
+    assert launched[-1] == (True, False, False)
+    assert_close(gx0, 2 * expected[0])
+    loss().backward(inputs=[m.v_threshold])  # accumulated, not captured: no hint follows
+    assert launched[-1] == (False, False, True)
+    assert x0.grad is None and m.w.grad is None
+    assert_close(m.v_threshold.grad, expected[2])
+    m.v_threshold.grad = None
+    torch.autograd.grad(loss(), [m.w, m.v_threshold])
+    assert launched[-1] == (False, True, True)  # the non-leaf x's edge does not run
+    loss().backward()
+    assert launched[-1] == (True, True, True)
+    assert_close(x0.grad, 2 * expected[0])
+    assert_close(m.w.grad, expected[1])
+    assert_close(m.v_threshold.grad, expected[2])
+
+
+def test_functional_slif_and_a_carried_state(launched, device):
+    # The functional API (a plan per call), and a second call whose v_init is the first call's
+    # state: its edge is a fourth input that keeps every question open.
+    m = neuron(device)
+    x, weight = inputs(device)
+    x.requires_grad_(True)
+    w = m.w.detach().clone().requires_grad_(True)
+    theta = m.v_threshold.detach().clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad((slif(x, w, theta, backend="triton") * weight).sum(), [x])
+    assert launched[-1] == (True, False, False)
+    assert_close(gx, reference_grads(m, x, weight)[0])
+    s1, v1 = slif(x, w, theta, backend="triton", return_state=True)
+    s2 = slif(x, w, theta, v_init=v1, backend="triton")
+    (gw,) = torch.autograd.grad((s2 * weight).sum(), [w])
+    assert launched[-2:] == [(False, True, False), (False, True, False)]
+    r1, rv1 = slif(x, w, theta, backend="reference", return_state=True)
+    r2 = slif(x, w, theta, v_init=rv1, backend="reference")
+    assert_close(gw, torch.autograd.grad((r2 * weight).sum(), [w])[0])
+
+
+def test_captured_leaves_are_asked_again_after_the_hint(launched, device, monkeypatch):
+    # autograd.grad(out, [x, w, theta]) with leaves: the engine raises for each captured leaf
+    # (it means "used"); the plan then keeps those gradients on for CAPTURE_HINT_CALLS calls
+    # without asking, and a different request in that window still gets correct values.
+    monkeypatch.setattr(slif_ops, "CAPTURE_HINT_CALLS", 2)
+    asked = []
+    will_execute = slif_ops._will_engine_execute_node
+
+    def counting(node):
+        asked.append(type(node).__name__)
+        return will_execute(node)
+
+    monkeypatch.setattr(slif_ops, "_will_engine_execute_node", counting)
+    m = neuron(device)
+    x, weight = inputs(device)
+    x.requires_grad_(True)
+    expected = reference_grads(m, x, weight)
+
+    def grads(wanted):
+        m.reset()
+        return torch.autograd.grad((m(x) * weight).sum(), wanted)
+
+    for g, e in zip(grads([x, m.w, m.v_threshold]), expected):
+        assert_close(g, e)
+    assert len(asked) == 3 and launched[-1] == (True, True, True)
+    for g, e in zip(grads([x, m.w, m.v_threshold]), expected):  # hinted: nothing asked
+        assert_close(g, e)
+    assert len(asked) == 3
+    assert_close(grads([x])[0], expected[0])  # hint left: computed anyway, still exact
+    assert len(asked) == 3 and launched[-1] == (True, True, True)
+    assert_close(grads([x])[0], expected[0])  # hints spent: asked, parameters skipped
+    assert launched[-1] == (True, False, False) and len(asked) == 5
+
+
+def test_no_question_when_one_input_needs_grad(launched, device, monkeypatch):
+    def refuse(node):
+        raise AssertionError("asked the engine with a single gradient to compute")
+
+    monkeypatch.setattr(slif_ops, "_will_engine_execute_node", refuse)
+    m = neuron(device).requires_grad_(False)
+    x, weight = inputs(device)
+    x.requires_grad_(True)
+    (gx,) = torch.autograd.grad((m(x) * weight).sum(), [x])
+    assert launched[-1] == (True, False, False)
+    assert_close(gx, reference_grads(m, x, weight)[0])
