@@ -19,7 +19,8 @@
 #      steps, most important first: gpu-tests-core (CUDA graphs, no host sync, determinism, the
 #      bf16 covering set: tests/test_slif_triton.py and tests/test_slif_cuda_graphs.py), then
 #      gpu-compile-tests (-m "gpu and compile": torch.compile incl. reduce-overhead), then
-#      gpu-tests-rest (every other gpu test: harness, block-sparse, native CUDA, token kernels).
+#      gpu-tests-rest (every other gpu test, in REST_FIRST's order, then every other test file,
+#      the native CUDA file last: alphabetically its 61 tests ran before the token tests of issue 12).
 #      Meanwhile the native extension (CPU + CUDA kernels) builds in the background
 #      (native-build, 8 compile jobs; after the bench, whose host-bound timings it would disturb),
 #      so the native tests and the profile find it built; a build stopped by its limit or by the
@@ -125,9 +126,15 @@ PLAN+=(native-build gpu-tests-rest host-profile)
 # then the CUDA-graph file, whose last test (bitwise-deterministic parameter
 # gradients) was the one running when the 2026-11-30 step was cut.
 CORE_TESTS="tests/test_slif_triton.py tests/test_slif_launch_cache.py tests/test_launch_cache.py tests/test_slif_cuda_graphs.py"
+# The rest, most important first: issue 12's token selection under CUDA graphs / no host sync and
+# its kernels, the spec oracles on compiled kernels, the harness's CUDA rows (incl. the train step
+# under CUDA graphs); then every other test file; last the native CUDA kernel's file (61 tests;
+# backend='auto' never picks it on CUDA), which alphabetically ran before the token files.
+REST_FIRST="tests/test_token_selection.py tests/test_token_kernels.py tests/test_spec_oracles.py tests/test_bench_harness.py"
+REST_LAST="tests/test_slif_native.py"
 
 SCRIPT="$REPO/bench/gpu_check.sh"
-export DRY SITE PY TEST_DEVICE SCRIPT OUT TEST_TIMEOUT CORE_TESTS
+export DRY SITE PY TEST_DEVICE SCRIPT OUT TEST_TIMEOUT CORE_TESTS REST_FIRST REST_LAST
 
 declare -a SUMMARY=()
 FAILED=0
@@ -234,11 +241,14 @@ run_tests() {  # run_tests MARK_EXPRESSION [PYTEST ARGS...]
 }
 run_core_tests() { run_tests "gpu and not compile" $CORE_TESTS; }
 run_compile_tests() { run_tests "gpu and compile"; }
-run_rest_tests() {
-    local ignore=() f
-    for f in $CORE_TESTS; do ignore+=("--ignore=$f"); done
-    run_tests "gpu and not compile" "${ignore[@]}"
+rest_test_files() {  # every tests/test_*.py not in CORE_TESTS, in run order (explicit files keep it)
+    local f listed=" $CORE_TESTS $REST_FIRST $REST_LAST " files=()
+    for f in $REST_FIRST; do files+=("$f"); done
+    for f in tests/test_*.py; do [[ "$listed" == *" $f "* ]] || files+=("$f"); done
+    for f in $REST_LAST; do files+=("$f"); done
+    echo "${files[@]}"
 }
+run_rest_tests() { run_tests "gpu and not compile" $(rest_test_files); }
 
 tune_slif() {  # sweep of the sLIF backward's block/warps/chunk (bench/tune_slif.py); GPU only
     if [ "$DRY" = 1 ]; then echo "dry run: bench/tune_slif.py needs a GPU"; return 0; fi
@@ -298,7 +308,7 @@ render_results() {  # quiet: the tables are already in the log when the bench fi
     "$PY" -m effst.benchmarks --render "$OUT/bench.json" > /dev/null
 }
 
-export -f install_wheels print_versions run_tests run_core_tests run_compile_tests run_rest_tests \
+export -f install_wheels print_versions run_tests run_core_tests run_compile_tests run_rest_tests rest_test_files \
     tune_slif profile_host render_results build_native
 
 main() {
