@@ -583,3 +583,92 @@ def test_gpu_spike_bytes_row_times_bf16_and_uint8_spikes(device):
     assert row["status"] == "ok" and row["byte_reader_spikes_per_step"] > 0
     for key in ("inference_ms_bf16_spikes", "inference_ms_uint8_spikes", "inference_speedup_uint8_spikes"):
         assert row[key] > 0, key
+
+
+def test_autotune_times_candidates_once_per_key_and_keeps_the_fastest(monkeypatch):
+    """On CUDA the first call of a tune key times every candidate and caches the fastest;
+    later calls of the key time nothing; a candidate that fails is skipped; while compiling or
+    capturing (tuning disabled) the default is used and not cached. Simulated on the CPU:
+    the device is only inspected, and the timing is mocked."""
+    from effst.ops import block_sparse_linear as bsl
+
+    monkeypatch.setattr(bsl, "_TUNED", {})
+    monkeypatch.delenv("EFFST_BSL_AUTOTUNE", raising=False)
+    enabled = [True]
+    monkeypatch.setattr(bsl, "_autotune_enabled", lambda device: enabled[0])
+    candidates = bsl._candidates("forward", 128, 64, torch.bfloat16)
+    assert len(candidates) == 3
+    ms = {candidates[0]: 3.0, candidates[1]: 1.0, candidates[2]: 2.0}
+    launched = []
+
+    def fake_do_bench(fn, warmup, rep):
+        fn()
+        return ms[launched[-1]]
+
+    monkeypatch.setattr(bsl.triton.testing, "do_bench", fake_do_bench)
+    cuda = torch.device("cuda", 0)
+
+    def config(key, launch=launched.append):
+        return bsl._config("forward", key, cuda, 128, 64, torch.bfloat16, 4096, launch)
+
+    assert config(("a",)) == (candidates[1], True) and launched == candidates
+    launched.clear()
+    assert config(("a",)) == (candidates[1], True) and launched == []  # cached
+    ms[candidates[2]] = 0.5
+    assert config(("b",)) == (candidates[2], True) and launched == candidates  # a new key tunes again
+
+    def failing(cfg):
+        launched.append(cfg)
+        if cfg == candidates[2]:
+            raise RuntimeError("out of shared memory")
+
+    assert config(("c",), failing) == (candidates[1], True)
+    enabled[0] = False  # compiling / capturing a CUDA graph: the default, not cached
+    launched.clear()
+    assert config(("d",)) == (candidates[0], False) and launched == [] and ("forward", 0, "d") not in bsl._TUNED
+    monkeypatch.setenv("EFFST_BSL_AUTOTUNE", "0")
+    assert config(("e",)) == (candidates[0], True) and bsl._TUNED[("forward", 0, "e")] == candidates[0]
+
+
+def test_tune_keys_hold_shape_dtype_tile_layout_work_and_tf32(monkeypatch):
+    """The keys the launchers tune under: one per (kind, M rounded to a power of two, shape,
+    tile, dtype, TF32, layout work). Two layers of one shape and kept-tile count whose tiles
+    cluster differently (one block-column vs a diagonal: 1 vs 4 forward lookup entries) get
+    different forward keys; another M of the same power of two shares the key."""
+    from effst.ops import block_sparse_linear as bsl
+
+    keys = []
+    real = bsl._config
+    monkeypatch.setattr(bsl, "_config", lambda kind, key, *a, **k: (keys.append((kind, key)), real(kind, key, *a, **k))[1])
+    monkeypatch.setattr(bsl, "_LAUNCHES", {})
+
+    def tune_keys(block_mask, m=20, dtype=torch.float32, block=(16, 16)):
+        keys.clear()
+        layer = BlockSparseLinear(64, 64, block_size=block, block_mask=block_mask, backend="triton", dtype=dtype)
+        x = torch.randn(m, 64, dtype=dtype, requires_grad=True)
+        layer(x).sum().backward()
+        return dict(keys)
+
+    column = torch.zeros(4, 4, dtype=torch.bool)
+    column[:, 0] = True
+    diagonal = torch.eye(4, dtype=torch.bool)
+    base = tune_keys(column)
+    assert sorted(base) == ["forward", "grad_input", "grad_weight"]
+    other = tune_keys(diagonal)
+    assert other["forward"] != base["forward"]  # same shape, dtype, tile and nnz; other layout work
+    assert tune_keys(column, m=30) == base  # new launch plans (exact M), the same tuning
+
+    def all_differ(found):
+        return sorted(found) == sorted(base) and all(found[kind] != base[kind] for kind in base)
+
+    assert all_differ(tune_keys(column, m=40))  # M 40 rounds to 64, not 32
+    assert all_differ(tune_keys(column, dtype=torch.float16))
+    narrow = torch.zeros(4, 2, dtype=torch.bool)
+    narrow[:, 0] = True  # 4 kept 16x32 tiles of the same 64x64 weight
+    assert all_differ(tune_keys(narrow, block=(16, 32)))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = not tf32  # (monkeypatch cannot restore this attribute)
+    try:
+        assert all_differ(tune_keys(column))  # fp32 products in TF32 or not
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -29,7 +29,8 @@ Inputs ``[..., K]`` are flattened to ``[M, K]``; they are fp32/fp16/bf16/fp64 wi
 ``values``, or bool/uint8 spikes, read as one byte and widened in registers (exact; no gradient).
 fp32 products follow ``torch.backends.cuda.matmul.allow_tf32`` exactly as ``F.linear`` does.
 
-Launch configurations are cached per (shape, dtype, layout); on CUDA the first eager call of a
+Launch configurations are cached per (shape, tile, dtype, TF32, layout work: kept tiles and
+lookup-table entries); on CUDA the first eager call of a
 configuration times a few candidates and keeps the fastest (``EFFST_BSL_AUTOTUNE=0`` keeps the
 fixed default), and each kernel is launched through effst.ops.launch's cache of compiled
 kernels (``CompiledKernel.run`` after a specialisation's first launch; ``EFFST_BSL_LAUNCH_CACHE=0``
@@ -411,6 +412,11 @@ def _candidates(kind: str, width: int, bk: int, dtype: torch.dtype) -> list[Laun
     return out
 
 
+# Tuned configurations by (kind, device index) + the launcher's tune key: M rounded up to a power
+# of two, K, N, the tile (bm, bk), the group sizes, the layout's work (kept tiles and lookup-table
+# entries, so two layers of one shape and sparsity whose tiles cluster differently tune apart),
+# the dtypes and TF32. Not the exact tiles: a model's layers of one shape and layout work share
+# one tuning (each tuning times 3 candidates).
 _TUNED: dict[tuple, LaunchConfig] = {}
 
 
@@ -552,14 +558,15 @@ def _triton_forward(x, values, bias, layout: BlockLayout, out_features: int) -> 
     # Plain ints in the keys: comparing torch.Size objects in a dict lookup costs a few µs.
     nnz, bm, bk = values.shape
     key = ("forward", x.device, m, k, out_features, nnz, bm, bk, layout.row_group_tile.shape[1],
-           layout.row_group_ptr.shape[0], values.dtype, x.dtype, bias.dtype if has_bias else None,
+           layout.row_group_ptr.shape[0], layout.row_group_col.shape[0], values.dtype, x.dtype, bias.dtype if has_bias else None,
            _input_precision(values.dtype),
            _index_dtypes(layout.row_group_ptr, layout.row_group_col, layout.row_group_tile))
     plan = _LAUNCHES.get(key)
     if plan is None:
         group, num_groups = layout.row_group_tile.shape[1], layout.row_group_ptr.shape[0] - 1
         plan = _new_plan(
-            key, "forward", (_next_pow2(m), k, out_features, bm, bk, group, nnz, values.dtype, x.dtype),
+            key, "forward", (_next_pow2(m), k, out_features, bm, bk, group, nnz, layout.row_group_col.shape[0],
+                             values.dtype, x.dtype, _input_precision(values.dtype)),
             x.device, group * bm, bk, values.dtype, m,
             lambda cfg: _persistent_plan(cfg, m, num_groups, x.device, values.dtype, _FORWARD_CONSTEXPRS,
                                          HAS_BIAS=has_bias, BM=bm, BK=bk, GROUP=group, EVEN_K=k % bk == 0),
@@ -586,13 +593,14 @@ def _triton_grad_input(grad_y, values, layout: BlockLayout, in_features: int) ->
         return grad_x
     nnz, bm, bk = values.shape
     key = ("grad_input", grad_y.device, m, n, in_features, nnz, bm, bk, layout.col_group_tile.shape[1],
-           layout.col_group_ptr.shape[0], values.dtype, grad_y.dtype, _input_precision(values.dtype),
+           layout.col_group_ptr.shape[0], layout.col_group_row.shape[0], values.dtype, grad_y.dtype, _input_precision(values.dtype),
            _index_dtypes(layout.col_group_ptr, layout.col_group_row, layout.col_group_tile))
     plan = _LAUNCHES.get(key)
     if plan is None:
         group, num_groups = layout.col_group_tile.shape[1], layout.col_group_ptr.shape[0] - 1
         plan = _new_plan(
-            key, "grad_input", (_next_pow2(m), in_features, n, bm, bk, group, nnz, values.dtype),
+            key, "grad_input", (_next_pow2(m), in_features, n, bm, bk, group, nnz, layout.col_group_row.shape[0],
+                                values.dtype, _input_precision(values.dtype)),
             grad_y.device, group * bk, bk, values.dtype, m,
             lambda cfg: _persistent_plan(cfg, m, num_groups, grad_y.device, values.dtype, _GRAD_INPUT_CONSTEXPRS,
                                          BM=bm, BK=bk, GROUP=group, EVEN_N=n % bm == 0),
@@ -631,7 +639,8 @@ def _triton_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_c
     tile_numel = nnz * bm * bk
     entries = layout.row_group_chunk.shape[0]
     key = ("grad_weight", grad_y.device, m, n, x.shape[1], nnz, bm, bk, layout.row_group_tile.shape[1],
-           layout.col_group_tile.shape[1], entries, layout.row_group_ptr.shape[0], grad_y.dtype, x.dtype,
+           layout.col_group_tile.shape[1], entries, layout.row_group_ptr.shape[0], layout.row_group_col.shape[0],
+           grad_y.dtype, x.dtype,
            bias_grad, split, _input_precision(grad_y.dtype),
            _index_dtypes(layout.row_group_ptr, layout.row_group_col, layout.row_group_tile, layout.row_group_of,
                          layout.row_group_chunk))
@@ -643,8 +652,9 @@ def _triton_grad_weight(grad_y, x, layout: BlockLayout, block_rows: int, block_c
             out = torch.zeros((total,), dtype=grad_y.dtype, device=grad_y.device)
             return out[:tile_numel].view(nnz, bm, bk), out[tile_numel:tile_numel + n]
         plan = _new_plan(
-            key, "grad_weight", (_next_pow2(m), x.shape[1], n, bm, bk, group, cols, nnz, grad_y.dtype, x.dtype,
-                                 bias_grad, split),
+            key, "grad_weight", (_next_pow2(m), x.shape[1], n, bm, bk, group, cols, nnz, entries,
+                                 layout.row_group_col.shape[0], grad_y.dtype, x.dtype, bias_grad, split,
+                                 _input_precision(grad_y.dtype)),
             grad_y.device, group * bm, bk, grad_y.dtype, m,
             lambda cfg: _grad_weight_plan(cfg, grad_y, x, layout, bm, bk, bias_grad, split),
             lambda candidate: _launch_grad_weight(candidate, grad_y, x, layout))
