@@ -672,3 +672,44 @@ def test_tune_keys_hold_shape_dtype_tile_layout_work_and_tf32(monkeypatch):
         assert all_differ(tune_keys(column))  # fp32 products in TF32 or not
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_functional_bad_inputs_name_the_argument():
+    """block_sparse_linear validates every argument: values' shape, dtype and tile, the layout
+    against the values (tile count, tile grouping) and x / out_features against the layout,
+    bias, x's dtype; BlockSparseLinear refuses a non-float dtype."""
+    g = torch.Generator().manual_seed(21)
+    block_mask = random_block_mask(30, 40, (16, 16), 0.7, g)
+    block_mask[0, 0] = True
+    layout = build_block_layout(block_mask, (16, 16))
+    nnz = int(block_mask.sum())
+    values = torch.randn(nnz, 16, 16, generator=g)
+    x = torch.randn(3, 40, generator=g)
+    ok = block_sparse_linear(x, values, layout, 30, torch.zeros(30), backend="torch")
+    assert ok.shape == (3, 30)
+    bad_calls = [
+        (dict(values=values[0]), ValueError, r"values: expected \[nnz_blocks"),
+        (dict(values=values.to(torch.int32)), TypeError, "values: expected a float32"),
+        (dict(values=torch.randn(nnz, 16, 24)), ValueError, "values block shape"),
+        (dict(values=values[:-1]), ValueError, f"layout: describes {nnz} blocks but values holds {nnz - 1}"),
+        (dict(layout=build_block_layout(block_mask, (64, 64))), ValueError, r"layout: grouped for another tile .*\(16, 16\)"),
+        (dict(layout=tuple(layout)), TypeError, "layout: expected a BlockLayout"),
+        (dict(x=torch.randn(3, 56)), ValueError, "x: last dim 56 does not fit a layout of 3 block-columns"),
+        (dict(x=torch.tensor(1.0)), ValueError, "x: expected a tensor of shape"),
+        (dict(x=x.double()), TypeError, "x: expected dtype torch.float32"),
+        (dict(x=x.to(torch.int8)), TypeError, "x: expected dtype torch.float32 .* or bool/uint8 spikes"),
+        (dict(x=x.tolist()), TypeError, "x: expected a torch.Tensor"),
+        (dict(out_features=40), ValueError, "out_features: 40 does not fit a layout of 2 block-rows"),
+        (dict(bias=torch.zeros(31)), ValueError, r"bias: expected shape \(30,\)"),
+        (dict(bias=torch.zeros(30, dtype=torch.float64)), TypeError, "bias: expected dtype torch.float32"),
+        (dict(backend="cuda"), ValueError, "backend: expected one of"),
+    ]
+    for change, error, match in bad_calls:
+        args = dict(x=x, values=values, layout=layout, out_features=30, bias=torch.zeros(30), backend="torch")
+        args.update(change)
+        with pytest.raises(error, match=match):
+            block_sparse_linear(args.pop("x"), args.pop("values"), args.pop("layout"), args.pop("out_features"),
+                                args.pop("bias"), **args)
+    for dtype in (torch.int32, torch.bool, torch.complex64):
+        with pytest.raises(TypeError, match="dtype: expected None or one of"):
+            BlockSparseLinear(40, 30, block_size=16, dtype=dtype)

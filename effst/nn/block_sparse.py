@@ -22,6 +22,7 @@ from torch import nn
 from effst.ops.block_sparse_linear import (
     BACKENDS,
     DEFAULT_BLOCK_SIZE,
+    FLOAT_DTYPES,
     BlockSize,
     block_grid_shape,
     block_sparse_linear_unchecked,
@@ -73,6 +74,8 @@ class BlockSparseLinear(nn.Module):
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected None or one of {FLOAT_DTYPES}, got {dtype!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.block_size = check_block_size(block_size)

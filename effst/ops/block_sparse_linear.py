@@ -58,7 +58,7 @@ BlockSize = Union[int, Sequence[int]]
 
 BACKENDS = ("auto", "triton", "torch")
 _SPIKE_DTYPES = (torch.bool, torch.uint8)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DEFAULT_BLOCK_SIZE: tuple[int, int] = (128, 128)  # re-exported as effst.prune.DEFAULT_BLOCK_SIZE; why: docs/block_sparse.md
 GROUP_WIDTH = 128  # columns a forward / grad-input program produces per block group (MMA width)
 
@@ -147,7 +147,8 @@ def build_block_layout(block_mask: torch.Tensor, block_size: BlockSize = (32, 32
     """Row-, column- and group-ordered indices of the True entries of a 2-D block mask.
 
     Deterministic; built on the CPU (once per mask) and moved to the mask's device.
-    ``block_size`` sets the group sizes only (any value gives correct results).
+    ``block_size`` sets the group sizes (the kernels' MMA widths): give the tile of the values
+    the layout will be used with (:func:`block_sparse_linear` refuses another).
     """
     if block_mask.dim() != 2:
         raise ValueError(f"block_mask: expected a 2-D [block_rows, block_cols] mask, got shape {tuple(block_mask.shape)}")
@@ -953,7 +954,7 @@ def block_sparse_linear(
         raise TypeError(f"layout: expected a BlockLayout (from build_block_layout), got {type(layout).__name__}")
     if values.dim() != 3:
         raise ValueError(f"values: expected [nnz_blocks, block_rows, block_cols], got shape {tuple(values.shape)}")
-    if values.dtype not in _FLOAT_DTYPES:
+    if values.dtype not in FLOAT_DTYPES:
         raise TypeError(f"values: expected a float32/float16/bfloat16/float64 tensor, got {values.dtype}")
     nnz, bm, bk = values.shape
     check_block_size((bm, bk), "values block shape")
@@ -961,6 +962,12 @@ def block_sparse_linear(
     nbc = layout.col_ptr.numel() - 1
     if layout.col_idx.numel() != nnz:
         raise ValueError(f"layout: describes {layout.col_idx.numel()} blocks but values holds {nnz}")
+    groups = (layout.row_group_tile.shape[1], layout.col_group_tile.shape[1])
+    if groups != (group_size(bm, nbr), group_size(bk, nbc)):
+        # The kernels' MMA widths are group x tile: a layout grouped for other tiles would compile
+        # tiles too wide (or too narrow) for the GPU.
+        raise ValueError(f"layout: grouped for another tile than values' {(bm, bk)} (groups {groups}); "
+                         f"build it with build_block_layout(block_mask, {(bm, bk)})")
     if x.dim() < 1:
         raise ValueError("x: expected a tensor of shape [..., in_features], got a 0-dim tensor")
     in_features = x.shape[-1]
