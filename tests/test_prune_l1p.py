@@ -362,13 +362,30 @@ def test_two_four_mask_and_its_errors():
 
 
 def test_to_semi_structured_errors_on_cpu():
+    """to_semi_structured refuses, naming every layer concerned and leaving the model as it was:
+    no 2:4 layer; weights PyTorch's semi-structured format cannot take (dtype, shape: checked
+    from PyTorch's own tables, so on the CPU too); weights off CUDA. 2:4-pruned 1x1 Conv1d
+    layers stay masked, with a warning."""
     net = nn.Sequential(nn.Linear(64, 32))
     with pytest.raises(ValueError, match="pattern='2:4'"):
         prune.to_semi_structured(net)
     prune.l1p(net, 0.5, pattern="2:4")
-    with pytest.raises(RuntimeError, match="only on CUDA"):
+    backend, constraints = prune.semi_structured_constraints()
+    assert torch.float32 not in constraints or backend == "cutlass"
+    with pytest.raises(ValueError, match=r"0: its dtype torch.float32 is not one cusparselt takes \(.*float16, bfloat16"):
         prune.to_semi_structured(net)
-    assert prune.is_pruned(net[0])  # left as it was
+    half = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 24), nn.Linear(24, 16), nn.Conv1d(16, 8, 1)).half()
+    prune.l1p(half, 0.5, pattern="2:4")
+    rows, cols = constraints[torch.float16]
+    with pytest.raises(ValueError, match=rf"^torch.sparse.to_sparse_semi_structured cannot take these weights: "
+                                         rf"1: its \(24, 32\) weight is not a multiple of \({rows}, {cols}\).*; "
+                                         rf"2: its \(16, 24\) weight"), pytest.warns(UserWarning, match="3: 2:4-pruned but not nn.Linear"):
+        prune.to_semi_structured(half)
+    fits = nn.Sequential(nn.Linear(64, 32), nn.Conv1d(32, 8, 1)).half()
+    prune.l1p(fits, 0.5, pattern="2:4")
+    with pytest.raises(RuntimeError, match="0: its weight is on cpu.*only on CUDA"), pytest.warns(UserWarning, match="1: 2:4"):
+        prune.to_semi_structured(fits)
+    assert all(prune.is_pruned(m) for m in (*net, *half, *fits))  # left as they were
 
 
 @pytest.mark.gpu
@@ -383,3 +400,13 @@ def test_to_semi_structured_matches_masked_dense_on_gpu(device):
         got = net(x).float()
     assert not prune.is_pruned(net[0]) and type(net[0].weight.data).__name__.startswith("SparseSemiStructured")
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    older = nn.Sequential(nn.Linear(64, 32)).to(device=device, dtype=torch.float16)
+    prune.l1p(older, 0.5, pattern="2:4")
+    real = torch.cuda.get_device_capability
+    torch.cuda.get_device_capability = lambda device=None: (7, 5)
+    try:
+        with pytest.raises(RuntimeError, match="compute capability 7.5"):
+            prune.to_semi_structured(older)
+    finally:
+        torch.cuda.get_device_capability = real
+    assert prune.is_pruned(older[0])

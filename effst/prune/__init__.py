@@ -29,7 +29,7 @@ from effst.prune.masks import (
     strip_masks,
 )
 from effst.prune.report import LayerReport, PruneReport, report
-from effst.prune.semi_structured import is_two_four, to_semi_structured, two_four_mask
+from effst.prune.semi_structured import is_two_four, semi_structured_constraints, to_semi_structured, two_four_mask
 
 __all__ = [
     "l1p", "block_l1p", "random", "report", "to_block_sparse", "dsp", "dsp_random", "dsp_weight_sparsity",
@@ -37,6 +37,7 @@ __all__ = [
     "WeightMask", "apply_mask", "get_mask", "is_prunable", "is_pruned", "pruned_modules", "remove",
     "strip_masks", "load_pruned_state_dict", "LayerReport", "PruneReport",
     "DEFAULT_BLOCK_SIZE", "fit_block_pruning", "to_semi_structured", "two_four_mask", "is_two_four",
+    "semi_structured_constraints",
 ]
 # Structured pruning (DSP) is exported below by its own module.
 from effst.prune.dsp import dsp, dsp_random, dsp_weight_sparsity
