@@ -164,6 +164,23 @@ def test_slif_fuzz_float32_spikes_and_gradients(backend):
     assert checked >= (20 if backend != "triton" else 5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slif_byte_spikes_equal_float_spikes(backend):
+    """spike_dtype uint8 / bool (inference): the same spikes and final state as the oracle."""
+    for i in range(40 if backend != "triton" else 10):
+        c = fuzz_case(8100 + i)
+        want = run_oracle(c)
+        x = strided_leaf(c["x"], c["layout"]).detach()
+        v0 = c["v_init"]
+        for dt in (torch.uint8, torch.bool):
+            s, v = slif(x, c["w"], c["theta"], v_reset=c["v_reset"], v_init=v0, surrogate=c["surrogate"],
+                        alpha=c["alpha"], detach_reset=c["detach_reset"], decay_input=c["decay_input"],
+                        channel_dim=c["channel_dim"], backend=backend, return_state=True, spike_dtype=dt)
+            assert s.dtype == dt and s.shape == x.shape
+            assert torch.equal(s.to(F64), want["spikes"]), f"{backend} {dt} case {i}"
+            torch.testing.assert_close(v, want["v_final"], rtol=1e-12, atol=1e-12)
+
+
 def _min_margin(c: dict) -> float:
     """min |H_t - θ| over the oracle's run (float64)."""
     shape, cd = c["shape"], c["channel_dim"]
@@ -194,6 +211,18 @@ def test_slif_single_step_single_neuron_and_scalar_arguments(backend):
             assert s.tolist() == [[1.0 if h >= 0.5 else 0.0]]
             want_v = (h - 0.5 if v_reset is None else v_reset) if h >= 0.5 else h
             assert v.item() == pytest.approx(want_v, abs=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: effst.slif accepts a NaN python-float w / v_threshold / v_reset / "
+                   "v_init and returns all-zero spikes (reference, triton; native raises RuntimeError for "
+                   "v_reset only), while SLIF(tau=nan / v_threshold=nan / v_reset=nan) raises ValueError")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("argument", ["w", "v_threshold", "v_reset", "v_init"])
+def test_slif_refuses_nan_scalar_arguments_by_name(backend, argument):
+    kwargs = dict(w=0.0, v_threshold=1.0, v_reset=0.0, v_init=None)
+    kwargs[argument] = math.nan
+    with pytest.raises(ValueError, match=argument):
+        slif(torch.ones(2, 3, dtype=F64), kwargs.pop("w"), kwargs.pop("v_threshold"), backend=backend, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,6 +516,32 @@ def test_block_sparse_linear_matches_masked_dense(backend, layout):
         torch.testing.assert_close(layer.values.grad, want_gv, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_block_sparse_linear_unusual_inputs(backend):
+    """Transposed and sliced x, a 1-D x, an empty batch, bool / uint8 spikes (no input gradient):
+    the float64 masked dense product."""
+    lin, (bm, bk), mask, x, gy = _bsl_case(5, "random")
+    emask = mask.repeat_interleave(bm, 0).repeat_interleave(bk, 1)[:lin.out_features, :lin.in_features]
+    layer = BlockSparseLinear.from_dense(lin, block_size=(bm, bk), mask=mask, backend=backend)
+    w, b = lin.weight.detach() * emask, None if lin.bias is None else lin.bias.detach()
+    x2 = x.reshape(-1, lin.in_features)
+    g = torch.Generator().manual_seed(2)
+    spikes = torch.rand(x2.shape, generator=g) < 0.4
+    sliced = torch.stack([x2, 2 * x2], -1).flatten(-2)[:, ::2]  # x2, every other element of a wider tensor
+    for what, xi, dense in (("transposed", x2.t().contiguous().t(), x2), ("sliced", sliced, x2),
+                            ("1-D", x2[0], x2[0]), ("empty", x2[:0], x2[:0]),
+                            ("bool", spikes, spikes.to(F64)), ("uint8", spikes.to(torch.uint8), spikes.to(F64))):
+        assert torch.equal(xi.to(F64), dense) and (what not in ("transposed", "sliced") or not xi.is_contiguous())
+        floating = xi.is_floating_point()
+        leaf = xi.detach().requires_grad_(floating)
+        got = layer(leaf)
+        want = F.linear(dense, w, b)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{backend} {what}: {m}")
+        if floating and got.numel():
+            got.sum().backward()
+            torch.testing.assert_close(leaf.grad, w.sum(0).expand_as(xi), rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: an error that names the argument
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +577,8 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("call,error,match", BAD_CALLS)
+@pytest.mark.parametrize("call,error,match", BAD_CALLS,
+                         ids=[f"{i}-{(c.values if hasattr(c, 'values') else c)[2]}" for i, c in enumerate(BAD_CALLS)])
 def test_bad_input_is_refused_by_name(call, error, match):
     with pytest.raises(error, match=match):
         call()
