@@ -70,6 +70,70 @@ def test_anchor_topk_gather_gradient_scatters_back(device):
     assert torch.equal(x.grad.cpu(), expected)
 
 
+def _score_cases():
+    """(name, scores [R, N] float64 oracle values, x leading groups G or None, k)."""
+    g = torch.Generator().manual_seed(11)
+    ties = torch.randint(0, 4, (3, 13), generator=g).double()                   # many equal scores
+    every = torch.zeros(2, 9, dtype=torch.float64)                              # all tie
+    distinct = torch.randn(5, 33, generator=g, dtype=torch.float64)
+    return [("ties", ties, 4, 5), ("all-tie", every, None, 3), ("k=N", distinct, 2, 33), ("k=1", distinct, 3, 1),
+            ("one-row", distinct[:1], None, 17)]
+
+
+@pytest.mark.parametrize("case", range(len(_score_cases())), ids=[c[0] for c in _score_cases()])
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.float64, torch.int32])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_gather_of_precomputed_scores_matches_reference(device, case, score_dtype, dtype):
+    """STS's fused top-k + gather: scores read in place from a strided view (a column of a
+    [R, N, 2] log-probability tensor), x non-contiguous, G timesteps sharing one selection;
+    indices equal the independent rank oracle and the values are copied bit for bit."""
+    _, oracle_scores, G, k = _score_cases()[case]
+    if score_dtype == torch.int32:
+        oracle_scores = (oracle_scores * 4).round()
+    R, N = oracle_scores.shape
+    pair = torch.stack([oracle_scores, -oracle_scores], dim=-1).to(score_dtype).to(device)   # [R, N, 2]
+    scores = pair[..., 0]
+    assert not scores.is_contiguous()
+    C = 6
+    leading = (G,) if G else ()
+    x = torch.randn(*leading, R, C, N, generator=torch.Generator().manual_seed(12)).to(dtype).to(device).transpose(-1, -2)
+    assert not x.is_contiguous()
+    index, compact = ts.topk_gather(scores, x, k, backend="triton")
+    expected = _argsort_reference(scores.double().cpu(), k)
+    assert index.dtype == torch.int64 and torch.equal(index.cpu(), expected)
+    grouped = x.cpu() if G else x.cpu()[None]
+    want = torch.stack([torch.stack([grouped[t, r, expected[r]] for r in range(R)]) for t in range(grouped.shape[0])])
+    assert compact.shape == (*leading, R, k, C)
+    assert torch.equal(compact.cpu(), want if G else want[0])
+    ref_index, ref_compact = ts.topk_gather(scores, x, k, backend="torch")
+    assert torch.equal(index, ref_index) and torch.equal(compact, ref_compact)
+
+
+def test_topk_gather_ranks_nan_and_signed_zero_like_torch(device):
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([[1.0, nan, 2.0, nan, inf, -0.0, 0.0, -inf],
+                           [-0.0, 0.0, -0.0, 0.0, 1.0, 1.0, -inf, nan]], device=device)
+    x = torch.arange(2 * 8, dtype=torch.float32, device=device).reshape(2, 8, 1)
+    for k in (1, 2, 4, 6, 8):
+        index, compact = ts.topk_gather(scores, x, k, backend="triton")
+        assert torch.equal(index, ts.topk_tokens_reference(scores, k)), k
+        assert torch.equal(compact[..., 0], torch.gather(x[..., 0], 1, index))
+    assert ts.topk_gather(scores, x, 4, backend="triton")[0].cpu().tolist() == [[1, 2, 3, 4], [0, 4, 5, 7]]   # -0.0 ties 0.0
+
+
+def test_topk_gather_gradient_scatters_back_to_every_timestep(device):
+    scores = torch.randn(3, 10, generator=torch.Generator().manual_seed(13)).to(device)
+    x = torch.randn(2, 3, 10, 4, dtype=torch.float64, device=device, requires_grad=True)
+    index, compact = ts.topk_gather(scores, x, 4, backend="triton")
+    weight = torch.randn_like(compact)
+    (compact * weight).sum().backward()
+    expected = torch.zeros(2, 3, 10, 4, dtype=torch.float64)
+    for t in range(2):
+        for r in range(3):
+            expected[t, r, index[r].cpu()] = weight[t, r].cpu()
+    assert torch.equal(x.grad.cpu(), expected)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gather_scatter_are_exact_and_each_others_gradient(device, dtype):
     g = torch.Generator().manual_seed(6)
@@ -132,6 +196,48 @@ def test_neuron_membrane_follows_token_identity():
         v = h * (1 - s)
         for b in range(B):
             assert torch.equal(out[t, b], s[b, index[t, b]])
+
+
+def test_token_route_computes_its_slots_once_and_every_neuron_reuses_them(monkeypatch):
+    """One route, several fused neurons: token_slots runs once (on the first neuron), later
+    neurons reuse it, and the spikes and gradients equal those of bare index tensors (which
+    build a fresh slot map per call)."""
+    from effst.nn import LIF
+
+    T, B, N, K, C = 3, 2, 7, 4, 5
+    g = torch.Generator().manual_seed(14)
+    index = torch.stack([torch.stack([torch.sort(torch.randperm(N, generator=g)[:K]).values for _ in range(B)])
+                         for _ in range(T)])
+    current = (torch.rand(T, B, K, C, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    calls = []
+    real = token_routing.token_slots
+    monkeypatch.setattr(token_routing, "token_slots", lambda *args: calls.append(args) or real(*args))
+    results = []
+    for shared in (True, False):
+        route = token_routing.TokenRoute(index, N)
+        neurons = [LIF(tau=tau, backend="triton") for tau in (2.0, 3.0, 1.5)]
+        before = len(calls)
+        x = current
+        for neuron in neurons:
+            x = run_neuron_on_tokens(neuron, x * 1.5, route if shared else index, None if shared else N)
+        x.sum().backward()
+        results.append((x.detach(), current.grad.clone(), [n.v.detach() for n in neurons]))
+        current.grad = None
+        assert len(calls) - before == (1 if shared else 3)
+    assert calls[0][0] is index and calls[0][1] == N
+    assert route.slots() is route.slots()
+    assert torch.equal(route.slots(), ts.token_slots(index, N))
+    (spikes, grad, states), (spikes_2, grad_2, states_2) = results
+    assert torch.equal(spikes, spikes_2) and torch.equal(grad, grad_2)
+    assert all(torch.equal(a, b) for a, b in zip(states, states_2))
+    with pytest.raises(ValueError, match="tokens: expected None or the route's 7"):
+        run_neuron_on_tokens(LIF(), current.detach(), route, 8)
+    with pytest.raises(ValueError, match="index: expected a route of shape"):
+        run_neuron_on_tokens(LIF(), current.detach()[:2], route)
+    with pytest.raises(ValueError, match="tokens: expected an int >= 4"):
+        token_routing.TokenRoute(index, 3)
+    with pytest.raises(ValueError, match="index: token indices must be unique"):
+        token_routing.TokenRoute(torch.zeros(1, 1, 2, dtype=torch.int64), 3)
 
 
 class _OracleSpike(torch.autograd.Function):
@@ -306,17 +412,33 @@ def test_bad_arguments_are_named():
         ts.masked_mean(torch.ones(2, 3, 4, 5), torch.ones(3, 5))
     with pytest.raises(ValueError, match="backend"):
         ts.gather_tokens(torch.ones(2, 5, 3), torch.tensor([[0, 1], [2, 3]]), backend="cuda")
+    with pytest.raises(ValueError, match="k: expected"):
+        ts.topk_gather(torch.ones(2, 5), torch.ones(2, 5, 3), 0)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        ts.topk_gather(torch.ones(2, 5), torch.ones(4, 2, 6, 3), 2)
+    with pytest.raises(ValueError, match="x: expected a"):
+        ts.topk_gather(torch.ones(2, 5), torch.ones(2, 5), 2)
+    with pytest.raises(ValueError, match="scores: expected a 2-D"):
+        ts.topk_gather(torch.ones(2, 5, 1), torch.ones(2, 5, 3), 2)
+    with pytest.raises(TypeError, match="scores: expected a real"):
+        ts.topk_gather(torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 5, 3), 2)
 
 
 def _aot_entries(arch):
     mod = "effst.ops.token_select"
     entries = []
     for x_type in ("fp16", "bf16", "fp32"):
-        entries.append({"module": mod, "kernel": "_anchor_topk_gather_kernel", "arch": arch,
-                        "signature": {"query_ptr": "*fp16", "key_ptr": "*fp16", "x_ptr": f"*{x_type}",
-                                      "score_ptr": "*i32", "index_ptr": "*i64", "out_ptr": f"*{x_type}",
-                                      "N": "i32", "W": "i32", "C": "i32", "K": "i32"},
-                        "constexprs": {"BLOCK_N": 256, "BLOCK_W": 64, "BLOCK_C": 64}})
+        # One top-k + gather kernel: STATA's anchor scores (spike queries / keys in, int32 scores
+        # out) and STS's precomputed keep log-probabilities read through strides: float32 under
+        # autocast (bf16 activations), the model's own dtype otherwise (every float type covered).
+        sts_score = {"fp16": "*fp16", "bf16": "*fp32", "fp32": "*bf16"}[x_type]
+        for anchor, score_type, qk_type in ((True, "*i32", "*fp16"), (False, sts_score, sts_score)):
+            entries.append({"module": mod, "kernel": "_topk_gather_kernel", "arch": arch,
+                            "signature": {"score_ptr": score_type, "query_ptr": qk_type, "key_ptr": qk_type,
+                                          "x_ptr": f"*{x_type}", "index_ptr": "*i64", "out_ptr": f"*{x_type}",
+                                          "R": "i32", "N": "i32", "W": "i32", "C": "i32", "K": "i32",
+                                          "score_row_stride": "i32", "score_token_stride": "i32"},
+                            "constexprs": {"ANCHOR": anchor, "BLOCK_N": 256, "BLOCK_W": 64, "BLOCK_C": 64}})
         for scatter in (False, True) if x_type != "fp16" else ():     # a plain copy: bf16 covers 16-bit
             entries.append({"module": mod, "kernel": "_move_tokens_kernel", "arch": arch,
                             "signature": {"src_ptr": f"*{x_type}", "index_ptr": "*i64", "dst_ptr": f"*{x_type}",

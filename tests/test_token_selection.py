@@ -161,15 +161,21 @@ def test_sts_training_masks_attention_and_reports_ratio_loss():
     assert model.tokens_per_block()[0] == 16.0
 
 
-def test_sts_compact_equals_masked_on_kept_tokens():
+def test_sts_compact_equals_masked_on_kept_tokens(monkeypatch):
     """Eval: the compact forward (gather kept tokens) gives the logits of the mask-mode forward
     with the same exact top-k decisions (kept queries only see kept keys, the head pools the
     kept tokens)."""
+    from effst.ops import token_select
+
     model = _model("sts", 0.6)
     x = _images(seed=1)
     _calibrate_batchnorm(model, x)       # neurons fire: the kept set matters
     model.eval()
+    fused = []
+    real = token_select._select_and_gather
+    monkeypatch.setattr(token_select, "_select_and_gather", lambda *args: fused.append(args[1]) or real(*args))
     compact = model(x)
+    assert fused == [9, 5, 3]            # the fused score -> top-k -> gather kernel made every selection
     assert model.tokens_per_block() == [16.0, 9.0, 5.0, 3.0]
     model.selector.selection = TokenSelection.from_dict({**model.selector.selection.to_dict(), "mode": "mask"})
     masked = model(x)
@@ -430,9 +436,11 @@ def test_stata_fused_routed_neurons_leave_outputs_and_gradients_unchanged(monkey
     from effst.nn import SLIF
     from effst.nn import token_routing
 
-    fused_calls = []
+    fused_calls, slot_maps = [], []
     real = token_routing._run_fused
     monkeypatch.setattr(token_routing, "_run_fused", lambda *args: fused_calls.append(1) or real(*args))
+    real_slots = token_routing.token_slots
+    monkeypatch.setattr(token_routing, "token_slots", lambda *args: slot_maps.append(1) or real_slots(*args))
     results = []
     for backend in ("triton", "reference"):
         torch.manual_seed(0)
@@ -448,6 +456,7 @@ def test_stata_fused_routed_neurons_leave_outputs_and_gradients_unchanged(monkey
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
         results.append((logits.detach(), {k: v.detach() for k, v in losses.items()}, grads))
     assert len(fused_calls) == 2 + 7      # block 0's MLP after the drop, then all of block 1
+    assert len(slot_maps) == 1            # one selection, one route: its slot map is made once
     (logits, losses, grads), (ref_logits, ref_losses, ref_grads) = results
     assert torch.allclose(logits, ref_logits, atol=1e-12, rtol=0)
     assert losses.keys() == ref_losses.keys() and all(torch.allclose(losses[k], ref_losses[k]) for k in losses)

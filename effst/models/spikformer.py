@@ -37,7 +37,7 @@ from effst.nn.neuron_kinds import is_spiking_neuron
 from effst.nn.weight_counts import weight_counts, weight_mask
 from effst.nn import LIF, PLIF, SLIF
 from effst.ops.slif import BACKENDS
-from effst.nn.token_routing import run_neuron_on_tokens
+from effst.nn.token_routing import TokenRoute, run_neuron_on_tokens
 from effst.models.token_selection import DEFAULT_KEEP_RATIO, SELECTORS, TokenSelection, TokenSelector, distillation_loss
 from effst.models.token_selection import dataclass_from_dict, dataclass_to_dict
 
@@ -273,17 +273,12 @@ def _projection(in_features: int, out_features: int, channel_first: bool) -> nn.
     return nn.Linear(in_features, out_features)
 
 
-#: Token identities of a compact ``[T, B, K, D]`` stream: ``(index [T, B, K] int64, tokens)``.
-TokenRoute = tuple[torch.Tensor, int]
-
-
 def _fire(neuron: nn.Module, current: torch.Tensor, route: Optional[TokenRoute]) -> torch.Tensor:
     """Run ``neuron`` on ``current``; with a ``route`` (STATA: kept tokens differ per timestep) the
     membrane follows the token identity instead of the compact slot."""
     if route is None:
         return neuron(current)
-    index, tokens = route
-    return run_neuron_on_tokens(neuron, current, index, tokens)
+    return run_neuron_on_tokens(neuron, current, route)   # one route per selection: slots computed once
 
 
 class _Projector(nn.Module):

@@ -11,7 +11,8 @@ Selectors (``build_model(..., token_selector=..., keep_ratio=...)``):
   ``A'_ij = A_ij (d_j + (1 - d_j) delta_ij)``; the ratio loss
   ``ratio_weight * mean_i mean_b (mean_n d_{i,b,n} - rho^i)^2`` and the distillation term
   (:func:`distillation_loss`, weight ``distill_weight``, against the dense teacher) drive the count.
-  Inference (``mode='compact'``): exact top-k of the keep log-probability, kept tokens gathered.
+  Inference (``mode='compact'``): exact top-k of the keep log-probability, kept tokens gathered
+  (one fused kernel, :func:`effst.ops.token_select.topk_gather`).
 * ``'stata'`` -- STATA. A learnable anchor token per timestep (``[T, D]``, initialised to
   ``anchor_init``) is put in front of the tokens after SPS and never dropped. In the blocks
   ``stata_blocks`` (default ``floor(L/3) + 3m``) every token is scored by the anchor row of the
@@ -39,10 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effst.nn.token_routing import TokenRoute
 from effst.ops.token_select import (
     anchor_topk_gather,
     gather_tokens,
     masked_mean,
+    topk_gather,
     topk_tokens_reference,
 )
 
@@ -286,7 +289,7 @@ class TokenSelector(nn.Module):
     # ---- SparseSpikformer
     def _sts(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         s = self.selection
-        T, B, N, D = x.shape
+        _, B, N, _ = x.shape
         mode = self.mode()
         policy = torch.ones(B, N, dtype=x.dtype, device=x.device)   # mask mode: cumulative decision
         decisions, targets = [], []
@@ -311,9 +314,9 @@ class TokenSelector(nn.Module):
                         index = topk_tokens_reference(candidates, k)
                         policy = torch.zeros_like(policy).scatter(1, index, 1.0)
                 else:
-                    index = topk_tokens_reference(score.detach(), k)
-                    rows = index.unsqueeze(0).expand(T, B, k).reshape(T * B, k)
-                    x = gather_tokens(x.reshape(T * B, n, D), rows).reshape(T, B, k, D)
+                    # One kernel: top-k of the keep log-probability (read in place from the
+                    # predictor's output) and the kept tokens of every timestep gathered.
+                    _, x = topk_gather(score, x, k)
             if mode == "mask":
                 self.tokens.append(policy.detach().sum(dim=1).mean())   # a tensor: no host sync here
                 x = x + block.attn(x, key_mask=policy)
@@ -371,7 +374,7 @@ class TokenSelector(nn.Module):
                     ids = torch.cat([torch.zeros(T, B, 1, dtype=torch.int64, device=x.device), kept], dim=2)
                 else:
                     x, ids = compact, kept
-                route = (ids, tokens)
+                route = TokenRoute(ids, tokens)      # shared by every later neuron of the blocks
             x = x + block.mlp(x, route=route)
         if align_maps:
             self._alignment_losses(align_maps)

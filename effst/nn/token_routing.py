@@ -8,6 +8,8 @@ because it reads neuron modules (their options, state and hooks); the kernels st
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from effst.nn.neurons import SLIF
@@ -54,8 +56,37 @@ def _fusable(neuron, current: torch.Tensor, tokens: int, backend: str) -> bool:
     return not isinstance(state, torch.Tensor) or tuple(state.shape) == step
 
 
-def _run_fused(neuron, current: torch.Tensor, index: torch.Tensor, tokens: int) -> torch.Tensor:
+class TokenRoute:
+    """Token identities of a compact ``[T, B, K, C]`` stream: ``index`` ``[T, B, K]`` int64 (the
+    token each compact slot holds, unique per ``(t, b)``) out of ``tokens``.
+
+    One route serves every routed neuron after a selection, so what depends only on the route is
+    worked out once, here: the index is checked on construction, and :meth:`slots` (the fused
+    kernel's inverse map, :func:`~effst.ops.token_select.token_slots`) is computed on the first
+    call and then reused. Build a new route for a new selection; do not change ``index`` in place.
+    """
+
+    __slots__ = ("index", "tokens", "_slots")
+
+    def __init__(self, index: torch.Tensor, tokens: int):
+        if not isinstance(index, torch.Tensor) or index.dim() != 3:
+            raise ValueError(f"index: expected a [T, B, K] tensor, got {getattr(index, 'shape', type(index).__name__)}")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < index.shape[2]:
+            raise ValueError(f"tokens: expected an int >= {index.shape[2]} (the compact token count), got {tokens!r}")
+        T, B, K = index.shape
+        _check_index(index.reshape(T * B, K), T * B, tokens)
+        self.index, self.tokens, self._slots = index, tokens, None
+
+    def slots(self) -> torch.Tensor:
+        """``token_slots(index, tokens)`` (int32 ``[T, B, tokens]``), computed once per route."""
+        if self._slots is None:
+            self._slots = token_slots(self.index, self.tokens)
+        return self._slots
+
+
+def _run_fused(neuron, current: torch.Tensor, route: TokenRoute) -> torch.Tensor:
     T, B, K, C = current.shape
+    tokens = route.tokens
     cdtype = torch.float64 if current.dtype == torch.float64 else torch.float32
     state = neuron.v
     v_init = neuron._initial_membrane((B, tokens, C), cdtype, current.device)
@@ -67,14 +98,16 @@ def _run_fused(neuron, current: torch.Tensor, index: torch.Tensor, tokens: int) 
                neuron.spike_dtype)
     spikes, neuron.v = routed_neuron(current.contiguous(), neuron.w.to(cdtype).reshape(-1),
                                            neuron.v_threshold.to(cdtype).reshape(-1), v_init,
-                                           token_slots(index, tokens), options)
+                                           route.slots(), options)
     return spikes
 
 
-def run_neuron_on_tokens(neuron, current: torch.Tensor, index: torch.Tensor, tokens: int, *,
+def run_neuron_on_tokens(neuron, current: torch.Tensor, index, tokens: Optional[int] = None, *,
                          backend: str = "auto", fused: bool = True) -> torch.Tensor:
-    """Run a multi-step neuron on a compact ``[T, B, K, C]`` input whose kept tokens ``index``
-    ``[T, B, K]`` differ per timestep, keeping its membrane per token identity.
+    """Run a multi-step neuron on a compact ``[T, B, K, C]`` input whose kept tokens differ per
+    timestep, keeping its membrane per token identity. ``index``: a :class:`TokenRoute` (pass the
+    same route to every neuron of a selection: its checks and slot map are then done once), or
+    the ``[T, B, K]`` token ids with ``tokens``, the full token count.
 
     A dropped (token, t) gets zero input current, so its membrane decays as the neuron's own
     dynamics say, and its spike is not output. For an effst sLIF / PLIF / LIF neuron whose own
@@ -89,12 +122,21 @@ def run_neuron_on_tokens(neuron, current: torch.Tensor, index: torch.Tensor, tok
     """
     _check_rows("current", current, 4)
     T, B, K, C = current.shape
-    if not isinstance(index, torch.Tensor) or tuple(index.shape) != (T, B, K):
-        raise ValueError(f"index: expected shape {(T, B, K)} (one token id per compact slot), "
-                         f"got {tuple(getattr(index, 'shape', ()))}")
-    _check_index(index.reshape(T * B, K), T * B, tokens)
-    if fused and _fusable(neuron, current, tokens, backend):
-        return _run_fused(neuron, current, index, tokens)
-    full = scatter_tokens(current.reshape(T * B, K, C), index.reshape(T * B, K), tokens, backend=backend)
-    spikes = neuron(full.reshape(T, B, tokens, C))
-    return gather_tokens(spikes.reshape(T * B, tokens, C), index.reshape(T * B, K), backend=backend).reshape(T, B, K, C)
+    if isinstance(index, TokenRoute):
+        route = index
+        if tokens is not None and tokens != route.tokens:
+            raise ValueError(f"tokens: expected None or the route's {route.tokens}, got {tokens!r}")
+    else:
+        if not isinstance(index, torch.Tensor) or tuple(index.shape) != (T, B, K):
+            raise ValueError(f"index: expected shape {(T, B, K)} (one token id per compact slot), "
+                             f"got {tuple(getattr(index, 'shape', ()))}")
+        route = TokenRoute(index, tokens)
+    if tuple(route.index.shape) != (T, B, K):
+        raise ValueError(f"index: expected a route of shape {(T, B, K)} (one token id per compact slot), "
+                         f"got {tuple(route.index.shape)}")
+    if fused and _fusable(neuron, current, route.tokens, backend):
+        return _run_fused(neuron, current, route)
+    rows = route.index.reshape(T * B, K)
+    full = scatter_tokens(current.reshape(T * B, K, C), rows, route.tokens, backend=backend)
+    spikes = neuron(full.reshape(T, B, route.tokens, C))
+    return gather_tokens(spikes.reshape(T * B, route.tokens, C), rows, backend=backend).reshape(T, B, K, C)

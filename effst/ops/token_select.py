@@ -7,12 +7,14 @@ the original token order, so positional structure survives).
 
 Data flow, top to bottom:
 
-1. :func:`anchor_topk_gather` -- one program per row: the score of token i is the number of
-   channels where the anchor's query and token i's key both spike (``popcount(q0 & k_i)``; an
-   integer, so exact), the top ``K`` scores are kept with the deterministic tie-break *higher
-   score first, then lower token index*, and the kept tokens' activations are copied to a
-   compact ``[R, K, C]`` buffer in the same pass. The rank of token i is the count of tokens that
-   beat it, so the selection needs no sort and no host synchronisation.
+1. :func:`anchor_topk_gather` / :func:`topk_gather` -- one kernel, one program per (row, group):
+   the row's token scores (STATA: the number of channels where the anchor's query and token i's
+   key both spike, ``popcount(q0 & k_i)``, an integer, so exact; STS: the predictor's keep
+   log-probability, read as given), the top ``K`` kept with the deterministic tie-break *higher
+   score first, then lower token index*, and the kept tokens' activations copied to a compact
+   ``[R, K, C]`` buffer in the same pass. The rank of token i is the count of tokens that beat
+   it, so the selection needs no sort and no host synchronisation. ``topk_gather`` also takes
+   ``[G, R, N, C]`` activations whose G slices (STS: the T timesteps) share a row's selection.
 2. :func:`gather_tokens` / :func:`scatter_tokens` -- compact <-> full. They are each other's
    gradient: the gradient of a gather is a scatter into zeros (``index_add`` with unique
    indices, so no atomics and deterministic), and vice versa.
@@ -76,47 +78,62 @@ def _check_index(index: torch.Tensor, rows: int, tokens: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Anchor score + top-k + gather (STATA)
+# 1. Score + top-k + gather (STATA's anchor scores, or precomputed scores such as STS's)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _anchor_topk_gather_kernel(query_ptr, key_ptr, x_ptr, score_ptr, index_ptr, out_ptr,
-                               N, W, C, K,
-                               BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+def _topk_gather_kernel(score_ptr, query_ptr, key_ptr, x_ptr, index_ptr, out_ptr,
+                        R, N, W, C, K, score_row_stride, score_token_stride,
+                        ANCHOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    # Program (row, group): the selection of score row ``row`` applied to x[group, row]; groups
+    # share the selection (STS: one token set per sample for every timestep), so group 0 alone
+    # writes the indices (and the anchor scores).
     row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1).to(tl.int64)
     tokens = tl.arange(0, BLOCK_N)
     valid = tokens < N
-    # Scores: popcount(q0 & k_i) over the W attention channels, as int32 (exact).
-    score = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for w0 in range(0, W, BLOCK_W):
-        channels = w0 + tl.arange(0, BLOCK_W)
-        in_w = channels < W
-        q = tl.load(query_ptr + row * W + channels, mask=in_w, other=0.0)
-        k = tl.load(key_ptr + row * N * W + tokens[:, None] * W + channels[None, :],
-                    mask=valid[:, None] & in_w[None, :], other=0.0)
-        both = (q[None, :] != 0) & (k != 0)
-        score += tl.sum(both.to(tl.int32), axis=1)
-    tl.store(score_ptr + row * N + tokens, score, mask=valid)
-    # Rank = number of tokens that beat token i (higher score, or equal score and lower index).
+    score_at = score_ptr + row * score_row_stride + tokens * score_token_stride
+    if ANCHOR:
+        # Scores: popcount(q0 & k_i) over the W attention channels, as int32 (exact).
+        score = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for w0 in range(0, W, BLOCK_W):
+            channels = w0 + tl.arange(0, BLOCK_W)
+            in_w = channels < W
+            q = tl.load(query_ptr + row * W + channels, mask=in_w, other=0.0)
+            k = tl.load(key_ptr + row * N * W + tokens[:, None] * W + channels[None, :],
+                        mask=valid[:, None] & in_w[None, :], other=0.0)
+            both = (q[None, :] != 0) & (k != 0)
+            score += tl.sum(both.to(tl.int32), axis=1)
+        tl.store(score_at, score, mask=valid & (group == 0))
+    else:
+        score = tl.load(score_at, mask=valid, other=0)
+    # Rank = number of tokens that beat token i: a higher score, or an equal score and a lower
+    # index; NaN counts as above +inf and equal to NaN (torch's stable descending sort).
     score_i = score[:, None]
     score_j = score[None, :]
-    beats = (score_j > score_i) | ((score_j == score_i) & (tokens[None, :] < tokens[:, None]))
-    beats = beats & valid[None, :]
+    nan_i = score_i != score_i
+    nan_j = score_j != score_j
+    higher = (score_j > score_i) | (nan_j & ~nan_i)
+    equal = (score_j == score_i) | (nan_j & nan_i)
+    beats = (higher | (equal & (tokens[None, :] < tokens[:, None]))) & valid[None, :]
     rank = tl.sum(beats.to(tl.int32), axis=1)
     kept = (rank < K) & valid
     position = tl.cumsum(kept.to(tl.int32), axis=0) - 1  # slot in the ascending compact order
-    tl.store(index_ptr + row * K + position, tokens.to(tl.int64), mask=kept)
+    tl.store(index_ptr + row * K + position, tokens.to(tl.int64), mask=kept & (group == 0))
+    source = (group * R + row) * N * C
+    target = (group * R + row) * K * C
     for c0 in range(0, C, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C)
         in_c = channels < C
-        values = tl.load(x_ptr + row * N * C + tokens[:, None] * C + channels[None, :],
+        values = tl.load(x_ptr + source + tokens[:, None] * C + channels[None, :],
                          mask=kept[:, None] & in_c[None, :], other=0.0)
-        tl.store(out_ptr + row * K * C + position[:, None] * C + channels[None, :], values,
+        tl.store(out_ptr + target + position[:, None] * C + channels[None, :], values,
                  mask=kept[:, None] & in_c[None, :])
 
 
 def topk_tokens_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``[R, k]`` (ascending) of the ``k`` best tokens per row of ``scores`` ``[R, N]``:
-    higher score first, ties to the lower token index (a stable descending sort)."""
+    higher score first, ties to the lower token index (a stable descending sort; NaN first)."""
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     return torch.sort(order, dim=1).values
 
@@ -124,6 +141,35 @@ def topk_tokens_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
 def anchor_scores_reference(anchor_query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``popcount(q0 & k_i)`` as int64 ``[R, N]`` (float64-free: counts of coinciding spikes)."""
     return ((anchor_query[:, None, :] != 0) & (keys != 0)).sum(dim=-1)
+
+
+def _check_k(k: int, tokens: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= tokens:
+        raise ValueError(f"k: expected an int in [1, {tokens}], got {k!r}")
+
+
+def _select_and_gather(x: torch.Tensor, k: int, scores: torch.Tensor, query: Optional[torch.Tensor] = None,
+                       keys: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch :func:`_topk_gather_kernel` on ``x`` ``[G, R, N, C]``: with ``query``/``keys`` the
+    anchor scores are computed into ``scores`` (an empty int32 ``[R, N]``), else ``scores`` is
+    read (any strides). Returns ``(index [R, k], compact [G, R, k, C])``, the gather's gradient
+    attached."""
+    G, R, N, C = x.shape
+    index = torch.empty(R, k, dtype=torch.int64, device=x.device)
+    compact = torch.empty(G, R, k, C, dtype=x.dtype, device=x.device)
+    anchor = query is not None
+    if R and G:
+        W = keys.shape[2] if anchor else 1
+        _topk_gather_kernel[(R, G)](scores, query if anchor else scores, keys if anchor else scores,
+                                    x.detach().contiguous(), index, compact, R, N, W, C, k,
+                                    scores.stride(0), scores.stride(1), ANCHOR=anchor,
+                                    BLOCK_N=triton.next_power_of_2(N), BLOCK_W=min(64, triton.next_power_of_2(W)),
+                                    BLOCK_C=min(64, triton.next_power_of_2(max(C, 1))))
+    if x.requires_grad:
+        # The fused kernel already compacted the values; reattach the gather's gradient.
+        rows = index.expand(G, R, k).reshape(G * R, k)
+        compact = _ReattachGather.apply(x.reshape(G * R, N, C), rows, compact.view(G * R, k, C)).view(G, R, k, C)
+    return index, compact
 
 
 def anchor_topk_gather(anchor_query: torch.Tensor, keys: torch.Tensor, x: torch.Tensor, k: int, *,
@@ -148,25 +194,53 @@ def anchor_topk_gather(anchor_query: torch.Tensor, keys: torch.Tensor, x: torch.
                          f"got {tuple(anchor_query.shape)}")
     if tuple(x.shape[:2]) != (R, N):
         raise ValueError(f"x: expected shape [{R}, {N}, C] to match keys, got {tuple(x.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
-        raise ValueError(f"k: expected an int in [1, {N}], got {k!r}")
+    _check_k(k, N)
     if not _use_triton(x.device, backend):
         scores = anchor_scores_reference(anchor_query, keys).to(torch.int32)
         index = topk_tokens_reference(scores, k)
         return scores, index, gather_tokens(x, index, backend="torch")
-    query, keys_c = anchor_query.contiguous(), keys.contiguous()
     scores = torch.empty(R, N, dtype=torch.int32, device=x.device)
-    index = torch.empty(R, k, dtype=torch.int64, device=x.device)
-    compact = torch.empty(R, k, x.shape[2], dtype=x.dtype, device=x.device)
-    if R:
-        _anchor_topk_gather_kernel[(R,)](query, keys_c, x.detach().contiguous(), scores, index, compact,
-                                         N, W, x.shape[2], k, BLOCK_N=triton.next_power_of_2(N),
-                                         BLOCK_W=min(64, triton.next_power_of_2(W)),
-                                         BLOCK_C=min(64, triton.next_power_of_2(max(x.shape[2], 1))))
-    if x.requires_grad:
-        # The fused kernel already compacted the values; reattach the gather's gradient.
-        compact = _ReattachGather.apply(x, index, compact)
-    return scores, index, compact
+    index, compact = _select_and_gather(x[None], k, scores, anchor_query.contiguous(), keys.contiguous())
+    return scores, index, compact[0]
+
+
+def topk_gather(scores: torch.Tensor, x: torch.Tensor, k: int, *,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``k`` best-scored tokens per row and compact them, in one pass (SparseSpikformer's
+    STS at inference: ``scores`` = the predictor's keep log-probability).
+
+    Args:
+        scores: ``[R, N]`` precomputed scores (float or integer, any strides, e.g. a column of the
+            predictor's ``[R, N, 2]`` output); ties go to the lower token index, NaN ranks first,
+            exactly as :func:`topk_tokens_reference`. No gradient flows to them.
+        x: ``[R, N, C]``, or ``[G, R, N, C]`` where the G slices (timesteps) share row r's selection.
+        k: tokens kept per row, ``1 <= k <= N``.
+
+    Returns ``(index [R, k] int64 ascending, compact)`` with ``compact`` shaped like ``x`` with
+    ``k`` tokens; its gradient scatters back to ``x``.
+    """
+    _check_rows("scores", scores, 2)
+    if scores.dtype == torch.bool or scores.is_complex():
+        raise TypeError(f"scores: expected a real float or integer tensor, got {scores.dtype}")
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+        raise ValueError(f"x: expected a [R, N, C] or [G, R, N, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    R, N = scores.shape
+    if tuple(x.shape[-3:-1]) != (R, N):
+        raise ValueError(f"x: expected shape [..., {R}, {N}, C] to match scores {tuple(scores.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if scores.device != x.device:
+        raise ValueError(f"scores: expected a tensor on {x.device} (x's device), got {scores.device}")
+    _check_k(k, N)
+    grouped = x if x.dim() == 4 else x[None]
+    scores = scores.detach()
+    if _use_triton(x.device, backend):
+        index, compact = _select_and_gather(grouped, k, scores)
+    else:
+        G, C = grouped.shape[0], grouped.shape[3]
+        index = topk_tokens_reference(scores, k)
+        rows = index.expand(G, R, k).reshape(G * R, k)
+        compact = gather_tokens(grouped.reshape(G * R, N, C), rows, backend="torch").view(G, R, k, C)
+    return index, compact if x.dim() == 4 else compact[0]
 
 
 class _ReattachGather(torch.autograd.Function):
@@ -551,5 +625,5 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, backend: str = "auto") -
     return _MaskedMean.apply(x, mask.detach(), backend)
 
 
-__all__ = ["anchor_topk_gather", "anchor_scores_reference", "topk_tokens_reference", "gather_tokens",
+__all__ = ["anchor_topk_gather", "topk_gather", "anchor_scores_reference", "topk_tokens_reference", "gather_tokens",
            "scatter_tokens", "routed_neuron", "token_slots", "MAX_ROUTED_T", "masked_mean", "masked_mean_reference", "BACKENDS"]
