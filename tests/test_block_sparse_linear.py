@@ -408,6 +408,18 @@ def test_sparse_bench_rows_on_cpu(monkeypatch):
         assert key in first and first[key] is not None, key
     assert first["kept_tiles"] == 24 - 12 and rows[1]["input"] == "spike uint8"
     assert "break_even_sparsity_fwd_bwd" in first
+    # The memory floor of every layer row (fp32: 4 B; uint8 spikes 1 B, no dX), on the CPU too.
+    m, k, n = 32, 64, 96
+    for row, x_bytes in ((first, 4), (rows[1], 1)):
+        weight = row["kept_tiles"] * 16 * 16 * 4
+        fwd = m * k * x_bytes + weight + m * n * 4 + n * 4
+        bwd = m * n * 4 + weight + n * 4 + (m * k * 4 if x_bytes == 4 else 0)
+        assert (row["floor_bytes_fwd"], row["floor_bytes_fwd_bwd"]) == (fwd, fwd + bwd)
+        for name in ("fwd", "fwd_bwd"):
+            assert row[f"floor_ms_{name}"] > 0
+            assert row[f"floor_fraction_{name}"] == pytest.approx(row[f"floor_ms_{name}"] / row[f"effst_{name}_ms"])
+    # 2:4 weights: the kept half plus a 2-bit index per kept value.
+    assert sparse.two_four_weight_bytes(1536, 384, 2) == 1536 * 384 // 2 * 2 + 1536 * 384 // 2 // 4
     with pytest.raises(ValueError, match="device"):
         sparse.run("tpu", True)
 
@@ -570,6 +582,17 @@ def test_host_cost_mode_counts_launches_and_restores_the_kernels():
                for stat in ("", "_min"))
     assert bsl._bsl_forward_kernel is kernel and bsl._use_triton is use_triton and bsl._LAUNCHES is plans
     assert launch_ops._cacheable is cacheable and launch_ops._device_and_stream is device_and_stream
+
+
+@pytest.mark.gpu
+def test_gpu_two_four_row_has_its_memory_floor(device):
+    """The sparse suite's 2:4 row on CUDA (small M): timed beside dense, with its memory floor."""
+    from effst.benchmarks import sparse
+
+    row = sparse._two_four_row(1024, 384, 1536, "cuda", torch.bfloat16, True, {}, bandwidth=1e12)
+    floor = 1024 * 384 * 2 + sparse.two_four_weight_bytes(1536, 384, 2) + 1024 * 1536 * 2 + 1536 * 2
+    assert row["floor_bytes_fwd"] == floor and row["floor_ms_fwd"] == pytest.approx(floor / 1e12 * 1e3)
+    assert row["semi_structured_fwd_ms"] > 0 and row["dense_fwd_ms"] > 0 and row["floor_fraction_fwd"] > 0
 
 
 @pytest.mark.gpu

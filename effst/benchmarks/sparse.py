@@ -18,15 +18,16 @@ the torch implementation (no Triton outside the interpreter).
 * ``speedup_*`` = dense / effst (wall; ``_kernel``: kernel time); ``tflops_kept_*`` = FLOPs on
   the kept tiles / effst kernel time; ``tflops_ratio_*`` = that / dense TFLOP/s.
 * ``floor_ms_*``: bytes that must move (every tensor read or written once: X, kept W, Y, b;
-  + dY, dX, dW, db for fwd_bwd) / measured copy bandwidth; ``floor_fraction_*`` = floor /
-  effst kernel time (1.0 = at the memory floor).
+  + dY, dX, dW, db for fwd_bwd) / measured copy bandwidth (on the CPU too); ``floor_fraction_*``
+  = floor / effst kernel time (wall time on the CPU; 1.0 = at the memory floor).
 * ``break_even_sparsity_fwd_bwd``: per (shape, block, input), the lowest sparsity at which
   effst fwd+bwd wall time matches dense, interpolated between measured sparsities (None if
   never, or if it is already faster at the lowest one measured).
 
 2:4 rows (``kind='2:4'``, CUDA only): ``l1p(pattern='2:4')`` + ``prune.to_semi_structured``
 (cuSPARSELt/CUTLASS through ``torch.sparse.to_sparse_semi_structured``), forward only
-(inference weights), beside dense.
+(inference weights), beside dense; ``floor_*_fwd`` as for the layer rows, the weight counted as
+its kept half plus a 2-bit index per kept value.
 
 Spikformer rows (``kind='model'``, CUDA): Spikformer-4-384 and -8-512 at the ImageNet token
 count (224x224 images, 196 tokens), batch 64 (quick 16), T = 4, bf16 autocast: dense vs
@@ -132,11 +133,29 @@ class _LayerCase:
         return torch.autograd.grad(F.linear(self.x_dense, self.weight, self.bias), inputs, self.grad_y)
 
 
-def _floor_bytes(m, k, n, nnz_elems, x_bytes, elem, spikes) -> tuple[float, float]:
-    """Bytes that must move for fwd and fwd+bwd (each tensor once)."""
-    fwd = m * k * x_bytes + nnz_elems * elem + m * n * elem + n * elem
-    bwd = m * n * elem + nnz_elems * elem + n * elem + (0 if spikes else m * k * elem)  # dY, dW, db, dX
+def _floor_bytes(m, k, n, weight_bytes, x_bytes, elem, spikes) -> tuple[float, float]:
+    """Bytes that must move for fwd and fwd+bwd (each tensor once): X, the stored weight, Y, b;
+    + dY, dW (as large as the stored weight), db and, for float inputs, dX."""
+    fwd = m * k * x_bytes + weight_bytes + m * n * elem + n * elem
+    bwd = m * n * elem + weight_bytes + n * elem + (0 if spikes else m * k * elem)  # dY, dW, db, dX
     return fwd, fwd + bwd
+
+
+def two_four_weight_bytes(n: int, k: int, elem: int) -> float:
+    """Bytes of a 2:4 semi-structured ``[n, k]`` weight: the kept half of the values plus a 2-bit
+    index per kept value (the format's metadata)."""
+    kept = n * k // 2
+    return kept * elem + kept * 2 / 8
+
+
+def _floor_columns(row: dict, name: str, floor_bytes: float, bandwidth: Optional[float], ms: Optional[float]) -> None:
+    """``floor_bytes_<name>``, and with a measured bandwidth ``floor_ms_<name>`` (bytes / copy
+    bandwidth) and ``floor_fraction_<name>`` (floor / ``ms``, the measured time; 1.0 = at the floor)."""
+    row[f"floor_bytes_{name}"] = floor_bytes
+    if bandwidth:
+        row[f"floor_ms_{name}"] = floor_bytes / bandwidth * 1e3
+        if ms:
+            row[f"floor_fraction_{name}"] = row[f"floor_ms_{name}"] / ms
 
 
 def _measure_layer(case: _LayerCase, device: str, quick: bool, row: dict, bandwidth: Optional[float]) -> None:
@@ -160,7 +179,7 @@ def _measure_layer(case: _LayerCase, device: str, quick: bool, row: dict, bandwi
     products = 2 if case.spikes else 3
     dense_flops, kept_flops = 2.0 * m * n * k, 2.0 * m * nnz * block * block
     elem = case.weight.element_size()
-    floors = _floor_bytes(m, k, n, nnz * block * block, case.x_effst.element_size(), elem, case.spikes)
+    floors = _floor_bytes(m, k, n, nnz * block * block * elem, case.x_effst.element_size(), elem, case.spikes)
     for name, factor, floor_bytes in (("fwd", 1, floors[0]), ("fwd_bwd", products, floors[1])):
         row[f"speedup_{name}"] = row[f"dense_{name}_ms"] / row[f"effst_{name}_ms"]
         effst_t = row[f"effst_{name}_kernel_ms"] or row[f"effst_{name}_ms"]  # wall where no kernel time (CPU)
@@ -170,10 +189,7 @@ def _measure_layer(case: _LayerCase, device: str, quick: bool, row: dict, bandwi
         row[f"tflops_kept_{name}"] = factor * kept_flops / (effst_t * 1e9)
         row[f"tflops_dense_{name}"] = factor * dense_flops / (dense_t * 1e9)
         row[f"tflops_ratio_{name}"] = row[f"tflops_kept_{name}"] / row[f"tflops_dense_{name}"]
-        row[f"floor_bytes_{name}"] = floor_bytes
-        if bandwidth:
-            row[f"floor_ms_{name}"] = floor_bytes / bandwidth * 1e3
-            row[f"floor_fraction_{name}"] = row[f"floor_ms_{name}"] / effst_t
+        _floor_columns(row, name, floor_bytes, bandwidth, effst_t)
 
 
 def _break_even(rows: list[dict]) -> None:
@@ -194,7 +210,7 @@ def _break_even(rows: list[dict]) -> None:
             r["break_even_sparsity_fwd_bwd"] = value
 
 
-def _two_four_row(m, k, n, device, dtype, quick, stamp) -> dict:
+def _two_four_row(m, k, n, device, dtype, quick, stamp, bandwidth: Optional[float] = None) -> dict:
     from effst import prune
 
     row = {"kind": "2:4", "M": m, "in_features": k, "out_features": n, "sparsity": 0.5, "dtype": str(dtype).split(".")[-1],
@@ -223,6 +239,9 @@ def _two_four_row(m, k, n, device, dtype, quick, stamp) -> dict:
     row["speedup_fwd"] = row["dense_fwd_ms"] / row["semi_structured_fwd_ms"]
     if row["dense_fwd_kernel_ms"] and row["semi_structured_fwd_kernel_ms"]:
         row["speedup_fwd_kernel"] = row["dense_fwd_kernel_ms"] / row["semi_structured_fwd_kernel_ms"]
+    elem = weight.element_size()
+    _floor_columns(row, "fwd", _floor_bytes(m, k, n, two_four_weight_bytes(n, k, elem), elem, elem, False)[0],
+                   bandwidth, row["semi_structured_fwd_kernel_ms"] or row["semi_structured_fwd_ms"])
     row["note"] = "forward only: to_semi_structured makes inference weights"
     return row
 
@@ -385,7 +404,7 @@ def run(device: str, quick: bool, *, rows: Optional[list] = None, log: Callable[
     m = int(tokens) if tokens is not None else m
     stamp = _stamp(device, quick)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    bandwidth = timing.copy_bandwidth(device, 256 << 20)["bytes_per_s"] if device == "cuda" else None
+    bandwidth = timing.copy_bandwidth(device, (256 if device == "cuda" else 64) << 20)["bytes_per_s"]
     plan = [("layer", c) for c in configs]
     if device == "cuda":
         # After the 64x64 rows (the first len(SHAPES) * (sparsities + spikes) configs): 2:4, models.
@@ -407,7 +426,7 @@ def run(device: str, quick: bool, *, rows: Optional[list] = None, log: Callable[
                 row["status"] = "ok"
                 new = [row]
             elif kind == "2:4":
-                new = [dict(_two_four_row(m, what[0], what[1], device, dtype, quick, stamp), status="ok")]
+                new = [dict(_two_four_row(m, what[0], what[1], device, dtype, quick, stamp, bandwidth), status="ok")]
             elif kind == "spike-bytes":
                 new = [_spike_bytes_row(device, quick, stamp)]
             else:
