@@ -410,3 +410,23 @@ def test_to_semi_structured_matches_masked_dense_on_gpu(device):
     finally:
         torch.cuda.get_device_capability = real
     assert prune.is_pruned(older[0])
+
+
+def test_pipeline_and_sparse_benchmark_prune_with_the_default_tile(monkeypatch):
+    """Accuracy (the pipeline's block-L1P runs) and speed (the sparse suite's Spikformer rows)
+    are reported for the same layout: both prune with prune.DEFAULT_BLOCK_SIZE unless told
+    otherwise, and the suite converts each layer with the tile block L1P stored for it."""
+    from effst.benchmarks import sparse
+    from effst.train.pipeline import PipelineOptions
+
+    assert tuple(PipelineOptions().validate().block_size) == prune.DEFAULT_BLOCK_SIZE
+    assert tuple(PipelineOptions(block_size=[32, 64]).validate().block_size) == (32, 64)
+    calls = []
+    real = prune.block_l1p
+    monkeypatch.setattr(prune, "block_l1p", lambda *a, **k: (calls.append(k.get("block_size")), real(*a, **k))[1])
+    with pytest.warns(UserWarning, match="cannot express"):  # the tiny model's matrices halve the tile
+        net, _ = sparse._build("spikformer-tiny", "cpu", 1, {}, block_sparse=True)
+    assert calls == [prune.DEFAULT_BLOCK_SIZE]
+    converted = [m for m in net.modules() if isinstance(m, BlockSparseLinear)]
+    assert converted and all(m.block_sparsity > 0 for m in converted)
+    assert tuple(sparse._default_block()) == prune.DEFAULT_BLOCK_SIZE
