@@ -284,6 +284,43 @@ def test_module_two_calls_equal_one_call_and_step_mode_s(kind, backend):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{kind} {backend} {split}: {m}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_mixed_step_modes_and_buffer_parameters(backend):
+    """Channels first (channel_dim 0), w a buffer (learn_tau=False): 'm' over 2 steps, then 's'
+    for 3, then 'm' again equals one 'm' call (spikes, x and V_th gradients); w gets no gradient
+    and both tensors survive a state_dict round trip."""
+    x, gs = _input(9)
+
+    def node():
+        n = SLIF(tau=1.6, v_threshold=0.5, v_reset=None, channels=2, channel_dim=0, learn_tau=False,
+                 surrogate="super_spike", alpha=0.6, backend=backend).to(F64)
+        with torch.no_grad():
+            n.w.copy_(torch.tensor([-0.4, 1.1]))
+            n.v_threshold.copy_(torch.tensor([0.45, 0.9]))
+        return n
+
+    one = node()
+    assert [n for n, _ in one.named_parameters()] == ["v_threshold"] and "w" in one.state_dict()
+    want_s, want_g = _run_calls(one, x, gs, [len(x)])
+    mixed = node()
+    xl = x.clone().requires_grad_(True)
+    parts = [mixed(xl[:2])]
+    mixed.step_mode = "s"
+    parts += [mixed(xl[t]).unsqueeze(0) for t in range(2, 5)]
+    mixed.step_mode = "m"
+    parts.append(mixed(xl[5:]))
+    got = torch.cat(parts)
+    (got * gs).sum().backward()
+    assert torch.equal(got.detach(), want_s)
+    torch.testing.assert_close(xl.grad, want_g[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mixed.v_threshold.grad, want_g[1], rtol=1e-10, atol=1e-12)
+    assert mixed.w.grad is None
+    fresh = SLIF(channels=2, channel_dim=0, learn_tau=False, v_reset=None, surrogate="super_spike", alpha=0.6,
+                 backend=backend).to(F64)
+    fresh.load_state_dict(mixed.state_dict())
+    assert torch.equal(fresh.w, mixed.w) and torch.equal(fresh.v_threshold, mixed.v_threshold)
+
+
 @pytest.mark.parametrize("kind", ["slif", "plif", "lif"])
 def test_module_reset_state_dict_and_deepcopy(kind):
     x, _ = _input(4)
@@ -431,36 +468,61 @@ def test_random_control_counts_and_seed(structure):
                 assert int((~tiles).sum()) == _k(p, rows * cols)
 
 
-def test_dsp_keeps_the_highest_scoring_dims():
-    """SPEC §3 DSP: score of attention dim i = mean over q, k, v of row i's mean |w|; keep the
-    ceil((1-p) D / heads) * heads best (CIFAR rounds up); fc1 rows by mean |w|, keep floor((1-p) H);
-    proj / fc2 lose the matching input columns."""
+def _dsp_attention_keep(scores: torch.Tensor, width: int, heads: int, balanced: bool) -> list:
+    """The attention dims DSP keeps: the ``width`` best overall, or ``width / heads`` best within
+    each head (head_balanced)."""
+    if not balanced:
+        return sorted(scores.topk(width).indices.tolist())
+    size = scores.numel() // heads
+    return sorted(h * size + i for h in range(heads)
+                  for i in scores[h * size:(h + 1) * size].topk(width // heads).indices.tolist())
+
+
+def _bn_sliced(new_bn: nn.Module, bn: nn.Module, order: list) -> bool:
+    return all(torch.equal(getattr(new_bn, n), getattr(bn, n)[order])
+               for n in ("weight", "bias", "running_mean", "running_var"))
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_dsp_keeps_the_highest_scoring_dims(balanced):
+    """SPEC §3 DSP on a random 2-block model: score of attention dim i = mean over q, k, v of row
+    i's mean |w|; keep ceil((1-p) D / heads) * heads dims (CIFAR rounds up) of the highest score
+    (head_balanced: the same count best within each head); fc1 rows by mean |w|, keep
+    floor((1-p) H); q/k/v rows and biases, their BatchNorms, and fc1 rows / BN follow; proj and fc2
+    lose the matching input columns, keep their outputs."""
     from effst.models import build_model
-    for seed, p in ((0, 0.3), (1, 0.55), (2, 0.8)):
+    D, heads, H = 24, 4, 40
+    for seed, p in ((0, 0.3), (1, 0.55), (2, 0.8), (3, 0.1)):
         torch.manual_seed(seed)
-        model = build_model("spikformer-tiny", backend="reference", dim=24, heads=4, hidden=40)
-        model = model.double()
+        model = build_model("spikformer-tiny", backend="reference", dim=D, heads=heads, hidden=H, depth=2).double()
+        with torch.no_grad():  # BatchNorms with distinct values, so slicing them is visible
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for t in (m.weight, m.bias, m.running_mean):
+                        t.copy_(torch.randn_like(t))
+                    m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
         with warnings.catch_warnings():  # widths off 1 - p by > 10 %: DSP warns, as documented
             warnings.simplefilter("ignore", UserWarning)
-            pruned = prune.dsp(model, p)
-        for blk, new in zip(model.blocks, pruned.blocks):
+            pruned = prune.dsp(model, p, head_balanced=balanced)
+        width, hidden = math.ceil((1 - Fraction(str(p))) * D / heads) * heads, math.floor((1 - Fraction(str(p))) * H)
+        for b, (blk, new) in enumerate(zip(model.blocks, pruned.blocks)):
             at, nat = blk.attn, new.attn
             scores = sum(getattr(at, f"{n}_linear").weight.detach().abs().mean(1) for n in "qkv") / 3
-            width = math.ceil(float(Fraction(1) - Fraction(str(p))) * 24 / 4 - 1e-12) * 4
-            keep = scores.topk(width).indices
-            rows = {tuple(at.q_linear.weight[i].tolist()): int(i) for i in range(24)}
-            got = sorted(rows[tuple(r.tolist())] for r in nat.q_linear.weight)
-            assert got == sorted(keep.tolist()), f"seed {seed} p {p}: attention dims"
+            rows = {tuple(at.q_linear.weight[i].tolist()): i for i in range(D)}
             order = [rows[tuple(r.tolist())] for r in nat.q_linear.weight]
-            for n in "kv":
-                assert torch.equal(getattr(nat, f"{n}_linear").weight, getattr(at, f"{n}_linear").weight[order])
-                assert torch.equal(getattr(nat, f"{n}_linear").bias, getattr(at, f"{n}_linear").bias[order])
+            assert sorted(order) == _dsp_attention_keep(scores, width, heads, balanced), f"seed {seed} p {p} block {b}"
+            for n in "qkv":
+                lin, new_lin = getattr(at, f"{n}_linear"), getattr(nat, f"{n}_linear")
+                assert torch.equal(new_lin.weight, lin.weight[order]) and torch.equal(new_lin.bias, lin.bias[order])
+                assert _bn_sliced(getattr(nat, f"{n}_bn"), getattr(at, f"{n}_bn"), order), f"{n}_bn"
             assert torch.equal(nat.proj_linear.weight, at.proj_linear.weight[:, order])
-            hidden = math.floor((Fraction(1) - Fraction(str(p))) * 40)
+            assert torch.equal(nat.proj_linear.bias, at.proj_linear.bias)
             h_scores = blk.mlp.fc1.weight.detach().abs().mean(1)
-            h_rows = {tuple(blk.mlp.fc1.weight[i].tolist()): i for i in range(40)}
+            h_rows = {tuple(blk.mlp.fc1.weight[i].tolist()): i for i in range(H)}
             h_order = [h_rows[tuple(r.tolist())] for r in new.mlp.fc1.weight]
             assert sorted(h_order) == sorted(h_scores.topk(hidden).indices.tolist()), f"seed {seed} p {p}: hidden"
+            assert torch.equal(new.mlp.fc1.bias, blk.mlp.fc1.bias[h_order])
+            assert _bn_sliced(new.mlp.fc1_bn, blk.mlp.fc1_bn, h_order)
             assert torch.equal(new.mlp.fc2.weight, blk.mlp.fc2.weight[:, h_order])
 
 
@@ -481,6 +543,15 @@ def _bsl_case(seed: int, layout: str):
     x = torch.randn(batch + (in_f,), generator=g, dtype=F64)
     gy = torch.randn(batch + (out_f,), generator=g, dtype=F64)
     return lin, (bm, bk), mask, x, gy
+
+
+def _stored_tiles(dense: torch.Tensor, mask: torch.Tensor, bm: int, bk: int) -> torch.Tensor:
+    """A dense [out, in] tensor as BlockSparseLinear stores its weight (docs/block_sparse.md): the
+    kept tiles in row order (block-row major, columns ascending), zero-padded past the edges."""
+    padded = torch.zeros(mask.shape[0] * bm, mask.shape[1] * bk, dtype=dense.dtype)
+    padded[:dense.shape[0], :dense.shape[1]] = dense
+    return torch.stack([padded[r * bm:(r + 1) * bm, c * bk:(c + 1) * bk]
+                        for r in range(mask.shape[0]) for c in range(mask.shape[1]) if mask[r, c]])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -506,14 +577,9 @@ def test_block_sparse_linear_matches_masked_dense(backend, layout):
             torch.testing.assert_close(layer.bias.grad, bo.grad, rtol=1e-12, atol=1e-12)
         else:
             assert layer.bias is None
-        # values: kept tiles in row order (block-row major, columns ascending), zero-padded edges
-        kept = [(r, c) for r in range(mask.shape[0]) for c in range(mask.shape[1]) if mask[r, c]]
-        if not kept:
-            continue
-        gw = torch.zeros(mask.shape[0] * bm, mask.shape[1] * bk, dtype=F64)
-        gw[:lin.out_features, :lin.in_features] = wo.grad * emask
-        want_gv = torch.stack([gw[r * bm:(r + 1) * bm, c * bk:(c + 1) * bk] for r, c in kept])
-        torch.testing.assert_close(layer.values.grad, want_gv, rtol=1e-12, atol=1e-12)
+        if mask.any():
+            torch.testing.assert_close(layer.values.grad, _stored_tiles(wo.grad * emask, mask, bm, bk),
+                                       rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -537,9 +603,15 @@ def test_block_sparse_linear_unusual_inputs(backend):
         got = layer(leaf)
         want = F.linear(dense, w, b)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{backend} {what}: {m}")
-        if floating and got.numel():
+        if got.numel():
+            layer.values.grad = None
             got.sum().backward()
-            torch.testing.assert_close(leaf.grad, w.sum(0).expand_as(xi), rtol=1e-12, atol=1e-12)
+            if floating:
+                torch.testing.assert_close(leaf.grad, w.sum(0).expand_as(xi), rtol=1e-12, atol=1e-12)
+            # dW = dYᵀ X on the kept tiles (dY all ones), in the stored tile order
+            want_gv = _stored_tiles(dense.reshape(-1, lin.in_features).sum(0).expand_as(w) * emask, mask, bm, bk)
+            torch.testing.assert_close(layer.values.grad, want_gv, rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"{backend} {what}: values grad: {m}")
 
 
 # ---------------------------------------------------------------------------------------------
