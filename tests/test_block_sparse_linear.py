@@ -736,3 +736,35 @@ def test_functional_bad_inputs_name_the_argument():
     for dtype in (torch.int32, torch.bool, torch.complex64):
         with pytest.raises(TypeError, match="dtype: expected None or one of"):
             BlockSparseLinear(40, 30, block_size=16, dtype=dtype)
+
+
+def test_sparse_suite_gpu_schedule():
+    """The CUDA plan (built without a GPU): the issue's rows first -- 64x64 tiles, both shapes,
+    90/75/50 % with bf16 inputs and 90 % with uint8 spikes --, then 2:4, Spikformer and
+    spike-byte rows, then the default tile (128x128, the model rows' layout; --quick: at 90 %
+    only) before any other, so a suite cut by its budget loses the other tiles first."""
+    from effst import prune
+    from effst.benchmarks import sparse
+
+    for quick in (True, False):
+        m, configs = sparse._plan("cuda", quick)
+        assert m == 32768
+        schedule = sparse._schedule("cuda", configs, quick)
+        kinds = [kind for kind, _ in schedule]
+        first_other = kinds.index("2:4")
+        head = [what for _, what in schedule[:first_other]]
+        assert all(block == 64 for _, block, _, _ in head)
+        for shape in sparse.SHAPES:
+            for p in (0.9, 0.75, 0.5):
+                assert (shape, 64, p, "dense") in head
+            assert (shape, 64, 0.9, "spike") in head
+        assert kinds[first_other:first_other + 2] == ["2:4", "2:4"] and "spike-bytes" in kinds
+        tail = [what for kind, what in schedule[kinds.index("spike-bytes") + 1:]]
+        assert all(kind == "layer" for kind in kinds[kinds.index("spike-bytes") + 1:])
+        default = prune.DEFAULT_BLOCK_SIZE[0]
+        assert prune.DEFAULT_BLOCK_SIZE == (default, default)
+        for shape in sparse.SHAPES:
+            assert (shape, default, 0.9, "dense") in tail and (shape, default, 0.9, "spike") in tail
+        blocks = [block for _, block, _, _ in tail]
+        assert blocks[0] == default and blocks == sorted(blocks, key=lambda b: b != default)  # default tile first
+    assert [kind for kind, _ in sparse._schedule("cpu", sparse._plan("cpu", True)[1], True)][0] == "spike-bytes"
