@@ -14,10 +14,12 @@ text only (it goes into gpu_check.log); the figures are host cost, not kernel ti
 ``--mock-launch`` measures effst's own Python per Triton-path call on any machine: CPU tensors,
 ``backend='triton'``, with both sLIF kernels replaced by no-op stand-ins (the first launch of a
 specialisation goes through a stand-in of ``kernel[grid](...)``, which returns a stand-in
-compiled kernel; later ones through that object's ``run``, as on a GPU). It times SLIF
-(per-channel) and LIF forward + ``autograd.grad`` (x = [4, 64, 64] fp32: nothing is computed,
-so this is host cost), then prints cProfile's top functions for SLIF. Triton's own launch
-cost (``JITFunction.run``'s binder, the C launcher) is not in it.
+compiled kernel; later ones through that object's ``run``, as on a GPU). It times forward +
+backward of x = [4, 64, 64] (nothing is computed,
+so this is host cost) in fp32 and fp16: SLIF (per channel) with ``autograd.grad`` of x, w and
+theta, with ``.backward()``, and with the gradient of x alone; PLIF and LIF with all their
+gradients. Then cProfile's top functions and the profiler's CPU ops for the first SLIF row.
+Triton's own launch cost (``JITFunction.run``'s binder, the C launcher) is not in it.
 """
 from __future__ import annotations
 
@@ -89,21 +91,45 @@ class _MockKernel:
         return launch
 
 
-def _median_us(call, calls: int, rounds: int = 7) -> float:
+def _median_us(call, calls: int, rounds: int = 7) -> tuple[float, float]:
+    """Median over ``rounds`` of the wall time and of this thread's CPU time per call (µs).
+    The CPU time leaves out the time other processes hold the core (a loaded machine)."""
     for _ in range(50):
         call()
-    samples = []
+    wall, cpu = [], []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         for _ in range(calls):
             call()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+        cpu.append((time.thread_time() - start_cpu) / calls * 1e6)
+        wall.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def _backward_call(module, x, grad):
+    """Training-loop form: forward, ``.backward()`` into fresh ``.grad`` (zero_grad sets None)."""
+    params = list(module.parameters())
+
+    def call():
+        module.reset()
+        for p in (x, *params):
+            p.grad = None
+        module(x).backward(grad)
+    return call
+
+
+def _grad_x_call(module, x, grad):
+    """Only the input's gradient asked for (parameters learnable but not wanted)."""
+    def call():
+        module.reset()
+        return torch.autograd.grad(module(x), [x], grad)
+    return call
 
 
 def mock_launch(calls: int) -> int:
     """effst's Python per Triton-path call, kernels replaced by no-ops (any machine)."""
     import effst.ops.slif as slif_ops
+    from effst.nn import PLIF
 
     os.environ["TRITON_INTERPRET"] = "1"  # lets backend='triton' take CPU tensors; nothing is interpreted
     kernels = {"slif_forward_kernel": _MockKernel(), "slif_backward_kernel": _MockKernel()}
@@ -114,20 +140,29 @@ def mock_launch(calls: int) -> int:
     launch_ops._cacheable = lambda kernel: True
     launch_ops._device_and_stream = lambda: (0, 0)
     torch.set_num_threads(1)
-    x = torch.randn(4, 64, 64, requires_grad=True)
-    grad = torch.ones_like(x)
-    cases = {
-        "effst SLIF triton, mocked launches": neuron_call(SLIF(channels=64, backend="triton"), x, grad),
-        "effst LIF triton, mocked launches": neuron_call(LIF(backend="triton"), x, grad),
-    }
+    cases = {}
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(4, 64, 64, dtype=dtype, requires_grad=True)
+        grad = torch.ones_like(x)
+        name = "fp32" if dtype == torch.float32 else "fp16"
+        cases.update({
+            f"SLIF {name} grad(x, w, theta)": neuron_call(SLIF(channels=64, backend="triton"), x, grad),
+            f"SLIF {name} .backward()": _backward_call(SLIF(channels=64, backend="triton"), x, grad),
+            f"SLIF {name} grad(x) only": _grad_x_call(SLIF(channels=64, backend="triton"), x, grad),
+            f"PLIF {name} grad(x, w)": neuron_call(PLIF(backend="triton"), x, grad),
+            f"LIF {name} grad(x)": neuron_call(LIF(backend="triton"), x, grad),
+        })
     print(f"profile_host --mock-launch: CPU, torch {torch.__version__}, triton {triton.__version__}, "
-          f"1 thread, x = [4, 64, 64] fp32, median of 7 rounds of {calls} calls")
+          f"1 thread, x = [4, 64, 64] (SLIF per channel, PLIF/LIF per layer), effst Triton path "
+          f"with mocked launches, median of 7 rounds of {calls} calls, load average "
+          f"{os.getloadavg()[0]:.2f}")
     for name, call in cases.items():
-        print(f"  {name:40s} {_median_us(call, calls):9.1f} us/call")
+        wall, cpu = _median_us(call, calls)
+        print(f"  {name:40s} {wall:9.1f} us/call wall {cpu:9.1f} us/call CPU")
     print("  launches: " + ", ".join(f"{name}: {mock.jit_launches} through kernel[grid], "
                                      f"{mock.compiled.runs} through CompiledKernel.run"
                                      for name, mock in kernels.items()))
-    slif_call = cases["effst SLIF triton, mocked launches"]
+    slif_call = cases["SLIF fp32 grad(x, w, theta)"]
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(calls):
@@ -135,8 +170,14 @@ def mock_launch(calls: int) -> int:
     profile.disable()
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(20)
-    print(f"cProfile, {calls} mocked SLIF triton calls, by own time:")
+    print(f"cProfile, {calls} mocked SLIF fp32 grad(x, w, theta) calls, by own time:")
     print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:5000])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(200):
+            slif_call()
+    print("torch.profiler, 200 mocked SLIF fp32 grad(x, w, theta) calls, CPU ops by self time:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                    max_name_column_width=50))
     return 0
 
 
