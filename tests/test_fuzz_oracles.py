@@ -8,8 +8,9 @@ tests/test_spec_oracles.py; this file targets what that one does not: 1-D / 4-D 
 step shapes, odd sizes, non-contiguous and sliced inputs (float64, float32, float16, bfloat16, byte
 spikes), channel dims in the middle of a 4-D shape, v_init of any broadcastable shape, every
 surrogate at a non-default width, any subset of inputs needing a gradient, the modules' state
-handling (split calls, step mode 's', reset, state_dict, deepcopy), L1P / block L1P / random / DSP through the model API on
-random models, BlockSparseLinear against a float64 masked dense layer, and bad input.
+handling (split calls, step mode 's', reset, state_dict, deepcopy), L1P / block L1P / random /
+DSP through the model API on random models, BlockSparseLinear against a float64 masked dense
+layer, and bad input.
 """
 from __future__ import annotations
 
@@ -192,7 +193,8 @@ def _min_margin(c: dict) -> float:
     k = torch.sigmoid(spread(c["w"], c["w_form"], shape, cd))
     th = spread(c["theta"], c["th_form"], shape, cd)
     vr = 0.0 if c["v_reset"] is None else c["v_reset"]
-    v = torch.full(shape, vr, dtype=F64) if c["v_init"] is None else torch.as_tensor(c["v_init"], dtype=F64).expand(shape)
+    v0 = vr if c["v_init"] is None else c["v_init"]
+    v = torch.as_tensor(v0, dtype=F64).expand(shape)
     margin = math.inf
     for x_t in c["x"]:
         h = v - k * (v - vr) + (k * x_t if c["decay_input"] else x_t)
@@ -340,7 +342,8 @@ def test_module_reset_state_dict_and_deepcopy(kind):
     with torch.no_grad():
         for p in twin.parameters():
             p.add_(0.5)
-    assert all(not torch.equal(p, q) for p, q in zip(node.parameters(), twin.parameters())), "deepcopy shares parameters"
+    assert all(not torch.equal(p, q) for p, q in zip(node.parameters(), twin.parameters())), \
+        "deepcopy shares parameters"
     node.reset()
     assert torch.equal(node(x[:4]), first), "reset: the next call must start from rest"
     # state_dict round trip into a module built with other initial values
@@ -644,7 +647,8 @@ BAD_CALLS = [
     pytest.param(lambda: BlockSparseLinear(32, 32, block_size=16, block_mask=torch.ones(3, 2, dtype=torch.bool)),
                  ValueError, "block_mask", marks=pytest.mark.xfail(
                      strict=True, reason="bug: the message names 'mask:', the constructor's argument is block_mask")),
-    (lambda: BlockSparseLinear(32, 16, block_size=16, backend="torch")(torch.ones(2, 16)), ValueError, r"x: expected shape \[\.\.\., 32\]"),
+    (lambda: BlockSparseLinear(32, 16, block_size=16, backend="torch")(torch.ones(2, 16)), ValueError,
+     r"x: expected shape \[\.\.\., 32\]"),
     (lambda: BlockSparseLinear(32, 16, block_size=16, backend="torch")(torch.ones(2, 32, dtype=torch.int32)),
      TypeError, "x"),
     (lambda: prune.l1p(nn.Linear(4, 4), math.nan), ValueError, "sparsity"),
