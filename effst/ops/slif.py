@@ -654,7 +654,7 @@ def _forward(x: torch.Tensor, stride_t: int, w: torch.Tensor, theta: torch.Tenso
     ``stride_t`` apart of N unit-stride neurons; ``w``, ``theta``, ``v_init`` are contiguous
     vectors in the compute dtype."""
     cfg = plan.launch
-    checkpoints = (torch.empty(cfg.checkpoint_shape, dtype=plan.compute_dtype, device=x.device)
+    checkpoints = (torch.empty(*cfg.checkpoint_shape, dtype=plan.compute_dtype, device=x.device)
                    if cfg.checkpoint_shape[0] else None)
     if plan.N == 0:
         return checkpoints
@@ -894,7 +894,9 @@ class SLIFFunction(torch.autograd.Function):
             # (empty_like: the cheapest allocation; x's strides are the contiguous ones)
             spikes = (torch.empty_like(x, dtype=plan.spike_dtype) if dense else
                       torch.empty(x.shape, dtype=plan.spike_dtype, device=x.device))
-            v_final = torch.empty(x.shape[1:], dtype=cdtype, device=x.device)
+            step_shape = x.shape[1:]  # (sizes as separate ints: torch.empty's fast argument path)
+            v_final = (torch.empty(*step_shape, dtype=cdtype, device=x.device) if step_shape else
+                       torch.empty((), dtype=cdtype, device=x.device))
             saved = _forward(x2d, stride_t, w_k, theta_k, v_k, plan, spikes, v_final)
         ctx.save_for_backward(x2d, w_k, theta_k, v_k, saved)  # (saved: None without checkpoints)
         ctx.plan = plan
@@ -1013,20 +1015,21 @@ def _eager_backward(grad_spikes, grad_v_final, x2d, stride_t, w, theta, v_init, 
                   torch.empty(x_shape, dtype=plan.x_dtype, device=device))
     else:
         grad_x = None
-    # the raw parameter gradients share one buffer (and, when they line up, one sum)
+    # the raw parameter gradients share one buffer (and, when they line up, one sum); sizes
+    # as ints, not tuples: torch.empty's fast argument path (~1.5 us less per allocation)
     raw_w = raw_theta = None
     joint = need_w and need_theta and plan.N and cfg.joint_reduction
     if need_w and need_theta:
-        raw = torch.empty((cfg.w_span + cfg.theta_span,), dtype=cdtype, device=device)
+        raw = torch.empty(cfg.w_span + cfg.theta_span, dtype=cdtype, device=device)
         if joint:  # the kernel needs where each part starts, the joint sum the whole buffer
             raw_w, raw_theta = raw, raw[cfg.w_span:]
         else:
             raw_w, raw_theta = raw[:cfg.w_size], raw[cfg.w_span:cfg.w_span + cfg.theta_size]
     elif need_w:
-        raw_w = torch.empty((cfg.w_size,), dtype=cdtype, device=device)
+        raw_w = torch.empty(cfg.w_size, dtype=cdtype, device=device)
     elif need_theta:
-        raw_theta = torch.empty((cfg.theta_size,), dtype=cdtype, device=device)
-    grad_v_init = torch.empty((plan.N,), dtype=cdtype, device=device) if v_init is not None else None
+        raw_theta = torch.empty(cfg.theta_size, dtype=cdtype, device=device)
+    grad_v_init = torch.empty(plan.N, dtype=cdtype, device=device) if v_init is not None else None
     if plan.N == 0:
         for g in (raw_w, raw_theta):
             if g is not None:
