@@ -325,8 +325,12 @@ def test_bad_input_errors():
             BlockSparseLinear.from_dense(linear, sparsity=bad, block_size=16)
     with pytest.raises(ValueError, match=r"mask: expected a block mask of shape \(2, 3\)"):
         BlockSparseLinear.from_dense(linear, block_size=16, mask=torch.ones(3, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(ValueError, match=r"^block_mask: expected a block mask of shape \(2, 3\)"):
         BlockSparseLinear(40, 30, block_size=16, block_mask=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^block_mask: expected a bool"):
+        BlockSparseLinear(40, 30, block_size=16, block_mask=torch.full((2, 3), 0.5))
+    with pytest.raises(TypeError, match=r"^block_mask: expected a bool tensor"):
+        BlockSparseLinear(40, 30, block_size=16, block_mask=[[True] * 3] * 2)
     with pytest.raises(ValueError, match="mask: expected a bool"):  # an element mask is not silently thresholded
         BlockSparseLinear.from_dense(linear, block_size=16, mask=torch.full((30, 40), 0.5))
     with pytest.raises(ValueError, match="not both"):

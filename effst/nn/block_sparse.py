@@ -84,7 +84,7 @@ class BlockSparseLinear(nn.Module):
         if block_mask is None:
             block_mask = torch.ones(grid, dtype=torch.bool, device=device)
         else:
-            block_mask = _check_block_mask(block_mask, grid, self.block_size, out_features, in_features)
+            block_mask = _check_block_mask(block_mask, grid, self.block_size, out_features, in_features, "block_mask")
             block_mask = block_mask.to(device=device if device is not None else block_mask.device)
         self.register_buffer("block_mask", block_mask.clone())
         nnz = int(block_mask.sum())
@@ -184,7 +184,7 @@ class BlockSparseLinear(nn.Module):
                 weight = torch.where(element, weight, torch.zeros_like(weight))
                 block_mask = tiles_with_any(element, (bm, bk))
             else:
-                block_mask = _check_block_mask(mask, grid, (bm, bk), out_features, in_features, element_ok=True)
+                block_mask = _check_block_mask(mask, grid, (bm, bk), out_features, in_features, "mask", element_ok=True)
         elif sparsity is not None:
             block_mask = keep_above_kth(tile_l1_norms(weight, bm, bk), _check_sparsity(sparsity))
         else:
@@ -242,7 +242,7 @@ class BlockSparseLinear(nn.Module):
                     raise ValueError(f"{values_key}: expected [nnz, bm, bk], got shape {tuple(values.shape)}")
                 block = check_block_size((int(values.shape[1]), int(values.shape[2])), f"{values_key} block shape")
                 grid = block_grid_shape(self.out_features, self.in_features, block)
-                mask = _check_block_mask(mask, grid, block, self.out_features, self.in_features)
+                mask = _check_block_mask(mask, grid, block, self.out_features, self.in_features, mask_key)
                 if int(mask.sum()) != values.shape[0]:
                     raise ValueError(
                         f"{values_key}: holds {values.shape[0]} tiles but {mask_key} keeps {int(mask.sum())}"
@@ -282,23 +282,23 @@ def _check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
-def _check_block_mask(mask, grid, block_size, out_features, in_features, element_ok=False) -> torch.Tensor:
-    """A bool block mask of shape ``grid`` or a clear error."""
+def _check_block_mask(mask, grid, block_size, out_features, in_features, name: str, element_ok=False) -> torch.Tensor:
+    """A bool block mask of shape ``grid`` or a clear error naming the argument ``name``."""
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask: expected a bool tensor, got {type(mask).__name__}")
+        raise TypeError(f"{name}: expected a bool tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(grid):
         also = f" or an element mask of shape {(out_features, in_features)}" if element_ok else ""
         raise ValueError(
-            f"mask: expected a block mask of shape {tuple(grid)} (tiles of {tuple(block_size)} over a "
+            f"{name}: expected a block mask of shape {tuple(grid)} (tiles of {tuple(block_size)} over a "
             f"[{out_features}, {in_features}] weight){also}, got shape {tuple(mask.shape)}"
         )
-    return _as_bool_mask(mask)
+    return _as_bool_mask(mask, name)
 
 
-def _as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
+def _as_bool_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     """``mask`` as bool; a float mask or integers other than 0/1 are an error, not truncated."""
     if mask.dtype != torch.bool:
         if mask.is_floating_point() or mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError(f"mask: expected a bool (or 0/1 integer) tensor, got dtype {mask.dtype}")
+            raise ValueError(f"{name}: expected a bool (or 0/1 integer) tensor, got dtype {mask.dtype}")
         mask = mask.to(torch.bool)
     return mask
