@@ -355,6 +355,8 @@ GPU_CASES = [  # (dtype, block, input): every block size once in bf16, spikes on
     (torch.bfloat16, (16, 16), "dense"),
     (torch.bfloat16, (32, 32), "spike"),
     (torch.bfloat16, (64, 64), "dense"),
+    (torch.bfloat16, (128, 128), "dense"),  # DEFAULT_BLOCK_SIZE
+    (torch.bfloat16, (64, 128), "spike"),
     (torch.float16, (32, 32), "dense"),
     (torch.float32, (32, 64), "dense"),
 ]
