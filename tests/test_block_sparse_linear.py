@@ -306,13 +306,26 @@ def test_compiles_without_graph_breaks(compile_backend):
     assert layer.values.grad is not None and x.grad is not None
 
 
-def test_autocast_uses_autocast_dtype():
+def test_autocast_uses_autocast_dtype(monkeypatch):
+    import effst.nn.block_sparse as nn_block_sparse
+
     layer = BlockSparseLinear(32, 16, block_size=16, backend="torch")
     x = torch.randn(4, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), x @ layer.to_dense().detach().t() + layer.bias.detach(), rtol=3e-2, atol=3e-2)
+    # Spikes stay bytes under autocast (the op reads uint8), with the float spikes' result.
+    seen = []
+    real = nn_block_sparse.block_sparse_linear_unchecked
+    monkeypatch.setattr(nn_block_sparse, "block_sparse_linear_unchecked",
+                        lambda x, *a: (seen.append((x.dtype, a[0].dtype)), real(x, *a))[1])
+    spikes = torch.rand(4, 32) < 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        from_bytes = layer(spikes.to(torch.uint8))
+        from_floats = layer(spikes.to(torch.float32))
+    assert seen == [(torch.uint8, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]
+    assert from_bytes.dtype == torch.bfloat16 and torch.equal(from_bytes, from_floats)
 
 
 def test_bad_input_errors():
