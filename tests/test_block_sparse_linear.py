@@ -787,3 +787,23 @@ def test_sparse_suite_gpu_schedule():
         blocks = [block for _, block, _, _ in tail]
         assert blocks[0] == default and blocks == sorted(blocks, key=lambda b: b != default)  # default tile first
     assert [kind for kind, _ in sparse._schedule("cpu", sparse._plan("cpu", True)[1], True)][0] == "spike-bytes"
+
+
+def test_sparse_suite_break_even_sparsity():
+    """break_even_sparsity_fwd_bwd: where the fwd+bwd speedup crosses 1, linearly interpolated
+    between the measured sparsities, per (shape, tile, input); None when it never crosses, or is
+    already >= 1 at the lowest sparsity measured."""
+    from effst.benchmarks import sparse
+
+    def rows(points, block=64, inp="dense"):
+        return [{"kind": "layer", "status": "ok", "in_features": 384, "out_features": 1536, "block": block,
+                 "input": inp, "sparsity": p, "speedup_fwd_bwd": v} for p, v in points]
+
+    crossing = rows([(0.9, 1.5), (0.5, 0.8), (0.75, 1.1)])
+    never = rows([(0.5, 0.4), (0.9, 0.9)], block=32)
+    always = rows([(0.5, 1.2), (0.9, 2.0)], inp="spike uint8")
+    failed = [{"kind": "layer", "status": "error"}]
+    sparse._break_even(crossing + never + always + failed)
+    assert all(r["break_even_sparsity_fwd_bwd"] == pytest.approx(0.5 + 0.25 * 0.2 / 0.3) for r in crossing)
+    assert all(r["break_even_sparsity_fwd_bwd"] is None for r in never + always)
+    assert "break_even_sparsity_fwd_bwd" not in failed[0]
