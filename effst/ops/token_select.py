@@ -80,6 +80,29 @@ def _check_index(index: torch.Tensor, rows: int, tokens: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # 1. Score + top-k + gather (STATA's anchor scores, or precomputed scores such as STS's)
 # ---------------------------------------------------------------------------------------------
+_NO_TOKEN = tl.constexpr(-(2 ** 63))  # the int64 key of a token past N (no score maps to it)
+
+
+@triton.jit
+def _order_key(score, valid):
+    """Integer keys ordered as the scores (ints as they are; floats by their bits, -0.0 == 0.0,
+    every NaN above +inf); tokens past N get the smallest key, which no score maps to."""
+    if score.dtype.is_int():
+        key = score.to(tl.int64)
+    else:
+        if score.dtype.is_fp64():
+            wide = score
+            bits = wide.to(tl.int64, bitcast=True)
+            key = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
+        else:  # fp16 / bf16 widen to fp32 exactly
+            wide = score.to(tl.float32)
+            bits = wide.to(tl.int32, bitcast=True)
+            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+        key = tl.where(wide == 0, 0, key)  # -0.0 ties with +0.0
+        key = tl.where(wide != wide, 0x7FFFFFFFFFFFFFFF, key)
+    return tl.where(valid, key, _NO_TOKEN)
+
+
 @triton.jit
 def _topk_gather_kernel(score_ptr, query_ptr, key_ptr, x_ptr, index_ptr, out_ptr,
                         R, N, W, C, K, score_row_stride, score_token_stride,
@@ -107,17 +130,17 @@ def _topk_gather_kernel(score_ptr, query_ptr, key_ptr, x_ptr, index_ptr, out_ptr
         tl.store(score_at, score, mask=valid & (group == 0))
     else:
         score = tl.load(score_at, mask=valid, other=0)
-    # Rank = number of tokens that beat token i: a higher score, or an equal score and a lower
-    # index; NaN counts as above +inf and equal to NaN (torch's stable descending sort).
-    score_i = score[:, None]
-    score_j = score[None, :]
-    nan_i = score_i != score_i
-    nan_j = score_j != score_j
-    higher = (score_j > score_i) | (nan_j & ~nan_i)
-    equal = (score_j == score_i) | (nan_j & nan_i)
-    beats = (higher | (equal & (tokens[None, :] < tokens[:, None]))) & valid[None, :]
-    rank = tl.sum(beats.to(tl.int32), axis=1)
-    kept = (rank < K) & valid
+    # Keep the K best: higher score first, ties to the lower index, NaN above +inf (torch's
+    # stable descending sort). Scores become order-preserving integer keys and are sorted in
+    # registers (bitonic, O(N log^2 N), a few values per thread): the K-th key is the threshold,
+    # every key above it is kept, and of the keys equal to it the lowest indices fill the rest.
+    # (An N x N "who beats whom" matrix spilled at N = 196: 5 KB of stack per thread on sm_90.)
+    key = _order_key(score, valid)
+    threshold = tl.max(tl.where(tokens == K - 1, tl.sort(key, descending=True), _NO_TOKEN), axis=0)
+    above = key > threshold
+    tied = key == threshold
+    tie_order = tl.cumsum(tied.to(tl.int32), axis=0)
+    kept = (above | (tied & (tie_order <= K - tl.sum(above.to(tl.int32), axis=0)))) & valid
     position = tl.cumsum(kept.to(tl.int32), axis=0) - 1  # slot in the ascending compact order
     tl.store(index_ptr + row * K + position, tokens.to(tl.int64), mask=kept & (group == 0))
     source = (group * R + row) * N * C
@@ -148,6 +171,21 @@ def _check_k(k: int, tokens: int) -> None:
         raise ValueError(f"k: expected an int in [1, {tokens}], got {k!r}")
 
 
+#: Elements of the [tokens, channels] tiles the top-k + gather kernel loads at once: every
+#: element carries a 64-bit address, so 2048 per 4 warps (16 per thread) keeps the kernel at
+#: <= 128 registers and spill-free on sm_90 at N = 64 and N = 196 (4096 took 184-241 registers).
+TOPK_GATHER_TILE = 2048
+
+
+def topk_gather_blocks(tokens: int, channels_w: int, channels: int) -> dict:
+    """The launch's block sizes for ``tokens`` tokens, ``channels_w`` score channels (STATA's
+    W) and ``channels`` gathered channels (C)."""
+    block_n = triton.next_power_of_2(tokens)
+    width = max(1, TOPK_GATHER_TILE // block_n)
+    return {"BLOCK_N": block_n, "BLOCK_W": min(64, width, triton.next_power_of_2(max(channels_w, 1))),
+            "BLOCK_C": min(64, width, triton.next_power_of_2(max(channels, 1)))}
+
+
 def _select_and_gather(x: torch.Tensor, k: int, scores: torch.Tensor, query: Optional[torch.Tensor] = None,
                        keys: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch :func:`_topk_gather_kernel` on ``x`` ``[G, R, N, C]``: with ``query``/``keys`` the
@@ -163,8 +201,7 @@ def _select_and_gather(x: torch.Tensor, k: int, scores: torch.Tensor, query: Opt
         _topk_gather_kernel[(R, G)](scores, query if anchor else scores, keys if anchor else scores,
                                     x.detach().contiguous(), index, compact, R, N, W, C, k,
                                     scores.stride(0), scores.stride(1), ANCHOR=anchor,
-                                    BLOCK_N=triton.next_power_of_2(N), BLOCK_W=min(64, triton.next_power_of_2(W)),
-                                    BLOCK_C=min(64, triton.next_power_of_2(max(C, 1))))
+                                    **topk_gather_blocks(N, W, C))
     if x.requires_grad:
         # The fused kernel already compacted the values; reattach the gather's gradient.
         rows = index.expand(G, R, k).reshape(G * R, k)
