@@ -173,6 +173,46 @@ def test_captured_leaves_are_asked_again_after_the_hint(launched, device, monkey
     assert launched[-1] == (True, False, False) and len(asked) == 5
 
 
+def test_initial_state_gradient_only_when_used(monkeypatch, device):
+    # v_init read by the kernel, its gradient stored only when its edge runs: not for a
+    # detached carried state, nor for a non-leaf state nobody asks about.
+    stored = []
+    backward = slif_ops._backward
+
+    def spy(*args):
+        stored.append((args[6] is not None, args[-1] is not None))  # (v_init, grad_v_init)
+        return backward(*args)
+
+    monkeypatch.setattr(slif_ops, "_backward", spy)
+    m = neuron(device)
+    x, weight = inputs(device)
+    x.requires_grad_(True)
+    torch.manual_seed(6)
+    a = (torch.rand(3, 4, dtype=torch.float64, device=device) * 0.5).requires_grad_(True)
+    w, theta = m.w, m.v_threshold
+
+    def grads(wanted, state):  # state(): a fresh v_init for each graph
+        out = slif(x, w, theta, v_init=state(), backend="triton")
+        ref = slif(x, w, theta, v_init=state(), backend="reference")
+        got = torch.autograd.grad((out * weight).sum(), wanted)
+        for g, e in zip(got, torch.autograd.grad((ref * weight).sum(), wanted)):
+            assert_close(g, e)
+
+    grads([w], lambda: a * 2)  # a non-leaf state, not asked for
+    assert stored[-1] == (True, False)
+    grads([w, a], lambda: a * 2)
+    assert stored[-1] == (True, True)
+    grads([x, w], lambda: (a * 2).detach())  # needs_input_grad already says no
+    assert stored[-1] == (True, False)
+    m.reset()  # the module carrying its state across calls: the second call's v_init edge
+    m(x)       # leads to the first call, which holds x
+    (gx,) = torch.autograd.grad((m(x) * weight).sum(), [x])
+    assert stored[-2:] == [(True, True), (False, False)]  # second call's node, then first's
+    _, v1 = slif(x, w, theta, backend="reference", return_state=True)
+    s2 = slif(x, w, theta, v_init=v1, backend="reference")
+    assert_close(gx, torch.autograd.grad((s2 * weight).sum(), [x])[0])
+
+
 def test_no_question_when_one_input_needs_grad(launched, device, monkeypatch):
     def refuse(node):
         raise AssertionError("asked the engine with a single gradient to compute")

@@ -284,6 +284,7 @@ def slif_backward_kernel(
     W_PARTIAL: tl.constexpr, THETA_PARTIAL: tl.constexpr,
     CHUNK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
     REST_IS_ZERO: tl.constexpr = False, TILE_ROWS: tl.constexpr = 0,
+    SKIP_GRAD_V_INIT: tl.constexpr = False,
 ):
     # Neurons viewed as [rows, row_len] (the last row may be short when TILE_ROWS > 0).
     # TILE_ROWS = 0: grid (column blocks, rows), a program owns BLOCK neurons of one row; when
@@ -336,7 +337,8 @@ def slif_backward_kernel(
         else:
             tl.store(grad_theta_ptr + offs, grad_theta, mask=mask)
     if HAS_V_INIT:
-        tl.store(grad_v_init_ptr + offs, carry, mask=mask)
+        if not SKIP_GRAD_V_INIT:  # (v_init read, its gradient not wanted)
+            tl.store(grad_v_init_ptr + offs, carry, mask=mask)
 
 
 # --------------------------------------------------------------------------- launch plan
@@ -402,11 +404,11 @@ class SLIFPlan:
     backward_warps: int = BACKWARD_WARPS
     # Compiled Triton kernels of this plan by specialisation (see _launch); never compared.
     launch_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
-    # Per input (x, w, theta): calls left before the backward asks the engine again whether a
+    # Per input (x, w, theta, v_init): calls left before the backward asks the engine again whether a
     # leaf input's gradient will be used, after the engine answered "captured by
     # autograd.grad" (an exception, ~10 us) for it; see _edges_that_run. Never compared.
-    capture_hints: list = field(default_factory=lambda: [0, 0, 0], compare=False, hash=False,
-                                repr=False)
+    capture_hints: list = field(default_factory=lambda: [0, 0, 0, 0], compare=False,
+                                hash=False, repr=False)
 
     @property
     def programs(self) -> int:
@@ -583,7 +585,8 @@ class _LaunchConfig:
         hard_reset = plan.v_reset is not None
         rest_is_zero = plan.v_reset == 0.0  # V_r = 0 folded at compile time (soft reset: always)
         # constexprs in each kernel's signature order (a test checks it), after the flags that
-        # change per call (HAS_V_INIT; HAS_GRAD_V_FINAL and the NEED_GRAD_* flags)
+        # change per call (HAS_V_INIT; HAS_GRAD_V_FINAL and the NEED_GRAD_* flags; the tail's
+        # SKIP_GRAD_V_INIT is set per call too, by constexprs)
         self.forward_constexprs = {"HARD_RESET": hard_reset, "DECAY_INPUT": plan.decay_input,
                                    "CHUNK": plan.chunk, "COMPUTE_DTYPE": compute,
                                    "BLOCK": plan.forward_block, "REST_IS_ZERO": rest_is_zero,
@@ -594,7 +597,8 @@ class _LaunchConfig:
         self.backward_tail = {"W_PARTIAL": plan.w_partial, "THETA_PARTIAL": plan.theta_partial,
                               "CHUNK": plan.chunk, "COMPUTE_DTYPE": compute,
                               "BLOCK": plan.backward_block, "REST_IS_ZERO": rest_is_zero,
-                              "TILE_ROWS": plan.tile_rows}
+                              "TILE_ROWS": plan.tile_rows,
+                              "SKIP_GRAD_V_INIT": False}  # (per call: see constexprs)
         self.channel_ints = (plan.w_channels, plan.w_inner, plan.theta_channels, plan.theta_inner)
         self.forward_options = {"num_warps": plan.forward_warps}
         self.backward_options = {"num_warps": plan.backward_warps}
@@ -613,7 +617,7 @@ class _LaunchConfig:
     def constexprs(self, flags: tuple) -> dict:
         """Every constexpr of a launch, in signature order, given its per-call flags:
         ``("forward", HAS_V_INIT)`` or ``("backward", HAS_V_INIT, HAS_GRAD_V_FINAL,
-        NEED_GRAD_X, NEED_GRAD_W, NEED_GRAD_THETA)``; made once per flags."""
+        NEED_GRAD_X, NEED_GRAD_W, NEED_GRAD_THETA, SKIP_GRAD_V_INIT)``; made once per flags."""
         constexprs = self._constexprs.get(flags)
         if constexprs is None:
             if flags[0] == "forward":
@@ -622,7 +626,7 @@ class _LaunchConfig:
                 constexprs = {"HAS_V_INIT": flags[1], "HAS_GRAD_V_FINAL": flags[2],
                               **self.backward_constexprs, "NEED_GRAD_X": flags[3],
                               "NEED_GRAD_W": flags[4], "NEED_GRAD_THETA": flags[5],
-                              **self.backward_tail}
+                              **self.backward_tail, "SKIP_GRAD_V_INIT": flags[6]}
             self._constexprs[flags] = constexprs
         return constexprs
 
@@ -676,8 +680,9 @@ def _backward(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor], x
               v_init: Optional[torch.Tensor], checkpoints: Optional[torch.Tensor], plan: SLIFPlan,
               grad_x: Optional[torch.Tensor], grad_w: Optional[torch.Tensor],
               grad_theta: Optional[torch.Tensor], grad_v_init: Optional[torch.Tensor]) -> None:
-    """Launch the backward into the given gradient buffers (None: not wanted; ``grad_w`` /
-    ``grad_theta`` raw: per-program partials or per-neuron values, see the plan).
+    """Launch the backward into the given gradient buffers (None: not wanted, also
+    ``grad_v_init`` beside a ``v_init``; ``grad_w`` / ``grad_theta`` raw: per-program
+    partials or per-neuron values, see the plan).
     ``grad_spikes`` and ``grad_v_final`` are contiguous in x's / the compute dtype."""
     cfg = plan.launch
     dummy = x if checkpoints is None else checkpoints  # never read when its flag is off
@@ -686,7 +691,8 @@ def _backward(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor], x
     need_x, need_w, need_theta = grad_x is not None, grad_w is not None, grad_theta is not None
     grad_v_final_arg = grad_v_final if has_grad_v_final else dummy
     v_init_arg = v_init if has_v_init else dummy
-    flags = ("backward", has_v_init, has_grad_v_final, need_x, need_w, need_theta)
+    flags = ("backward", has_v_init, has_grad_v_final, need_x, need_w, need_theta,
+             has_v_init and grad_v_init is None)
     _launch.launch(slif_backward_kernel, cfg.backward_grid,
                    plan.launch_cache if LAUNCH_CACHE else None,
                    (flags, cfg.stride_key if stride_t == plan.N else _launch.int_key(stride_t)),
@@ -930,11 +936,11 @@ class SLIFFunction(torch.autograd.Function):
                 grad_x = grad_x.view(x_shape)
         else:
             if need_x + need_w + need_theta + need_v > 1:  # else the one edge runs: no question
-                need_x, need_w, need_theta = _edges_that_run(ctx, plan.capture_hints, need_x,
-                                                             need_w, need_theta, need_v)
+                need_x, need_w, need_theta, need_v = _edges_that_run(
+                    ctx, plan.capture_hints, need_x, need_w, need_theta, need_v)
             grad_x, grad_w, grad_theta, grad_v_init = _eager_backward(
                 grad_spikes, grad_v_final, x2d, ctx.stride_t, w, theta, v_init, saved, plan,
-                x_shape, need_x, need_w, need_theta)
+                x_shape, need_x, need_w, need_theta, need_v)
         return (grad_x, _as_input(grad_w, w_shape, w_dtype),
                 _as_input(grad_theta, theta_shape, theta_dtype),
                 _as_input(grad_v_init, v_shape, v_dtype) if need_v else None, None)
@@ -947,9 +953,9 @@ CAPTURE_HINT_CALLS = 32
 
 def _edges_that_run(ctx, hints: list, need_x: bool, need_w: bool, need_theta: bool,
                     need_v: bool) -> list:
-    """Which of x, w, theta the engine will pass a gradient on to, among those that require
-    one: ``autograd.grad(spikes.sum(), [x])`` needs no parameter gradient even when w and
-    theta are learnable, and ``backward(inputs=[w])`` no grad_x (what
+    """Which of x, w, theta, v_init the engine will pass a gradient on to, among those that
+    require one: ``autograd.grad(spikes.sum(), [x])`` needs no parameter gradient even when w
+    and theta are learnable, and ``backward(inputs=[w])`` no grad_x (what
     task_should_compute_output tells the C++ node, csrc/slif_autograd.cpp).
 
     ``torch._C._will_engine_execute_node`` answers in ~0.1 us, except for a leaf that
@@ -961,10 +967,10 @@ def _edges_that_run(ctx, hints: list, need_x: bool, need_w: bool, need_theta: bo
     request), then asks again. A gradient is skipped only on a "no"; any exception means
     "compute it".
     """
-    needs = [need_x, need_w, need_theta]
+    needs = [need_x, need_w, need_theta, need_v]
     maybe = need_x + need_w + need_theta + need_v  # edges not known to be unused
     edges = None
-    for i in (1, 2, 0):
+    for i in (1, 2, 3, 0):
         if not needs[i]:
             continue
         if maybe == 1:  # every other edge is unused, and the node runs: this one is used
@@ -999,7 +1005,8 @@ def _as_input(grad: Optional[torch.Tensor], shape, dtype) -> Optional[torch.Tens
 
 
 def _eager_backward(grad_spikes, grad_v_final, x2d, stride_t, w, theta, v_init, checkpoints,
-                    plan: SLIFPlan, x_shape, need_x: bool, need_w: bool, need_theta: bool):
+                    plan: SLIFPlan, x_shape, need_x: bool, need_w: bool, need_theta: bool,
+                    need_v: bool):
     """The Triton backward of SLIFFunction: buffers, one launch, parameter sums."""
     cfg = plan.launch
     cdtype = plan.compute_dtype
@@ -1029,7 +1036,8 @@ def _eager_backward(grad_spikes, grad_v_final, x2d, stride_t, w, theta, v_init, 
         raw_w = torch.empty(cfg.w_size, dtype=cdtype, device=device)
     elif need_theta:
         raw_theta = torch.empty(cfg.theta_size, dtype=cdtype, device=device)
-    grad_v_init = torch.empty(plan.N, dtype=cdtype, device=device) if v_init is not None else None
+    grad_v_init = (torch.empty(plan.N, dtype=cdtype, device=device)
+                   if need_v and v_init is not None else None)
     if plan.N == 0:
         for g in (raw_w, raw_theta):
             if g is not None:
