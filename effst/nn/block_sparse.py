@@ -36,6 +36,7 @@ from effst.ops.block_sparse_linear import (
     use_triton,
     BlockLayout,
 )
+from effst.ops.spike_bytes import SpikeBytes
 from effst.ops.magnitude import keep_above_kth, tile_l1_norms
 
 _LAYOUT_BUFFERS = BlockLayout._fields
@@ -54,7 +55,8 @@ class BlockSparseLinear(nn.Module):
 
     Input ``[..., in_features]`` of any leading shape, floating with the weight dtype (or any
     float dtype under ``torch.autocast``) or bool/uint8 spikes, which are read as bytes and get
-    no gradient. Kept tiles are initialised like ``nn.Linear`` (U(-1/sqrt(in), 1/sqrt(in))).
+    no gradient, or :class:`~effst.ops.spike_bytes.SpikeBytes` (sLIF spikes as bytes in training:
+    the bytes are read and saved, the gradient returned in its float dtype). Kept tiles are initialised like ``nn.Linear`` (U(-1/sqrt(in), 1/sqrt(in))).
     """
 
     def __init__(
@@ -210,7 +212,7 @@ class BlockSparseLinear(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             values = values.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-            if x.is_floating_point():
+            if x.is_floating_point() and type(x) is not SpikeBytes:  # (SpikeBytes: read as bytes)
                 x = x.to(dtype)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected shape [..., {self.in_features}], got {tuple(x.shape)}")

@@ -26,7 +26,9 @@ The kernels (each reads the kept tiles in place, fp32 accumulation, output in th
                that also finishes the bias gradient (deterministic).
 
 Inputs ``[..., K]`` are flattened to ``[M, K]``; they are fp32/fp16/bf16/fp64 with the dtype of
-``values``, or bool/uint8 spikes, read as one byte and widened in registers (exact; no gradient).
+``values``, or bool/uint8 spikes, read as one byte and widened in registers (exact; no gradient),
+or a :class:`~effst.ops.spike_bytes.SpikeBytes` (spikes as bytes with a gradient path: its bytes
+are read and saved for grad weight, and grad x is returned in its float dtype).
 fp32 products follow ``torch.backends.cuda.matmul.allow_tf32`` exactly as ``F.linear`` does.
 
 Launch configurations are cached per (shape, tile, dtype, TF32, layout work: kept tiles and
@@ -53,6 +55,7 @@ import triton
 import triton.language as tl
 
 from effst.ops import launch as _launch
+from effst.ops.spike_bytes import SpikeBytes
 
 BlockSize = Union[int, Sequence[int]]
 
@@ -862,6 +865,11 @@ class BlockSparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, bias, layout, out_features, triton_path):
+        ctx.x_dtype = x.dtype
+        if type(x) is SpikeBytes:
+            # Spikes held as bytes for training: the kernels read the bytes, and the bytes (1 per
+            # spike) are what is saved for grad-weight; grad x is returned in x's float dtype.
+            x = x.spike_bytes
         x2d = _as_rows(x)
         ctx.save_for_backward(x2d, values)
         ctx.layout, ctx.triton_path, ctx.x_shape = layout, triton_path, x.shape
@@ -874,6 +882,8 @@ class BlockSparseLinearFunction(torch.autograd.Function):
         grad_x, grad_values, grad_bias = _backward(needs[0], needs[1], needs[2], grad_y, x2d, values, ctx.layout, ctx.triton_path)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
+            if grad_x.dtype != ctx.x_dtype:  # SpikeBytes of another float dtype (autocast)
+                grad_x = grad_x.to(ctx.x_dtype)
         return grad_x, grad_values, grad_bias, None, None, None
 
 
@@ -942,7 +952,8 @@ def block_sparse_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for the block-compressed weight ``(values, layout)``; x is ``[..., K]``.
 
-    ``x`` is floating with the dtype of ``values``, or a bool/uint8 spike tensor (no gradient).
+    ``x`` is floating with the dtype of ``values``, a bool/uint8 spike tensor (no gradient), or
+    a SpikeBytes (bytes read and saved; its gradient in its own float dtype).
     ``backend``: ``'auto'`` (Triton on CUDA or under the interpreter, torch elsewhere),
     ``'triton'`` or ``'torch'``.  Returns ``[..., out_features]`` in ``values.dtype``.
     """
@@ -989,8 +1000,9 @@ def block_sparse_linear(
 
 
 def check_input_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> None:
-    """``x`` must have the weight dtype, or be bool/uint8 spikes; anything else is an error."""
-    if x.dtype not in _SPIKE_DTYPES and x.dtype != weight_dtype:
+    """``x`` must have the weight dtype, or be bool/uint8 spikes (plain, or held by a
+    :class:`~effst.ops.spike_bytes.SpikeBytes` of any float dtype); anything else is an error."""
+    if x.dtype not in _SPIKE_DTYPES and x.dtype != weight_dtype and type(x) is not SpikeBytes:
         raise TypeError(f"x: expected dtype {weight_dtype} (the weight dtype) or bool/uint8 spikes, got {x.dtype}")
 
 
