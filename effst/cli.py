@@ -67,6 +67,25 @@ SETTINGS_FLAGS = ("data", "data_dir", "frames", "model", "T", "backend", "device
                   "stop_after_steps", "neuron")
 
 
+TOKEN_HELP = {
+    "train": ("token selection (docs/token_sparsity.md), stored in the checkpoint's model recipe so that "
+              "finetune, eval and --resume keep it", "rho (STS) or gamma (STATA); default 0.7 / 0.5"),
+    "finetune": ("add token selection to a dense checkpoint: its weights load strictly, the selector's are new, "
+                 "and STS distils from the checkpoint's dense model", "rho (STS) or gamma (STATA) to fine-tune at; "
+                 "default 0.7 / 0.5, or the checkpoint's"),
+    "eval": ("must be the checkpoint's own (eval uses the selector it was trained with)",
+             "evaluate at another rho / gamma (kept-token counts are computed at inference time)"),
+}
+
+
+def _add_token_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """--token-selector / --keep-ratio: the config file's model_overrides {token_selector, keep_ratio}."""
+    selector_help, ratio_help = TOKEN_HELP[command]
+    g = p.add_argument_group("token selection (config file: model_overrides: {token_selector: ..., keep_ratio: ...})")
+    g.add_argument("--token-selector", choices=("sts", "stata", "sts-random", "stata-random"), help=selector_help)
+    g.add_argument("--keep-ratio", type=float, help=ratio_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="effst",
@@ -79,10 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (pretrain) a Spikformer from scratch")
     _add_settings_flags(p)
     p.add_argument("--neuron", help="lif (default), plif, slif, stl or spikingjelly")
-    p.add_argument("--token-selector", choices=("sts", "stata", "sts-random", "stata-random"),
-                   help="token selection (docs/token_sparsity.md); stored in the checkpoint's model recipe, so "
-                        "finetune/eval/--resume keep it (config file: model_overrides: {token_selector: ..., keep_ratio: ...})")
-    p.add_argument("--keep-ratio", type=float, help="rho (STS) or gamma (STATA); default 0.7 / 0.5")
+    _add_token_flags(p, "train")
     p.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>-train)")
 
     p = sub.add_parser("prune", help="prune a trained checkpoint; reports accuracy without fine-tuning")
@@ -98,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--neuron", help="slif (default: learn tau and V_th with the weights), plif or lif (keep)")
     p.add_argument("--per-layer", action="store_true", help="one tau/V_th per layer instead of per channel")
+    _add_token_flags(p, "finetune")
     _add_settings_flags(p)
     p.add_argument("--out", type=Path)
 
     p = sub.add_parser("eval", help="accuracy, size, firing rates and energy of a checkpoint")
     p.add_argument("checkpoint", type=Path)
+    _add_token_flags(p, "eval")
     _add_settings_flags(p, training=False)
     p.add_argument("--out", type=Path, help="also write report.{md,json,png} here")
 
@@ -173,6 +191,10 @@ def _settings(stage: str, args: argparse.Namespace, extra: Optional[dict] = None
     restored = {k: v for k, v in (saved or {}).items() if k in SETTING_NAMES and k not in RESUME_NOT_RESTORED}
     given = frozenset(flags) | frozenset(str(k).replace("-", "_") for k in file_values)
     settings = resolve(stage, data=data, file_values={**restored, **file_values}, flag_values=flags)
+    selection = {k: getattr(args, k) for k in ("token_selector", "keep_ratio") if getattr(args, k, None) is not None}
+    if selection:  # the flags override the same keys of model_overrides (config file or resumed run)
+        settings.model_overrides = {**(settings.model_overrides or {}), **selection}
+        given |= {"model_overrides"}
     return settings, given
 
 
@@ -329,16 +351,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = args.out = args.out or default_out("train")
         folder = RunFolder(out, resume=args.resume, overwrite=args.overwrite, main=_is_main_rank())
         settings, _ = (_resumed_settings("train", args, out) if args.resume else _settings("train", args))
-        if args.token_selector is not None or args.keep_ratio is not None:
-            from effst.models.token_selection import TokenSelection
-
-            if args.token_selector is None:
-                raise ValueError("--keep-ratio: only meaningful with --token-selector")
-            selection = {"token_selector": args.token_selector}
-            if args.keep_ratio is not None:
-                TokenSelection(args.token_selector, args.keep_ratio)  # bad values fail before any work
-                selection["keep_ratio"] = args.keep_ratio
-            settings.model_overrides = {**(settings.model_overrides or {}), **selection}
+        if args.keep_ratio is not None and not (settings.model_overrides or {}).get("token_selector"):
+            raise ValueError("--keep-ratio: only meaningful with --token-selector "
+                             "(or model_overrides: {token_selector: ...} in --config)")
+        runs.token_selection_of(settings.model_overrides)  # bad values fail before any work
         runs.configure_threads(settings)
         summary = _in_folder(folder, lambda work: runs.pretrain(settings, work, resume=args.resume))
         _print_summary(summary, out)
@@ -409,6 +425,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"effst: token study report: {Path(out) / 'report.md'} ({summary['seconds']:.0f} s)")
         for c in summary["comparisons"]:
             print(f"  - {c['selector']} at {c['ratio']:g} vs {c['against']}: {c['text']}: {c['verdict']}")
+        for v in summary["verdicts"]:
+            print(f"  {v['text']}")
         return 0
     if args.command == "pipeline":
         from dataclasses import asdict
@@ -483,6 +501,10 @@ def _print_summary(summary: dict, out: Optional[Path]) -> None:
           f"({summary['test']['samples']} samples); params {params['total_nonzero']:,} non-zero of {params['total']:,} "
           f"(blocks {params['blocks_nonzero']:,}); compression (blocks) {compression}; "
           f"firing rate {act['mean_firing_rate']:.4f}; energy {act['energy_uj']:.4f} µJ/sample")
+    tokens = summary.get("token_selection")
+    if tokens:
+        print(f"effst: token selection {tokens['selector']} at keep ratio {tokens['keep_ratio']:g}: image tokens per "
+              f"block {', '.join(f'{t:g}' for t in tokens['tokens_per_block'])}")
     if out is not None:
         print(f"effst: report: {Path(out) / 'report.md'}")
 

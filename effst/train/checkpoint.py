@@ -192,15 +192,16 @@ def _returned(result: Any, model: torch.nn.Module) -> torch.nn.Module:
     return result if isinstance(result, torch.nn.Module) else model
 
 
-def build_from_recipe(recipe: list[dict]) -> torch.nn.Module:
-    """Rebuild the (untrained) model a recipe describes: same modules, shapes and buffers."""
+def build_from_recipe(recipe: list[dict], *, seed: int = 0) -> torch.nn.Module:
+    """Rebuild the (untrained) model a recipe describes: same modules, shapes and buffers,
+    initialised from ``seed`` (what a checkpoint does not hold keeps that initialisation)."""
     if not recipe or recipe[0].get("op") != "build":
         raise CheckpointError("recipe: must start with a 'build' step")
     from effst.models import build_model
 
     first = recipe[0]
     with torch.random.fork_rng(devices=[]):  # replaying must not consume the caller's RNG
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = build_model(first["name"], neuron=first["neuron"], num_classes=first.get("num_classes"),
                             T=first.get("T"), backend=first.get("backend", "auto"), **first.get("overrides", {}))
         # The steps' warnings (e.g. a block tile adapted to a small matrix) were shown when the
@@ -214,18 +215,29 @@ def build_from_recipe(recipe: list[dict]) -> torch.nn.Module:
 
 def model_from_checkpoint(ckpt: dict, *, backend: Optional[str] = None) -> torch.nn.Module:
     """The trained model stored in a checkpoint dict (on CPU, eval mode)."""
-    recipe = copy.deepcopy(ckpt["recipe"])
+    model, _ = model_with_new_parameters(ckpt, ckpt["recipe"], backend=backend)
+    return model
+
+
+def model_with_new_parameters(ckpt: dict, recipe: list[dict], *, new_prefix: Optional[str] = None,
+                              backend: Optional[str] = None, seed: int = 0) -> tuple[torch.nn.Module, list[str]]:
+    """The model ``recipe`` builds, with every weight of the checkpoint loaded strictly, and the
+    names of the entries it has that the checkpoint lacks (allowed only under ``new_prefix``,
+    e.g. a token selector's ``'selector.'``; they keep their initialisation from ``seed``)."""
+    recipe = copy.deepcopy(recipe)
     if backend is not None:
         recipe[0]["backend"] = backend
-    model = build_from_recipe(recipe)
-    mismatch = weight_mismatch(model.state_dict(), ckpt["model"])
+    model = build_from_recipe(recipe, seed=seed)
+    expected = model.state_dict()
+    new = [k for k in expected if k not in ckpt["model"] and new_prefix is not None and k.startswith(new_prefix)]
+    mismatch = weight_mismatch({k: v for k, v in expected.items() if k not in new}, ckpt["model"])
     if mismatch:
         raise CheckpointError(f"checkpoint {ckpt.get(SOURCE_KEY, '(in memory)')}: its weights do not fit the model its "
                               f"recipe builds ({mismatch})")
-    model.load_state_dict(ckpt["model"], strict=True)
+    model.load_state_dict({**{k: expected[k] for k in new}, **ckpt["model"]}, strict=True)
     if backend is not None:
         set_backend(model, backend)
-    return model.eval()
+    return model.eval(), new
 
 
 def weight_mismatch(expected: dict, stored: dict, show: int = 2) -> str:

@@ -110,6 +110,10 @@ def run_markdown(s: dict) -> str:
         lines.append(f"Compression ratio (baseline ÷ non-zero): whole model {ratio_text(comp.get('total'))}, "
                      f"blocks {ratio_text(comp.get('blocks'))}.")
         lines.append("")
+    tokens = s.get("token_selection")
+    if tokens:
+        lines += [f"Token selection: {tokens['selector']}, keep ratio {tokens['keep_ratio']:g}; image tokens per "
+                  f"block (last test batch): {', '.join(f'{t:.1f}' for t in tokens['tokens_per_block'])}.", ""]
     if act:
         lines += ["## Activity and energy (per test sample)", "",
                   f"- Mean firing rate: {act.get('mean_firing_rate', 0):.4f}",
@@ -144,6 +148,12 @@ def describe_recipe(recipe: list[dict], T: Optional[int] = None) -> str:
         if step["op"] == "build":
             steps = step.get("T") or T
             parts.append(f"{step['name']} ({step['neuron']}{f', T={steps}' if steps else ''})")
+            selector = (step.get("overrides") or {}).get("token_selector")
+            if selector is not None:
+                from effst.models.token_selection import DEFAULT_KEEP_RATIO
+
+                ratio = step["overrides"].get("keep_ratio")
+                parts.append(f"tokens {selector} keep {DEFAULT_KEEP_RATIO[selector] if ratio is None else ratio:g}")
         elif step["op"] == "prune":
             extra = f", block {tuple(step['block_size'])}" if step.get("block_size") else ""
             parts.append(f"{step['method']} p={step['sparsity']}{extra}")

@@ -20,7 +20,7 @@ import torch
 from effst.data import DatasetInfo, load_dataset
 from effst.train import distributed as dist_utils
 from effst.train.checkpoint import (
-    apply_step, load_checkpoint, make_checkpoint, model_from_checkpoint, save_atomic,
+    apply_step, load_checkpoint, make_checkpoint, model_from_checkpoint, model_with_new_parameters, save_atomic,
 )
 from effst.train.config import Settings
 from effst.train.loop import CHECKPOINT_NAME, fit
@@ -90,6 +90,76 @@ def _data_settings_from(ckpt: dict, settings: Settings, given: set[str]) -> Sett
     return replace(settings, **keep).validate()
 
 
+# build_model arguments of token selection (docs/token_sparsity.md); any other model override is
+# the architecture itself, which a checkpoint rebuilds as it was.
+TOKEN_KEYS = ("token_selector", "keep_ratio", "token_options")
+
+
+def token_selection_of(overrides: Optional[dict]):
+    """The TokenSelection that ``model_overrides`` asks for (None: dense); bad values raise a
+    ValueError naming the key, before any work."""
+    from effst.models.token_selection import DEFAULT_KEEP_RATIO, TokenSelection
+
+    overrides = overrides or {}
+    selector = overrides.get("token_selector")
+    if selector is None:
+        extra = [k for k in TOKEN_KEYS[1:] if overrides.get(k) is not None]
+        if extra:
+            raise ValueError(f"{', '.join(extra)}: only meaningful with a token_selector (--token-selector, or "
+                             "model_overrides: {token_selector: ...}) or a checkpoint that has one")
+        return None
+    options = overrides.get("token_options") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"token_options: expected a mapping of TokenSelection fields, got {type(options).__name__}")
+    if selector not in DEFAULT_KEEP_RATIO:
+        raise ValueError(f"token_selector: expected one of {list(DEFAULT_KEEP_RATIO)}, got {selector!r}")
+    ratio = overrides.get("keep_ratio")
+    return TokenSelection.from_dict({**options, "selector": selector,
+                                     "keep_ratio": DEFAULT_KEEP_RATIO[selector] if ratio is None else ratio})
+
+
+def _build_with_overrides(ckpt: dict, settings: Settings, command: str) -> tuple[dict, list[str]]:
+    """The checkpoint's build step with ``settings.model_overrides`` applied, and the keys changed.
+
+    A checkpoint rebuilds its own architecture, so an override that differs from it is an error
+    naming the key, except what ``command`` can change: ``finetune`` adds a token selector to a
+    dense checkpoint (or changes the ratio / options of the one it has), ``eval`` evaluates at
+    another ``keep_ratio`` (kept-token counts are computed at inference time)."""
+    from effst.models import CONFIGS
+
+    step = copy.deepcopy(ckpt["recipe"][0])
+    stored = step.setdefault("overrides", {})
+    wanted = dict(settings.model_overrides or {})
+    stored_selection = token_selection_of(stored)
+    token_selection_of({**stored, **wanted})  # the combination is valid
+    config = CONFIGS.get(step["name"])
+    source = ckpt.get("source") or "(in memory)"
+
+    def current(key):
+        if key in stored:
+            return stored[key]
+        if key == "keep_ratio" and stored_selection is not None:
+            return stored_selection.keep_ratio
+        return getattr(config, key, None)
+
+    changed = sorted(k for k, v in wanted.items() if v != current(k))
+    for key in changed:
+        if stored_selection is None and key in TOKEN_KEYS and command == "eval":
+            raise ValueError(f"model_overrides: {key} {wanted[key]!r}: the checkpoint {source} is dense, so eval has "
+                             f"no trained selector to use; fine-tune it first (effst finetune {source} "
+                             "--token-selector ...) and evaluate that checkpoint")
+        if key == "token_selector" and stored_selection is not None:
+            raise ValueError(f"model_overrides: token_selector {wanted[key]!r}: the checkpoint {source} already selects "
+                             f"tokens with {stored_selection.selector!r}; fine-tune its dense checkpoint instead")
+        allowed = {"finetune": TOKEN_KEYS, "eval": ("keep_ratio",)}.get(command, ())
+        if key not in allowed:
+            can = f"only {', '.join(allowed)} can change" if allowed else "nothing can change"
+            raise ValueError(f"model_overrides: {key} is {current(key)!r} in the checkpoint {source}, {wanted[key]!r} "
+                             f"here; {command} rebuilds the checkpoint's model ({can}): drop it or make it match")
+        stored[key] = wanted[key]
+    return step, changed
+
+
 def summarize(stage: str, model: torch.nn.Module, recipe: list[dict], settings: Settings, test_split, device,
               test: dict, metrics: dict, history: Optional[list] = None, out: Optional[Path] = None) -> dict:
     """Measure activity and size, assemble the run summary, and write the report (when ``out``)."""
@@ -122,6 +192,9 @@ def summarize(stage: str, model: torch.nn.Module, recipe: list[dict], settings: 
         "history": history or [],
         "epoch_time_median_s": statistics.median(times) if times else None,
     }
+    selection = getattr(model, "token_selection", None)
+    if selection is not None:  # measure_activity's last forward ran in eval mode: the inference counts
+        summary["token_selection"] = {**selection.to_dict(), "tokens_per_block": model.tokens_per_block()}
     if out is not None:
         write_run_report(Path(out), summary)
     return summary
@@ -190,6 +263,7 @@ def prune(checkpoint: str | Path | dict, method: str, sparsity: float, out: str 
     env = dist_utils.DistEnv(0, 1, 0, dist_utils.resolve_device(settings.device))
     ckpt = _load(checkpoint)
     settings = _data_settings_from(ckpt, settings, set(given))
+    _build_with_overrides(ckpt, settings, "prune")  # model_overrides that differ are refused, not ignored
     _, test_split, _ = load_data(settings)
     model = model_from_checkpoint(ckpt)
     step = prune_step(method, sparsity, block_size=block_size, seed=seed)
@@ -217,9 +291,12 @@ def finetune(checkpoint: str | Path | dict, settings: Settings, out: str | Path,
     env = env or dist_utils.setup(settings.device)
     ckpt = _load(checkpoint)
     settings = _data_settings_from(ckpt, settings, set(given))
+    build, changed = _build_with_overrides(ckpt, settings, "finetune")
     train_split, test_split, _ = load_data(settings)
-    model = model_from_checkpoint(ckpt, backend=settings.backend)
-    recipe = list(ckpt["recipe"])
+    recipe = [build] + list(ckpt["recipe"][1:])
+    model, new = model_with_new_parameters(ckpt, recipe, new_prefix="selector.", backend=settings.backend,
+                                           seed=settings.seed)
+    teacher = _token_selection_start(ckpt, model, changed, new, env) if model.token_selection is not None else None
     current = _current_neuron(recipe)
     if settings.neuron != current:
         if settings.neuron not in ("slif", "plif", "lif"):
@@ -230,10 +307,63 @@ def finetune(checkpoint: str | Path | dict, settings: Settings, out: str | Path,
     metrics = copy.deepcopy(ckpt.get("metrics", {}))
     metrics.setdefault("stages", {})
     metrics.setdefault("reference_params", parameter_counts(model))
-    result = fit(model, recipe, train_split, test_split, settings, out, env=env, resume=resume, stage="finetune",
-                 metrics=metrics)
-    metrics["stages"][f"fine-tuned ({settings.neuron})"] = result.test["accuracy"]
+    metrics.pop("teacher", None)  # the source's own teacher, if it was distilled too
+    if teacher is not None:
+        metrics["teacher"] = {"checkpoint": ckpt.get("source"), "weights_sha256": weights_digest(ckpt["model"])}
+        if resume:
+            _check_same_teacher(Path(out) / CHECKPOINT_NAME, metrics["teacher"])
+        model.set_teacher(teacher)
+    try:
+        result = fit(model, recipe, train_split, test_split, settings, out, env=env, resume=resume, stage="finetune",
+                     metrics=metrics)
+    finally:
+        if teacher is not None:
+            model.set_teacher(None)
+    selection = model.token_selection
+    metrics["stages"][f"fine-tuned ({settings.neuron}" + (f", {selection.selector} {selection.keep_ratio:g})"
+                                                          if selection is not None else ")")] = result.test["accuracy"]
     return _finish("finetune", model, recipe, settings, test_split, env, result.test, metrics, result.history, out)
+
+
+def weights_digest(state: dict) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes (identifies a teacher's weights)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_same_teacher(path: Path, teacher: dict) -> None:
+    """A resumed distillation must distil from the weights it started with, or it is another run."""
+    saved = (load_checkpoint(path).get("metrics") or {}).get("teacher")
+    if saved is not None and saved.get("weights_sha256") != teacher["weights_sha256"]:
+        raise ValueError(f"checkpoint: the run in {path.parent} distilled from the dense model of "
+                         f"{saved.get('checkpoint')}, and {teacher['checkpoint']} holds other weights; resume it with "
+                         "the checkpoint it was started from")
+
+
+def _token_selection_start(ckpt: dict, model: torch.nn.Module, changed: list[str], new: list[str], env):
+    """Say in one line what fine-tuning changes in the selection and which tensors start new;
+    return the distillation teacher: the checkpoint's own dense model, for STS (spec §2)."""
+    import sys
+
+    selection = model.token_selection
+    dense = token_selection_of(ckpt["recipe"][0].get("overrides")) is None
+    teacher = None
+    if selection.selector == "sts":
+        teacher = model_from_checkpoint(ckpt).to(env.device) if dense else None
+    what = (f"{'adding' if dense else 'changing' if changed else 'keeping'} token selection {selection.selector!r} "
+            f"(keep_ratio {selection.keep_ratio:g}" + (f"; {', '.join(changed)} from the settings)" if changed else ")"))
+    fresh = f"newly initialised: {', '.join(new)}" if new else "no newly initialised tensors"
+    distill = ("; distillation teacher: the checkpoint's dense model" if teacher is not None else
+               "; no distillation (the checkpoint is not dense)" if selection.selector == "sts" else "")
+    if env.is_main:
+        print(f"effst: finetune: {what}; {fresh}{distill}", file=sys.stderr, flush=True)
+    return teacher
 
 
 def _current_neuron(recipe: list[dict]) -> str:
@@ -250,11 +380,19 @@ def evaluate_checkpoint(checkpoint: str | Path | dict, settings: Settings, *, gi
     device = dist_utils.resolve_device(settings.device)
     ckpt = _load(checkpoint)
     settings = _data_settings_from(ckpt, settings, set(given))
+    build, changed = _build_with_overrides(ckpt, settings, "eval")
     _, test_split, _ = load_data(settings)
-    model = model_from_checkpoint(ckpt, backend=settings.backend if "backend" in given else None).to(device)
+    recipe = [build] + list(ckpt["recipe"][1:])
+    model, _ = model_with_new_parameters(ckpt, recipe, backend=settings.backend if "backend" in given else None)
+    model = model.to(device)
+    if changed:
+        import sys
+
+        print(f"effst: eval: keep_ratio {build['overrides']['keep_ratio']:g} (the checkpoint was trained at "
+              f"{token_selection_of(ckpt['recipe'][0].get('overrides')).keep_ratio:g})", file=sys.stderr, flush=True)
     test = evaluate(model, test_split, batch_size=settings.eval_batch_size, device=device, amp=settings.amp,
                     workers=settings.workers)
     metrics = copy.deepcopy(ckpt.get("metrics", {}))
     metrics.setdefault("stages", {})["evaluated"] = test["accuracy"]
     history = (ckpt.get("progress") or {}).get("history")
-    return summarize("eval", model, ckpt["recipe"], settings, test_split, device, test, metrics, history, out)
+    return summarize("eval", model, recipe, settings, test_split, device, test, metrics, history, out)

@@ -267,8 +267,52 @@ def summarize(options: TokenStudyOptions, results: list[dict], seconds: float) -
             versus_dense = paired_comparison(accuracies(f"{selector}@{ratio:g}"), accuracies("dense"))
             comparisons.append({"selector": selector, "ratio": ratio, "against": "dense",
                                 **versus_dense.to_dict(), "text": versus_dense.describe()})
+    verdicts = [{"selector": selector, "text": selector_verdict(selector, comparisons)} for selector in ("sts", "stata")]
     return {"options": asdict(options), "imp_rounds": options.imp_rounds, "seconds": seconds,
-            "rows": list(rows.values()), "comparisons": comparisons}
+            "rows": list(rows.values()), "comparisons": comparisons, "verdicts": verdicts}
+
+
+SELECTOR_NAMES = {"sts": ("STS", "ρ"), "stata": ("STATA", "γ")}
+
+
+def selector_verdict(selector: str, comparisons: list[dict]) -> str:
+    """One sentence over every ratio: does ``selector`` beat its random control on this data?
+
+    Read from the same paired intervals as the table (their verdicts), never from a mean's sign:
+    'beats' where the interval lies above 0, 'worse' below 0, 'inconclusive' where it contains 0,
+    and no verdict at all where fewer than 2 seeds gave an interval."""
+    name, symbol = SELECTOR_NAMES[selector]
+    mine = [c for c in comparisons if c["selector"] == selector and c["against"] == f"{selector}-random"]
+    if not mine:
+        return f"{name}: not run."
+    level = f"{100 * mine[0]['confidence']:g} %"
+
+    def at(cs: list[dict]) -> str:
+        return f"{symbol} = " + ", ".join(f"{c['ratio']:g}" for c in cs)
+
+    no_interval = [c for c in mine if c["ci_low"] is None]
+    better = [c for c in mine if c["ci_low"] is not None and c["verdict"] == "yes"]
+    worse = [c for c in mine if c["ci_low"] is not None and c["verdict"] == "no"]
+    unclear = [c for c in mine if c["ci_low"] is not None and c["verdict"] == "inconclusive"]
+    if len(no_interval) == len(mine):
+        return f"{name}: no verdict on its random control (one seed gives no paired interval)."
+    if better:
+        head = f"{name} beats its random control at {at(better)} on this data (paired {level} interval above 0)"
+    elif not worse and not no_interval:
+        return (f"{name} does not beat its random control at any ratio on this data "
+                f"(paired {level} intervals contain 0).")
+    else:
+        head = f"{name} does not beat its random control at any ratio on this data"
+    rest = []
+    if worse:
+        rest.append(f"worse at {at(worse)} (paired {level} interval below 0)")
+    if unclear:
+        rest.append(f"inconclusive at {at(unclear)} (interval contains 0)")
+    if no_interval:
+        rest.append(f"no interval at {at(no_interval)} (fewer than 2 seeds)")
+    if not rest:
+        return head + "."
+    return head + ("; " if better else ": ") + "; ".join(rest) + "."
 
 
 def markdown(summary: dict) -> str:
@@ -301,8 +345,9 @@ def markdown(summary: dict) -> str:
         lines += ["", "IMP keeps, of each part's weights (mean over seeds): " + ", ".join(
             f"{part} {100 * sum(r['kept_by_part'][part] for r in imp_runs) / len(imp_runs):.1f} %" for part in parts)
             + " (one global magnitude threshold: small-init matrices go first)."]
-    lines += ["", "## Do the selectors beat their random controls?", "",
-              "Paired per-seed differences of test accuracy (selector − other), 95 % Student-t interval; "
+    lines += ["", "## Do the selectors beat their random controls?", ""]
+    lines += [f"- {v['text']}" for v in summary.get("verdicts", [])]
+    lines += ["", "Paired per-seed differences of test accuracy (selector − other), 95 % Student-t interval; "
               "'inconclusive' when it contains 0.", "",
               "| selector | keep ratio | against | difference | verdict |", "|---|---|---|---|---|"]
     for c in summary["comparisons"]:
@@ -313,4 +358,4 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["TokenStudyOptions", "VARIANTS", "run_token_study", "run_job", "summarize", "markdown"]
+__all__ = ["TokenStudyOptions", "VARIANTS", "run_token_study", "run_job", "summarize", "markdown", "selector_verdict"]
