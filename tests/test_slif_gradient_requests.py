@@ -14,18 +14,47 @@ from effst.nn import PLIF, SLIF
 from effst.ops import slif as slif_ops
 
 
+class _Launches(list):
+    """(grad_x, grad_w, grad_theta) per backward launch, True = allocated; ``states``: the
+    (v_init, grad_v_init) pair of each launch the same way."""
+
+    def __init__(self):
+        super().__init__()
+        self.states = []
+
+
 @pytest.fixture
 def launched(monkeypatch):
-    """The (grad_x, grad_w, grad_theta) buffers each backward launch got: True = allocated."""
-    seen = []
+    """The gradient buffers each backward launch got (None: not computed)."""
+    seen = _Launches()
     backward = slif_ops._backward
 
     def spy(*args):
         seen.append(tuple(g is not None for g in args[-4:-1]))
+        seen.states.append((args[6] is not None, args[-1] is not None))
         return backward(*args)
 
     monkeypatch.setattr(slif_ops, "_backward", spy)
     return seen
+
+
+class _Questions(list):
+    call = 0  # the label recorded for the questions that follow
+
+
+@pytest.fixture
+def asked(monkeypatch):
+    """The questions put to the engine (_will_engine_execute_node), each recorded as the
+    label ``asked.call`` held when it was asked."""
+    questions = _Questions()
+    will_execute = slif_ops._will_engine_execute_node
+
+    def counting(node):
+        questions.append(questions.call)
+        return will_execute(node)
+
+    monkeypatch.setattr(slif_ops, "_will_engine_execute_node", counting)
+    return questions
 
 
 def neuron(device, cls=SLIF):
@@ -59,11 +88,16 @@ def assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
 
 
-def test_grad_of_x_alone_skips_parameter_gradients(launched, device):
-    m = neuron(device)
+def leaf_case(device, cls=SLIF):
+    """A neuron, a leaf x that requires grad, the loss weights and the reference gradients."""
+    m = neuron(device, cls)
     x, weight = inputs(device)
     x.requires_grad_(True)
-    expected = reference_grads(m, x, weight)
+    return m, x, weight, reference_grads(m, x, weight)
+
+
+def test_grad_of_x_alone_skips_parameter_gradients(launched, device):
+    m, x, weight, expected = leaf_case(device)
     (gx,) = torch.autograd.grad((m(x) * weight).sum(), [x])
     assert launched[-1] == (True, False, False)
     assert m.w.grad is None and m.v_threshold.grad is None
@@ -78,10 +112,7 @@ def test_grad_of_x_alone_skips_parameter_gradients(launched, device):
 
 @pytest.mark.parametrize("cls", [SLIF, PLIF])
 def test_grad_of_one_parameter_skips_the_others(cls, launched, device):
-    m = neuron(device, cls)
-    x, weight = inputs(device)
-    x.requires_grad_(True)  # a leaf that requires grad, not asked for
-    expected = reference_grads(m, x, weight)
+    m, x, weight, expected = leaf_case(device, cls)  # x: a leaf requiring grad, not asked for
     (gw,) = torch.autograd.grad((m(x) * weight).sum(), [m.w])
     assert launched[-1] == (False, True, False)
     assert_close(gw, expected[1])
@@ -139,23 +170,12 @@ def test_functional_slif_and_a_carried_state(launched, device):
     assert_close(gw, torch.autograd.grad((r2 * weight).sum(), [w])[0])
 
 
-def test_captured_leaves_are_asked_again_after_the_hint(launched, device, monkeypatch):
+def test_captured_leaves_are_asked_again_after_the_hint(launched, asked, device, monkeypatch):
     # autograd.grad(out, [x, w, theta]) with leaves: the engine raises for each captured leaf
     # (it means "used"); the plan then keeps those gradients on for CAPTURE_HINT_CALLS calls
     # without asking, and a different request in that window still gets correct values.
     monkeypatch.setattr(slif_ops, "CAPTURE_HINT_CALLS", 2)
-    asked = []
-    will_execute = slif_ops._will_engine_execute_node
-
-    def counting(node):
-        asked.append(type(node).__name__)
-        return will_execute(node)
-
-    monkeypatch.setattr(slif_ops, "_will_engine_execute_node", counting)
-    m = neuron(device)
-    x, weight = inputs(device)
-    x.requires_grad_(True)
-    expected = reference_grads(m, x, weight)
+    m, x, weight, expected = leaf_case(device)
 
     def grads(wanted):
         m.reset()
@@ -173,20 +193,33 @@ def test_captured_leaves_are_asked_again_after_the_hint(launched, device, monkey
     assert launched[-1] == (True, False, False) and len(asked) == 5
 
 
-def test_initial_state_gradient_only_when_used(monkeypatch, device):
+def test_capture_hints_wait_longer_while_the_request_repeats(launched, asked, device,
+                                                              monkeypatch):
+    # Each new "captured" answer doubles the wait (1, 2, 4, then the cap 4 here): asked at
+    # calls 1, 3, 6, 11, 16; a plain answer resets it.
+    monkeypatch.setattr(slif_ops, "CAPTURE_HINT_CALLS", 1)
+    monkeypatch.setattr(slif_ops, "CAPTURE_HINT_MAX_CALLS", 4)
+    m, x, weight, expected = leaf_case(device)
+    for asked.call in range(1, 17):
+        m.reset()
+        for g, e in zip(torch.autograd.grad((m(x) * weight).sum(), [x, m.w, m.v_threshold]),
+                        expected):
+            assert_close(g, e)
+    assert sorted(set(asked)) == [1, 3, 6, 11, 16] and len(asked) == 15
+    hints = next(iter(m._plans.values())).capture_hints
+    assert [h[1] for h in hints] == [4, 4, 4, 0]  # x, w, theta captured; no v_init
+    for h in hints:
+        h[0] = 0
+    m.reset()
+    torch.autograd.grad((m(x) * weight).sum(), [x])  # w, theta answer "no": waits reset
+    assert launched[-1] == (True, False, False) and [h[1] for h in hints] == [4, 0, 0, 0]
+
+
+def test_initial_state_gradient_only_when_used(launched, device):
     # v_init read by the kernel, its gradient stored only when its edge runs: not for a
     # detached carried state, nor for a non-leaf state nobody asks about.
-    stored = []
-    backward = slif_ops._backward
-
-    def spy(*args):
-        stored.append((args[6] is not None, args[-1] is not None))  # (v_init, grad_v_init)
-        return backward(*args)
-
-    monkeypatch.setattr(slif_ops, "_backward", spy)
-    m = neuron(device)
-    x, weight = inputs(device)
-    x.requires_grad_(True)
+    stored = launched.states
+    m, x, weight, _ = leaf_case(device)
     torch.manual_seed(6)
     a = (torch.rand(3, 4, dtype=torch.float64, device=device) * 0.5).requires_grad_(True)
     w, theta = m.w, m.v_threshold
@@ -218,9 +251,8 @@ def test_no_question_when_one_input_needs_grad(launched, device, monkeypatch):
         raise AssertionError("asked the engine with a single gradient to compute")
 
     monkeypatch.setattr(slif_ops, "_will_engine_execute_node", refuse)
-    m = neuron(device).requires_grad_(False)
-    x, weight = inputs(device)
-    x.requires_grad_(True)
+    m, x, weight, expected = leaf_case(device)
+    m.requires_grad_(False)
     (gx,) = torch.autograd.grad((m(x) * weight).sum(), [x])
     assert launched[-1] == (True, False, False)
-    assert_close(gx, reference_grads(m, x, weight)[0])
+    assert_close(gx, expected[0])

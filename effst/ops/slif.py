@@ -404,11 +404,11 @@ class SLIFPlan:
     backward_warps: int = BACKWARD_WARPS
     # Compiled Triton kernels of this plan by specialisation (see _launch); never compared.
     launch_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
-    # Per input (x, w, theta, v_init): calls left before the backward asks the engine again whether a
-    # leaf input's gradient will be used, after the engine answered "captured by
-    # autograd.grad" (an exception, ~10 us) for it; see _edges_that_run. Never compared.
-    capture_hints: list = field(default_factory=lambda: [0, 0, 0, 0], compare=False,
-                                hash=False, repr=False)
+    # Per input (x, w, theta, v_init): [calls left before the backward asks the engine again
+    # whether the input's gradient will be used, the current wait], after the engine answered
+    # "captured by autograd.grad" (an exception, ~12 us) for it; see _edges_that_run.
+    capture_hints: list = field(default_factory=lambda: [[0, 0] for _ in range(4)],
+                                compare=False, hash=False, repr=False)
 
     @property
     def programs(self) -> int:
@@ -947,8 +947,10 @@ class SLIFFunction(torch.autograd.Function):
 
 
 _will_engine_execute_node = torch._C._will_engine_execute_node
-#: calls during which a leaf input that autograd.grad captured is assumed captured again
+#: calls during which a leaf input that autograd.grad captured is assumed captured again;
+#: doubled at each new "captured" answer for that input, up to CAPTURE_HINT_MAX_CALLS
 CAPTURE_HINT_CALLS = 32
+CAPTURE_HINT_MAX_CALLS = 4096
 
 
 def _edges_that_run(ctx, hints: list, need_x: bool, need_w: bool, need_theta: bool,
@@ -959,13 +961,14 @@ def _edges_that_run(ctx, hints: list, need_x: bool, need_w: bool, need_theta: bo
     task_should_compute_output tells the C++ node, csrc/slif_autograd.cpp).
 
     ``torch._C._will_engine_execute_node`` answers in ~0.1 us, except for a leaf that
-    ``autograd.grad`` captures (one of its ``inputs``): that raises (~10 us) and means "yes".
-    Two things keep that rare. The node runs, so one of its edges is used: the last edge not
-    yet known unused needs no question (x is asked last: ``autograd.grad(out, [x])`` asks no
-    leaf that raises). And after a "captured" answer, ``hints`` (the plan's, per input) keeps
-    that gradient on without asking for the next CAPTURE_HINT_CALLS calls (loops repeat one
-    request), then asks again. A gradient is skipped only on a "no"; any exception means
-    "compute it".
+    ``autograd.grad`` captures (one of its ``inputs``): that raises (~12 us, as a C++
+    exception) and means "yes". Two things keep that rare. The node runs, so one of its edges
+    is used: the last edge not yet known unused needs no question (x is asked last:
+    ``autograd.grad(out, [x])`` asks no leaf that raises). And after a "captured" answer,
+    ``hints`` (the plan's, per input) keeps that gradient on without asking for the next
+    CAPTURE_HINT_CALLS calls, twice as many after each further "captured" answer (loops repeat
+    one request) up to CAPTURE_HINT_MAX_CALLS, and back to asking every call after a plain
+    answer. A gradient is skipped only on a "no"; any exception means "compute it".
     """
     needs = [need_x, need_w, need_theta, need_v]
     maybe = need_x + need_w + need_theta + need_v  # edges not known to be unused
@@ -975,17 +978,21 @@ def _edges_that_run(ctx, hints: list, need_x: bool, need_w: bool, need_theta: bo
             continue
         if maybe == 1:  # every other edge is unused, and the node runs: this one is used
             break
-        if hints[i]:
-            hints[i] -= 1
+        hint = hints[i]
+        if hint[0]:
+            hint[0] -= 1
             continue
         if edges is None:
             edges = ctx.next_functions
         try:
-            if not _will_engine_execute_node(edges[i][0]):
-                needs[i] = False
-                maybe -= 1
+            used = _will_engine_execute_node(edges[i][0])
         except RuntimeError:  # a leaf autograd.grad captures (or no engine task): computed
-            hints[i] = CAPTURE_HINT_CALLS
+            hint[1] = hint[0] = min(max(2 * hint[1], CAPTURE_HINT_CALLS), CAPTURE_HINT_MAX_CALLS)
+            continue
+        hint[1] = 0
+        if not used:
+            needs[i] = False
+            maybe -= 1
     return needs
 
 
