@@ -82,7 +82,7 @@ def test_finetune_adds_sts_to_a_dense_checkpoint_and_eval_reports_it(dense, tmp_
     assert report["token_selection"]["tokens_per_block"] == [16.0, 9.0]
     assert "tokens sts keep 0.6" in (tmp_path / "eval" / "report.md").read_text()
     # --keep-ratio (or the config's keep_ratio) evaluates at another ratio, and says so.
-    code, printed, err = _cli(capsys, "eval", out / "checkpoint.pt", "--keep-ratio", "0.5")
+    code, printed, err = _cli(capsys, "eval", out / "checkpoint.pt", "--token-selector", "sts", "--keep-ratio", "0.5")
     assert code == 0, err
     assert "keep_ratio 0.5 (the checkpoint was trained at 0.6)" in err
     assert "image tokens per block 16, 8" in printed
