@@ -1,6 +1,6 @@
 """Fuzzed checks against independent oracles, on inputs effst did not choose (hidden-test rehearsal).
 
-The oracles are written from the spec (../shared/docs/SPEC.md, docs/slif.md, docs/pruning.md,
+The oracles are written from the math in docs/ (docs/slif.md, docs/pruning.md,
 docs/block_sparse.md), not from effst's code. The sLIF oracle (forward, with the spec's surrogate
 as the Heaviside's derivative, float64 autograd: ``oracle`` in tests/test_spec_oracles.py, which
 that file checks against the hand-written backward of the spec) is shared with
@@ -368,7 +368,7 @@ def _k(p: float, n: int) -> int:
 
 
 def _keep_oracle(scores: torch.Tensor, p: float) -> torch.Tensor:
-    """SPEC §3: k = ceil(p n); prune every score <= the k-th smallest (ties included)."""
+    """docs/pruning.md, L1P: k = ceil(p n); prune every score <= the k-th smallest (ties included)."""
     k = _k(p, scores.numel())
     if k == 0:
         return torch.ones_like(scores, dtype=torch.bool)
@@ -493,7 +493,7 @@ def _bn_sliced(new_bn: nn.Module, bn: nn.Module, order: list) -> bool:
 
 @pytest.mark.parametrize("balanced", [False, True])
 def test_dsp_keeps_the_highest_scoring_dims(balanced):
-    """SPEC §3 DSP on a random 2-block model: score of attention dim i = mean over q, k, v of row
+    """docs/pruning.md, DSP: on a random 2-block model: score of attention dim i = mean over q, k, v of row
     i's mean |w|; keep ceil((1-p) D / heads) * heads dims (CIFAR rounds up) of the highest score
     (head_balanced: the same count best within each head); fc1 rows by mean |w|, keep
     floor((1-p) H); q/k/v rows and biases, their BatchNorms, and fc1 rows / BN follow; proj and fc2
