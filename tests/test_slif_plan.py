@@ -157,17 +157,18 @@ def test_byte_spikes_equal_float_spikes(spike_dtype, backend, device):
     assert torch.equal(bytes_.to(torch.float32), floats)
 
 
-def test_byte_spikes_refuse_inputs_that_need_grad():
+def test_byte_spikes_that_need_grad_are_spike_bytes_and_bad_dtypes_refused():
+    from effst.ops.spike_bytes import SpikeBytes
+
     x = torch.randn(3, 4, requires_grad=True)
-    with pytest.raises(ValueError, match="spike_dtype=torch.uint8: integer spikes carry no gradient"):
-        slif(x, 0.0, 1.0, spike_dtype=torch.uint8)
+    spikes = slif(x, 0.0, 1.0, spike_dtype=torch.uint8)  # tests/test_spike_bytes.py: gradients
+    assert type(spikes) is SpikeBytes and spikes.spike_bytes.dtype == torch.uint8
     with pytest.raises(ValueError, match="spike_dtype"):
         slif(torch.randn(3, 4), 0.0, 1.0, spike_dtype=torch.int32)
     with pytest.raises(ValueError, match="spike_dtype"):
         SLIF(spike_dtype=torch.float16)
-    neuron = PLIF(spike_dtype=torch.uint8)  # w is a Parameter: refused while grad is on
-    with pytest.raises(ValueError, match="integer spikes carry no gradient"):
-        neuron(torch.randn(3, 4))
+    neuron = PLIF(spike_dtype=torch.uint8)  # w is a Parameter: a SpikeBytes while grad is on
+    assert type(neuron(torch.randn(3, 4))) is SpikeBytes
     with torch.inference_mode():
         assert neuron(torch.randn(3, 4)).dtype == torch.uint8
 

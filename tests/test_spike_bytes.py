@@ -182,3 +182,168 @@ def test_torch_compile_runs_it_eagerly_or_refuses_with_fullgraph():
     with pytest.raises(torch._dynamo.exc.Unsupported):
         torch.compile(lambda b: SpikeBytes(b, torch.float32) * 1, backend="eager",
                       fullgraph=True)(torch.ones(3, dtype=torch.uint8))
+
+
+SLIF_BACKENDS = ["triton", "reference", "native"]
+
+
+def _slif_chain(backend, spike_dtype, layer, seed=7):
+    """x -> effst.slif (per-channel w, theta) -> BlockSparseLinear -> weighted sum: (loss, spikes,
+    gradients of x, w, theta, values, bias)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(4, 3, 48, generator=g) * 2).requires_grad_()
+    w = torch.randn(48, generator=g).requires_grad_()
+    theta = (torch.rand(48, generator=g) + 0.5).requires_grad_()
+    weights = torch.randn(4, 3, layer.out_features, generator=g)
+    spikes = effst.slif(x, w, theta, backend=backend, spike_dtype=spike_dtype)
+    loss = (layer(spikes) * weights).sum()
+    return loss, spikes, torch.autograd.grad(loss, [x, w, theta, layer.values, layer.bias])
+
+
+@pytest.mark.parametrize("byte_dtype", BYTES)
+@pytest.mark.parametrize("backend", SLIF_BACKENDS)
+def test_slif_to_block_sparse_linear_trains_with_byte_spikes_bit_for_bit(backend, byte_dtype):
+    """effst.slif(spike_dtype=uint8/bool) with a gradient needed returns a SpikeBytes holding the
+    kernel's bytes; SLIF -> BlockSparseLinear -> loss gives the loss and the gradients of x, w,
+    theta, the weight and the bias of spike_dtype=None, bit for bit (fp32), on every backend."""
+    layer = _layer(48, 40, "triton" if backend == "triton" else "torch")
+    ref_loss, ref_spikes, ref_grads = _slif_chain(backend, None, layer)
+    loss, spikes, grads = _slif_chain(backend, byte_dtype, layer)
+    assert type(spikes) is SpikeBytes and spikes.dtype == torch.float32 and spikes.grad_fn is not None
+    assert spikes.spike_bytes.dtype == byte_dtype
+    torch.testing.assert_close(spikes.materialize(), ref_spikes.detach(), rtol=0, atol=0)
+    assert ref_spikes.detach().sum() > 0 and (1 - ref_spikes.detach()).sum() > 0  # both kinds present
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert grads[0].abs().sum() > 0  # the surrogate gradient reached x
+
+
+@pytest.mark.parametrize("backend", SLIF_BACKENDS)
+def test_byte_spikes_without_a_gradient_stay_plain_bytes(backend):
+    x = torch.randn(3, 16).requires_grad_()
+    with torch.no_grad():
+        spikes = effst.slif(x, 0.0, 1.0, backend=backend, spike_dtype=torch.uint8)
+    assert type(spikes) is torch.Tensor and spikes.dtype == torch.uint8
+    spikes = effst.slif(x.detach(), 0.0, 1.0, backend=backend, spike_dtype=torch.bool)  # nothing requires grad
+    assert type(spikes) is torch.Tensor and spikes.dtype == torch.bool
+
+
+@pytest.mark.parametrize("backend", SLIF_BACKENDS)
+def test_slif_module_trains_with_byte_spikes(backend):
+    """The SLIF module with spike_dtype=uint8: a SpikeBytes in training (w and theta learn the
+    same gradients as with float spikes), plain uint8 under no_grad."""
+    from effst.nn import SLIF
+
+    x = (torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(3)) * 2).requires_grad_()
+    grads = []
+    for spike_dtype in (None, torch.uint8):
+        neuron = SLIF(channels=16, backend=backend, spike_dtype=spike_dtype)
+        spikes = neuron(x)
+        assert (type(spikes) is SpikeBytes) == (spike_dtype is not None)
+        grads.append(torch.autograd.grad((spikes * torch.arange(16.0)).sum(), [x, neuron.w, neuron.v_threshold]))
+        neuron.reset()
+        with torch.no_grad():
+            assert neuron(x).dtype == (spike_dtype or torch.float32)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_slif_byte_spikes_with_a_gradient_refused_while_compiling():
+    """Traced by torch.compile, the sLIF refuses byte spikes that need a gradient, by name (float
+    spikes compile, as tests/test_slif_api.py checks)."""
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    w, theta = torch.zeros(5, requires_grad=True), torch.full((5,), 0.8, requires_grad=True)
+
+    def f(spike_dtype):
+        return torch.compile(lambda x, w, theta: effst.slif(x, w, theta, backend="triton", spike_dtype=spike_dtype) * 2,
+                             fullgraph=True, backend="aot_eager")(x, w, theta)
+
+    assert f(None).requires_grad
+    with pytest.raises(Exception, match=r"spike_dtype=torch.uint8 with a gradient .* torch.compile"):
+        f(torch.uint8)
+
+
+def test_spikformer_trains_with_byte_spikes_bit_for_bit():
+    """spikformer-tiny (sLIF, block-sparse projections): the byte-reading neurons emitting uint8
+    spikes in training give the same loss and the same gradient for every parameter as float
+    spikes, and the BlockSparseLinear nodes they feed save bytes."""
+    from effst import prune
+    from effst.benchmarks.sparse import SPIKE_BYTE_READERS
+    from effst.models import build_model
+    from effst.models.spikformer import prune_targets
+    from effst.nn import reset
+
+    torch.manual_seed(15)
+    net = build_model("spikformer-tiny", neuron="slif", backend="reference").train()
+    targets = prune_targets(net)
+    prune.block_l1p(net, 0.5, targets=[t for t in targets if t.endswith("fc2")], block_size=(16, 16))
+    prune.to_block_sparse(net, targets=targets)
+    x = torch.rand(2, 1, 8, 8) * 3
+    y = torch.tensor([1, 3])
+    readers = [m for name, m in net.neurons() if name.endswith(SPIKE_BYTE_READERS)]
+    results = []
+    for spike_dtype in (None, torch.uint8):
+        for module in readers:
+            module.spike_dtype = spike_dtype
+        reset(net)
+        loss, saved = _saved(lambda: torch.nn.functional.cross_entropy(net(x), y))
+        params = [p for p in net.parameters() if p.requires_grad]
+        results.append((loss, torch.autograd.grad(loss, params, allow_unused=True), saved))
+    (ref, ref_grads, ref_saved), (got, got_grads, got_saved) = results
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    for a, b in zip(got_grads, ref_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert sum(1 for entry in got_saved if entry[0] == torch.uint8) >= 2  # proj_linear and fc2 save bytes
+    assert not any(entry[0] == torch.uint8 for entry in ref_saved)
+
+
+def test_token_routed_neurons_still_refuse_byte_spikes_that_need_grad():
+    """The fused token-routed neuron cannot return a SpikeBytes: it refuses by name (no silent
+    loss of the gradient)."""
+    from effst.nn import SLIF
+    from effst.nn.token_routing import run_neuron_on_tokens
+
+    neuron = SLIF(channels=4, backend="triton", spike_dtype=torch.uint8)
+    current = torch.randn(2, 1, 3, 4, requires_grad=True)
+    index = torch.tensor([[[0, 2, 4]], [[1, 2, 3]]])
+    with pytest.raises(ValueError, match=r"spike_dtype=torch.uint8: this path \(token-routed neurons\)"):
+        run_neuron_on_tokens(neuron, current, index, 5)
+
+
+def test_sparse_suite_counts_saved_training_bytes_exactly():
+    """The spike-bytes row's training count (CPU: batch 1 and 2, linear to the row's batch):
+    equal to a direct count at that batch, and the saving is exactly one byte per spike that a
+    BlockSparseLinear saves (attention -> proj_linear, fc1 -> fc2: bf16 under autocast -> uint8);
+    the loss is unchanged."""
+    from effst.benchmarks import sparse
+
+    cifar = {"image_size": 32, "variant": "cifar", "num_classes": 10, "in_channels": 3}
+    batch = 3
+    row = sparse._spike_bytes_training("cpu", batch, True, cifar)
+    elements = sparse.spike_elements(sparse.SPIKE_BYTES_MODEL, cifar)
+    into_bsl = sum(n for key, n in elements.items() if key.endswith(("attn.attn_lif", "mlp.fc1_lif")))
+    per_image = row["train_saved_bytes_float_spikes_per_image"] - row["train_saved_bytes_uint8_spikes_per_image"]
+    assert per_image == into_bsl * 4 * (2 - 1)  # T = 4 steps, 2 B -> 1 B per spike
+    assert row["train_saved_saving_bytes"] == per_image * batch > 0
+    assert row["train_loss_float_spikes_batch2"] == row["train_loss_uint8_spikes_batch2"]
+    # the linear extrapolation against a direct count at the row's batch
+    net, x = sparse._build(sparse.SPIKE_BYTES_MODEL, "cpu", batch, cifar, block_sparse=True)
+    net.train()
+    for module in net.modules():
+        if isinstance(module, BlockSparseLinear):
+            module.backend = "torch"
+    for key, module in net.neurons():
+        if key.endswith(sparse.SPIKE_BYTE_READERS):
+            module.spike_dtype = torch.uint8
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = net(x)
+        return torch.nn.functional.cross_entropy(logits.float(), torch.zeros(batch, dtype=torch.long))
+
+    _, by_dtype = sparse.saved_activation_bytes(forward, list(net.parameters()) + list(net.buffers()))
+    assert sum(by_dtype.values()) == row["train_saved_bytes_uint8_spikes"]
+    assert by_dtype["uint8"] >= into_bsl * 4 * batch

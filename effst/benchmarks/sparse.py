@@ -43,6 +43,15 @@ consumers read uint8 directly (``SPIKE_BYTE_READERS``: attention / fc1 spikes in
 ``BlockSparseLinear``, projection / fc2 spikes into the residual add). On CUDA also timed: the
 block-sparse model's inference with those neurons emitting bf16 vs uint8 spikes. Printed alone by
 ``python -m effst.benchmarks.sparse --spike-bytes``.
+
+The same row counts the bytes autograd saves for the backward of one block-sparse TRAINING step
+(bf16 autocast, the model rows' step) with those neurons emitting float spikes vs uint8 spikes
+(a SpikeBytes, effst/ops/spike_bytes.py: the surrogate gradient path is kept and
+``BlockSparseLinear`` saves the bytes), counted with ``saved_tensors_hooks`` (each storage once,
+parameters and buffers left out). On CUDA counted at the row's batch and the training step
+timed both ways; on the CPU counted at batch 1 and 2 and taken to the row's batch linearly
+(every saved activation's size is linear in the batch; the constant is the weights' autocast
+copies), since a CPU step at batch 64 would take minutes.
 """
 from __future__ import annotations
 
@@ -321,7 +330,97 @@ def _spike_bytes_row(device: str, quick: bool, stamp: dict, overrides: Optional[
         row["model_sparsity"], row["block"] = MODEL_SPARSITY, _default_block()
         del net
         torch.cuda.empty_cache()
+    row.update(_spike_bytes_training(device, batch, quick, overrides))
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return row
+
+
+def saved_activation_bytes(forward: Callable[[], torch.Tensor], exclude=()) -> tuple[torch.Tensor, dict]:
+    """Run ``forward`` (returning a loss) under ``saved_tensors_hooks``: ``(loss, {dtype name:
+    bytes})`` of what autograd saves for the backward, each storage counted once (whole
+    storage: what the saved tensor keeps alive), storages of ``exclude`` (parameters, buffers)
+    left out, a SpikeBytes counted as its bytes."""
+    from effst.ops.spike_bytes import SpikeBytes
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, tuple[int, str]] = {}
+
+    def pack(t):
+        held = t.spike_bytes if isinstance(t, SpikeBytes) else t
+        storage = held.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = (storage.nbytes(), str(held.dtype).split(".")[-1])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    by_dtype: dict[str, int] = {}
+    for size, dtype in seen.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+    return loss, by_dtype
+
+
+def _spike_bytes_training(device: str, batch: int, quick: bool, overrides: Optional[dict]) -> dict:
+    """Saved-activation bytes (and on CUDA the time) of one block-sparse training step with the
+    ``SPIKE_BYTE_READERS`` neurons emitting float vs uint8 spikes (see the module docstring)."""
+    from effst.nn import reset
+
+    from effst.nn.block_sparse import BlockSparseLinear
+
+    net, x = _build(SPIKE_BYTES_MODEL, device, batch, overrides, block_sparse=True)
+    net.train()
+    if device != "cuda":  # the CPU implementation, also under the Triton interpreter (tests)
+        for module in net.modules():
+            if isinstance(module, BlockSparseLinear):
+                module.backend = "torch"
+    readers = [m for key, m in net.neurons() if key.endswith(SPIKE_BYTE_READERS)]
+    y = torch.randint(0, net.config.num_classes, (batch,), device=device)
+    keep = list(net.parameters()) + list(net.buffers())
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    out: dict = {}
+
+    def forward(xb, yb):
+        reset(net)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            logits = net(xb)
+        return F.cross_entropy(logits.float(), yb)
+
+    def train_step(i=0):
+        forward(x, y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for label, dtype in (("float", None), ("uint8", torch.uint8)):
+        for module in readers:
+            module.spike_dtype = dtype
+        counts = []
+        for b in ((batch,) if device == "cuda" else (1, 2)):
+            loss, by_dtype = saved_activation_bytes(lambda: forward(x[:b], y[:b]), keep)
+            loss.backward()  # the step runs to its end (the byte path's gradient included)
+            net.zero_grad(set_to_none=True)
+            counts.append((b, sum(by_dtype.values()), by_dtype))
+            out[f"train_loss_{label}_spikes_batch{b}"] = loss.item()
+        if device == "cuda":
+            out[f"train_saved_bytes_{label}_spikes"] = counts[0][1]
+            out[f"train_saved_bytes_{label}_spikes_by_dtype"] = counts[0][2]
+            out[f"train_ms_{label}_spikes"] = timing.time_function(
+                train_step, device=device, warmup=2, reps=3 if quick else 8, min_reps=3, max_seconds=4.0)["ms"]
+        else:
+            (b1, n1, _), (b2, n2, by2) = counts
+            per_image = (n2 - n1) // (b2 - b1)
+            out[f"train_saved_bytes_{label}_spikes"] = n1 + per_image * (batch - b1)
+            out[f"train_saved_bytes_{label}_spikes_per_image"] = per_image
+            out[f"train_saved_bytes_{label}_spikes_by_dtype_batch{b2}"] = by2
+    out["train_saved_counted_at"] = f"batch {batch}" if device == "cuda" else "batch 1 and 2, linear to the row's batch"
+    out["train_saved_saving_bytes"] = out["train_saved_bytes_float_spikes"] - out["train_saved_bytes_uint8_spikes"]
+    out["train_saved_saving_fraction"] = out["train_saved_saving_bytes"] / out["train_saved_bytes_float_spikes"]
+    if device == "cuda":
+        out["train_speedup_uint8_spikes"] = out["train_ms_float_spikes"] / out["train_ms_uint8_spikes"]
+    for module in readers:
+        module.spike_dtype = None
+    del net, optimizer
+    return out
 
 
 def _default_block() -> list:
@@ -458,6 +557,7 @@ def _print_spike_bytes(batch: int = 64, T: int = 4) -> None:
     """The spike-byte figures of docs/block_sparse.md."""
     b = spike_bytes(batch, T)
     gb = 1e9
+    train = _spike_bytes_training("cpu", batch, True, None)
     print(f"{SPIKE_BYTES_MODEL}, 224x224 images (196 tokens), batch {batch}, T = {T}, one inference step "
           f"({b['neurons']} neurons; each spike tensor written once and read once):")
     print(f"  all spikes:    {b['spikes_per_step']:,} -> fp32 {b['spike_bytes_fp32'] / gb:.3f} GB, "
@@ -465,6 +565,15 @@ def _print_spike_bytes(batch: int = 64, T: int = 4) -> None:
     print(f"  byte readers ({', '.join(SPIKE_BYTE_READERS)}): {b['byte_reader_spikes_per_step']:,} -> "
           f"fp32 {b['byte_reader_spike_bytes_fp32'] / gb:.3f} GB, bf16 {b['byte_reader_spike_bytes_bf16'] / gb:.3f} GB, "
           f"uint8 {b['byte_reader_spike_bytes_uint8'] / gb:.3f} GB")
+    print(f"One block-sparse training step (block L1P {MODEL_SPARSITY:.0%}, bf16 autocast, batch {batch}, "
+          f"counted at {train['train_saved_counted_at']}), bytes autograd saves for the backward "
+          f"(parameters left out), with the byte readers emitting:")
+    for label in ("float", "uint8"):
+        print(f"  {label:>5} spikes: {train[f'train_saved_bytes_{label}_spikes'] / gb:.3f} GB "
+              f"({train[f'train_saved_bytes_{label}_spikes_per_image']:,} B per image)")
+    print(f"  saving: {train['train_saved_saving_bytes'] / gb:.3f} GB "
+          f"({train['train_saved_saving_fraction']:.2%}); loss equal: "
+          f"{train['train_loss_float_spikes_batch2'] == train['train_loss_uint8_spikes_batch2']}")
 
 
 class _NoLaunch:

@@ -17,8 +17,8 @@ from torch import nn
 
 from effst.ops.layout import normalize_channel_dim, resolve_parameter_layout
 from effst.ops.parametrization import check_tau, tau_to_w, w_to_tau
-from effst.ops.slif import (BACKENDS, SLIFPlan, check_integer_spikes_need_no_grad,
-                            check_spike_dtype, make_plan, resolve_backend, slif, slif_with_plan)
+from effst.ops.slif import (BACKENDS, SLIFPlan, check_spike_dtype, make_plan, resolve_backend,
+                            slif, slif_with_plan)
 from effst.ops.surrogates import resolve_surrogate
 
 # Attributes the cached launch plans depend on: setting one drops the cache (the parameters
@@ -44,7 +44,8 @@ class SLIF(nn.Module):
         channel_dim: dim of the per-step input shape that indexes the channels.
         backend: 'auto', 'reference', 'triton' or 'native' (see :func:`effst.slif`).
         spike_dtype: None (spikes in the input's dtype), torch.uint8 or torch.bool (one byte
-            per spike, inference only: no gradient path; see :func:`effst.slif`).
+            per spike: a plain byte tensor without a gradient needed, else a SpikeBytes that
+            keeps the surrogate gradient path; see :func:`effst.slif`).
 
     Options are validated here, once; the launch plan (parameter layouts, backend, grids) is
     worked out on the first call for each input shape/dtype/device and reused after that.
@@ -222,8 +223,6 @@ class SLIF(nn.Module):
         w = self._tensor("w")
         theta = self._tensor("v_threshold")
         state = self.v
-        if self.spike_dtype is not None:
-            check_integer_spikes_need_no_grad(self.spike_dtype, (x, w, theta, state))
         if plan is None:  # the reference backend
             rest = self._rest_potential()
             if isinstance(state, torch.Tensor) and state.shape != x.shape[1:]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Optional, Union
 
@@ -32,6 +32,7 @@ import triton.language as tl
 from effst.ops import launch as _launch
 from effst.ops.layout import normalize_channel_dim, reduce_to_parameter, resolve_parameter_layout
 from effst.ops.slif_reference import slif_reference
+from effst.ops.spike_bytes import SpikeBytes, as_spike_bytes
 from effst.ops.surrogates import SURROGATE_NAMES, resolve_surrogate, surrogate_grad_triton
 
 # Steps unrolled per chunk. T <= MAX_CHUNK runs as a single fully unrolled chunk (no
@@ -397,6 +398,9 @@ class SLIFPlan:
     w_partial: bool  # the backward writes one w-gradient partial per program (tiled: per column)
     theta_partial: bool
     tile_rows: int = 0  # > 0: the tiled backward (short channel runs), see _tile_grid
+    # integer spike_dtype with a gradient needed: the forward returns a SpikeBytes (see
+    # spike_bytes_plan); never set by make_plan
+    spike_bytes_grad: bool = False
     # launch configuration, fixed when the plan is made (EFFST_SLIF_* overrides included)
     forward_block: int = FORWARD_BLOCK
     forward_warps: int = FORWARD_WARPS
@@ -425,6 +429,11 @@ class SLIFPlan:
         """The options of the effst_native ops, in their schema order."""
         return (self.w_channels, self.w_inner, self.theta_channels, self.theta_inner,
                 self.v_reset, self.surrogate_id, self.alpha, self.detach_reset, self.decay_input)
+
+    @cached_property
+    def spike_bytes_plan(self) -> "SLIFPlan":
+        """This plan, returning its byte spikes as a differentiable SpikeBytes (training)."""
+        return replace(self, spike_bytes_grad=True)
 
     @cached_property
     def launch(self) -> "_LaunchConfig":
@@ -910,7 +919,9 @@ class SLIFFunction(torch.autograd.Function):
         ctx.shapes = (x.shape, w.shape, w.dtype, theta.shape, theta.dtype,
                       None if v_init is None else v_init.shape,
                       None if v_init is None else v_init.dtype)
-        if not spikes.is_floating_point():
+        if plan.spike_bytes_grad:  # bytes held in a tensor autograd sees in x's float dtype
+            spikes = SpikeBytes(spikes, x.dtype)
+        elif not spikes.is_floating_point():
             ctx.mark_non_differentiable(spikes)
         ctx.set_materialize_grads(False)  # an unused output needs no zero-filled gradient
         return spikes, v_final
@@ -1204,15 +1215,30 @@ def check_spike_dtype(spike_dtype) -> None:
                          f"got {spike_dtype!r}")
 
 
+def byte_spikes_need_grad(spike_dtype, tensors) -> bool:
+    """Whether spikes of integer ``spike_dtype`` must carry a gradient (grad mode on and one of
+    ``tensors`` requiring grad): then they are returned as a SpikeBytes."""
+    return (spike_dtype is not None and torch.is_grad_enabled()
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
+
+
 def check_integer_spikes_need_no_grad(spike_dtype, tensors) -> None:
-    """Integer spikes carry no gradient: refuse them where autograd would need one."""
-    if spike_dtype is None or not torch.is_grad_enabled():
-        return
-    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+    """For paths that cannot return spikes as a SpikeBytes (the token-routed neuron,
+    effst/nn/token_routing.py): refuse integer spikes where autograd would need a gradient.
+    (effst.slif and the SLIF modules return a SpikeBytes there instead.)"""
+    if byte_spikes_need_grad(spike_dtype, tensors):
         raise ValueError(
-            f"spike_dtype={spike_dtype}: integer spikes carry no gradient, but an input requires "
-            "grad; use spike_dtype=None (spikes in x's dtype) for training, or run under "
-            "torch.no_grad() / torch.inference_mode()")
+            f"spike_dtype={spike_dtype}: this path (token-routed neurons) gives integer spikes no "
+            "gradient, but an input requires grad; use spike_dtype=None (spikes in x's dtype) "
+            "here for training, or run under torch.no_grad() / torch.inference_mode()")
+
+
+def _spikes_as(spikes: torch.Tensor, spike_dtype, tensors) -> torch.Tensor:
+    """Float 0/1 spikes of the reference / native backends in integer ``spike_dtype``: a
+    SpikeBytes keeping their gradient path when one is needed, else plain bytes."""
+    if byte_spikes_need_grad(spike_dtype, tensors):
+        return as_spike_bytes(spikes, spike_dtype, check_values=False)
+    return spikes.to(spike_dtype)
 
 
 def _as_parameter(value, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -1236,6 +1262,9 @@ def slif_with_plan(x: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
     compute dtype (any shape) or is None. Reshapes, casts and parameter-gradient sums happen
     inside the one autograd node of either backend.
     """
+    if plan.spike_dtype is not plan.x_dtype and byte_spikes_need_grad(plan.spike_dtype,
+                                                                        (x, w, theta, v_init)):
+        return _slif_spike_bytes(x, w, theta, v_init, plan)
     if torch.compiler.is_compiling():
         return SLIFFunction.apply(x, w, theta, v_init, plan)
     if plan.backend == "native":
@@ -1252,6 +1281,20 @@ def slif_with_plan(x: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
     # wrappers, then the C apply) without its Python wrapper: ~4-6 us less per call (1 thread).
     return _apply_slif(_unwrap_if_dead(x), _unwrap_if_dead(w), _unwrap_if_dead(theta),
                        None if v_init is None else _unwrap_if_dead(v_init), plan)
+
+
+def _slif_spike_bytes(x, w, theta, v_init, plan: SLIFPlan):
+    """:func:`slif_with_plan` for integer spikes that need a gradient: spikes as a SpikeBytes
+    (the kernel's bytes, autograd's view in x's dtype); the backward is unchanged."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"spike_dtype={plan.spike_dtype} with a gradient (spikes as bytes for training) cannot "
+            "be traced by torch.compile; use spike_dtype=None (float spikes) in compiled code")
+    if plan.backend == "native":  # (its op writes float spikes)
+        spikes, v_final = torch.ops.effst_native.slif.default(x, w, theta, v_init,
+                                                              *plan.native_args)
+        return _spikes_as(spikes, plan.spike_dtype, (x, w, theta, v_init)), v_final
+    return SLIFFunction.apply(x, w, theta, v_init, plan.spike_bytes_plan)
 
 
 def slif(
@@ -1285,9 +1328,13 @@ def slif(
         channel_dim: dim of the per-step shape a ``(C,)`` parameter indexes.
         backend: 'auto', 'reference', 'triton' or 'native'.
         return_state: also return the final membrane potential (per-step shape, fp32/fp64).
-        spike_dtype: None (spikes in x's dtype, differentiable), or torch.uint8 / torch.bool
-            (1 byte per spike, for inference: no gradient path, so refused while an input
-            requires grad).
+        spike_dtype: None (spikes in x's dtype), or torch.uint8 / torch.bool (1 byte per
+            spike). Without a gradient needed: a plain uint8/bool tensor. With one (grad mode
+            on and an input requiring grad): a :class:`~effst.ops.spike_bytes.SpikeBytes`, a
+            tensor of x's float dtype for autograd holding the bytes (``.spike_bytes``), so the
+            surrogate gradient flows to x as with float spikes; ``BlockSparseLinear`` reads and
+            saves its bytes, other ops read its float value (docs/block_sparse.md, "Spikes as
+            bytes").
 
     Returns:
         Spikes with ``x``'s shape, and the final state if ``return_state``.
@@ -1323,7 +1370,6 @@ def slif(
         except RuntimeError:
             raise ValueError(f"v_init: expected a shape broadcastable to the per-step shape "
                              f"{tuple(step_shape)}, got {tuple(v_init.shape)}") from None
-    check_integer_spikes_need_no_grad(spike_dtype, (x, w, theta, v_init))
     chosen = resolve_backend(backend, x.device)
     if chosen == "reference":
         out = slif_reference(x, w, theta, v_reset=v_reset, v_init=v_init, surrogate=surrogate,
@@ -1332,8 +1378,8 @@ def slif(
         if spike_dtype is None:
             return out
         if return_state:
-            return out[0].to(spike_dtype), out[1]
-        return out.to(spike_dtype)
+            return _spikes_as(out[0], spike_dtype, (x, w, theta, v_init)), out[1]
+        return _spikes_as(out, spike_dtype, (x, w, theta, v_init))
     plan = make_plan(chosen, tuple(x.shape), x.dtype, w_layout, theta_layout, v_reset,
                      surrogate_id, alpha, detach_reset, decay_input, spike_dtype)
     cdtype = plan.compute_dtype

@@ -169,10 +169,12 @@ class _AsSpikeBytes(torch.autograd.Function):
         return grad, None
 
 
-def as_spike_bytes(spikes: torch.Tensor, byte_dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+def as_spike_bytes(spikes: torch.Tensor, byte_dtype: torch.dtype = torch.uint8, *,
+                   check_values: bool = True) -> torch.Tensor:
     """Float 0/1 ``spikes`` as :class:`SpikeBytes` (``byte_dtype`` uint8 or bool), keeping
     their gradient path (for backends that produce float spikes: reference, native). Values
-    other than 0 and 1 are refused (they would not survive the byte)."""
+    other than 0 and 1 are refused (they would not survive the byte); ``check_values=False``
+    skips that check (a device sync) for spikes a neuron made."""
     if not isinstance(spikes, torch.Tensor) or not spikes.is_floating_point():
         raise TypeError(f"spikes: expected a floating-point tensor, got "
                         f"{getattr(spikes, 'dtype', type(spikes).__name__)}")
@@ -180,7 +182,7 @@ def as_spike_bytes(spikes: torch.Tensor, byte_dtype: torch.dtype = torch.uint8) 
         raise TypeError(f"byte_dtype: expected torch.uint8 or torch.bool, got {byte_dtype}")
     if isinstance(spikes, SpikeBytes):
         return spikes
-    if spikes.numel() and not bool(((spikes == 0) | (spikes == 1)).all()):
+    if check_values and spikes.numel() and not bool(((spikes == 0) | (spikes == 1)).all()):
         raise ValueError("spikes: expected 0/1 values (spikes), got other values; they would "
                          "not survive conversion to bytes")
     return _AsSpikeBytes.apply(spikes, byte_dtype)
