@@ -347,3 +347,45 @@ def test_sparse_suite_counts_saved_training_bytes_exactly():
     _, by_dtype = sparse.saved_activation_bytes(forward, list(net.parameters()) + list(net.buffers()))
     assert sum(by_dtype.values()) == row["train_saved_bytes_uint8_spikes"]
     assert by_dtype["uint8"] >= into_bsl * 4 * batch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_slif_to_block_sparse_linear_with_byte_spikes(device, dtype, monkeypatch):
+    """On CUDA: the Triton sLIF's byte spikes (SpikeBytes) into the Triton BlockSparseLinear give
+    the loss and the gradients of float spikes exactly (fp32 and bf16 layers). Autotuning off:
+    the two input dtypes are tuned apart, and another grad-weight M split sums in another order."""
+    monkeypatch.setenv("EFFST_BSL_AUTOTUNE", "0")
+    layer = _layer(256, 128, "triton", block=(64, 64), dtype=dtype).to(device)
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(4, 64, 256, generator=g) * 2).to(device=device, dtype=dtype).requires_grad_()
+    w = torch.randn(256, generator=g).to(device).requires_grad_()
+    weights = torch.randn(4, 64, 128, generator=g).to(device=device, dtype=dtype)
+    results = []
+    for spike_dtype in (None, torch.uint8):
+        spikes = effst.slif(x, w, 1.0, backend="triton", spike_dtype=spike_dtype)
+        assert (type(spikes) is SpikeBytes) == (spike_dtype is not None)
+        loss = (layer(spikes).float() * weights).sum()
+        results.append((loss, torch.autograd.grad(loss, [x, w, layer.values, layer.bias])))
+    (ref, ref_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_spike_bytes_row_trains_with_float_and_uint8_spikes(device, monkeypatch):
+    """The spike-bytes row's training part on CUDA (32x32 shape, quick): counted at the row's
+    batch, saving exactly 1 B per spike saved by proj_linear / fc2, the same loss (autotuning
+    off, as above), both steps timed."""
+    monkeypatch.setenv("EFFST_BSL_AUTOTUNE", "0")
+    from effst.benchmarks import sparse
+
+    cifar = {"image_size": 32, "variant": "cifar", "num_classes": 10, "in_channels": 3}
+    row = sparse._spike_bytes_training("cuda", 4, True, cifar)
+    elements = sparse.spike_elements(sparse.SPIKE_BYTES_MODEL, cifar)
+    into_bsl = sum(n for key, n in elements.items() if key.endswith(("attn.attn_lif", "mlp.fc1_lif")))
+    assert row["train_saved_saving_bytes"] == into_bsl * 4 * 4  # batch 4, T = 4, 2 B -> 1 B
+    assert row["train_loss_float_spikes_batch4"] == row["train_loss_uint8_spikes_batch4"]
+    for key in ("train_ms_float_spikes", "train_ms_uint8_spikes", "train_speedup_uint8_spikes"):
+        assert row[key] > 0, key
