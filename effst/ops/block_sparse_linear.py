@@ -405,15 +405,24 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _candidates(kind: str, width: int, bk: int, dtype: torch.dtype) -> list[LaunchConfig]:
-    """Configurations tried on the GPU, the first being the untuned default."""
-    wide = torch.float64 if dtype == torch.float64 else None
+    """Configurations tried on the GPU, the first being the untuned default (also used under
+    torch.compile, CUDA-graph capture and EFFST_BSL_AUTOTUNE=0).
+
+    fp32 and fp64 take smaller M tiles: without TF32 (and in fp64) the products run on the FMA
+    units with the operand tiles in registers, and with TF32 a 128-row tile of 128-deep fp32
+    slabs over three stages needs 257 KB of shared memory, more than an sm_90 block has. Compiled
+    for sm_90 at 128 x 128 tiles these defaults keep to registers and shared memory
+    (tests/test_kernel_registers.py). Of the 2-byte candidates, the defaults are spill-free; the
+    others are left to the autotuner's timing (with uint8 spikes two of them spill a little)."""
+    if dtype == torch.float64:
+        return [LaunchConfig(16, 8, 2, 4) if kind == "grad_weight" else LaunchConfig(32, 8, 2, 1)]
+    if dtype == torch.float32:
+        if kind == "grad_weight":
+            return [LaunchConfig(64, 8, 3, 4), LaunchConfig(32, 8, 3, 4)]
+        return [LaunchConfig(64, 8, 3, 1), LaunchConfig(32, 8, 2, 1)]
     if kind == "grad_weight":
-        out = [LaunchConfig(64, 8, 3, 4), LaunchConfig(128, 8, 3, 4), LaunchConfig(64, 4, 4, 2)]
-    else:
-        out = [LaunchConfig(128, 8 if width >= 128 else 4, 3, 1), LaunchConfig(128, 4, 4, 2), LaunchConfig(256, 8, 3, 1)]
-    if wide is not None:  # fp64 tiles are twice the size: smaller M tiles only
-        out = [LaunchConfig(64, 4, 2, c.programs_per_sm) for c in out[:1]]
-    return out
+        return [LaunchConfig(64, 8, 3, 4), LaunchConfig(128, 8, 3, 4), LaunchConfig(64, 4, 4, 2)]
+    return [LaunchConfig(128, 8 if width >= 128 else 4, 3, 1), LaunchConfig(128, 4, 4, 2), LaunchConfig(256, 8, 3, 1)]
 
 
 # Tuned configurations by (kind, device index) + the launcher's tune key: M rounded up to a power

@@ -401,7 +401,10 @@ def scatter_tokens(x: torch.Tensor, index: torch.Tensor, tokens: int, *, backend
 #: longer runs take the scatter -> neuron -> gather path.
 MAX_ROUTED_T = 16
 ROUTED_FORWARD_BLOCK = (16, 64)     # (tokens, channels) per program; reasoned, not tuned
-ROUTED_BACKWARD_BLOCK = (8, 64)
+#: The backward keeps T steps of state per element in registers: at T = 16 a program of 8 x 64
+#: spilled on sm_90 (bf16 current, rect surrogate; fp64: 0.5-2.9 KB of stack per thread).
+ROUTED_BACKWARD_BLOCK = (8, 32)     # fp32 compute: <= 128 registers at T = 16, every surrogate
+ROUTED_BACKWARD_BLOCK_FP64 = (8, 16)
 
 
 @triton.jit
@@ -546,7 +549,7 @@ class _RoutedNeuron(torch.autograd.Function):
         need_w, need_theta = ctx.needs_input_grad[1:3]
         T, B, K, C = current.shape
         N = slots.shape[2]
-        block_n, block_c = ROUTED_BACKWARD_BLOCK
+        block_n, block_c = ROUTED_BACKWARD_BLOCK_FP64 if scalars.dtype == torch.float64 else ROUTED_BACKWARD_BLOCK
         programs = B * triton.cdiv(N, block_n)
         if grad_spikes is None:
             grad_spikes = torch.zeros_like(current)
