@@ -220,14 +220,12 @@ def test_slif_single_step_single_neuron_and_scalar_arguments(backend):
             assert v.item() == pytest.approx(want_v, abs=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: effst.slif accepts a NaN python-float w / v_threshold / v_reset / "
-                   "v_init and returns all-zero spikes (reference, triton; native raises RuntimeError for "
-                   "v_reset only), while SLIF(tau=nan / v_threshold=nan / v_reset=nan) raises ValueError")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("argument", ["w", "v_threshold", "v_reset", "v_init"])
-def test_slif_refuses_nan_scalar_arguments_by_name(backend, argument):
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_slif_refuses_non_finite_scalar_arguments_by_name(backend, argument, value):
     kwargs = dict(w=0.0, v_threshold=1.0, v_reset=0.0, v_init=None)
-    kwargs[argument] = math.nan
+    kwargs[argument] = value
     with pytest.raises(ValueError, match=argument):
         slif(torch.ones(2, 3, dtype=F64), kwargs.pop("w"), kwargs.pop("v_threshold"), backend=backend, **kwargs)
 

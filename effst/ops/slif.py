@@ -19,6 +19,7 @@ then one small deterministic torch sum; only per-neuron parameters store one val
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -1250,6 +1251,8 @@ def _as_parameter(value, name: str, x: torch.Tensor) -> torch.Tensor:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float or a floating-point tensor, got {type(value).__name__}")
+    if not math.isfinite(value):  # (tensors are not scanned: that would synchronise with the GPU)
+        raise ValueError(f"{name}: expected a finite value, got {value}")
     return torch.tensor(float(value), dtype=compute_dtype_for(x.dtype), device=x.device)
 
 
@@ -1348,6 +1351,8 @@ def slif(
     if v_reset is not None:
         if isinstance(v_reset, bool) or not isinstance(v_reset, (int, float)):
             raise TypeError(f"v_reset: expected a float or None (soft reset), got {type(v_reset).__name__}")
+        if not math.isfinite(v_reset):
+            raise ValueError(f"v_reset: expected a finite value or None (soft reset), got {v_reset}")
         v_reset = float(v_reset)
     for flag, name in ((detach_reset, "detach_reset"), (decay_input, "decay_input"),
                        (return_state, "return_state")):
