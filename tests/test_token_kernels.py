@@ -575,45 +575,22 @@ def test_run_neuron_on_tokens_names_bad_shapes():
         run_neuron_on_tokens(LIF(), torch.ones(2, 1, 2, 3), torch.tensor([[0, 1], [1, 2]]), 5)
 
 
-_REGISTER_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import effst.ops.token_select as ts
-tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-for entry in json.loads(sys.argv[1]):
-    signature = dict(entry["signature"], **{n: "constexpr" for n in entry["constexprs"]})
-    compiled = triton.compile(ASTSource(getattr(ts, entry["kernel"]), signature, entry["constexprs"]),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
-                           capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
-    print(json.dumps({key: int(re.search(key + r":(\d+)", usage).group(1))
-                      for key in ("REG", "STACK", "LOCAL")} | {"tokens": entry["tokens"]}), flush=True)
-"""
-
-
 def test_topk_gather_does_not_spill_at_spikformer_token_counts():
+    from aot_compile import resource_usage  # compiled for sm_90 in a subprocess, read by cuobjdump
+
     # 64 tokens (CIFAR Spikformer) and 196 (ImageNet, BLOCK_N = 256) at the launcher's blocks,
     # both variants: no stack or local memory, <= 128 registers (4 programs of 4 warps per SM).
     # An N x N rank matrix and 256 x 64 tiles of addresses had spilled 5 KB per thread at 196.
     entries = []
     for tokens in (64, 196):
         for anchor, score_type in ((True, "*i32"), (False, "*fp32")):
-            entries.append({"kernel": "_topk_gather_kernel", "tokens": tokens,
+            entries.append({"name": f"{tokens} tokens anchor={anchor}", "module": "effst.ops.token_select",
+                            "kernel": "_topk_gather_kernel", "options": {"num_warps": 4},
                             "signature": {"score_ptr": score_type, "query_ptr": "*fp16", "key_ptr": "*fp16",
                                           "x_ptr": "*bf16", "index_ptr": "*i64", "out_ptr": "*bf16",
                                           "R": "i32", "N": "i32", "W": "i32", "C": "i32", "K": "i32",
                                           "score_row_stride": "i32", "score_token_stride": "i32"},
                             "constexprs": {"ANCHOR": anchor, **ts.topk_gather_blocks(tokens, 384, 384)}})
-    result = subprocess.run([sys.executable, "-c", _REGISTER_SCRIPT, json.dumps(entries)], capture_output=True,
-                            text=True, timeout=600, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(found) == len(entries), result.stderr[-3000:]
-    for usage in found:
+    found = resource_usage(entries)
+    for usage in found.values():
         assert usage["STACK"] == 0 and usage["LOCAL"] == 0 and usage["REG"] <= 128, found
