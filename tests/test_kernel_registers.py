@@ -13,49 +13,15 @@ forward candidates with uint8 spikes and one grad-weight candidate spill a littl
 thread, 2026-12-02 audit); they stay in the list because the autotuner times them on the GPU and
 keeps the fastest, which a spill may or may not make them.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from aot_compile import resource_usage
 
 from effst.ops import block_sparse_linear as bsl
 from effst.ops import token_select as ts
 from effst.ops.surrogates import SURROGATE_NAMES
 
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB, opt-in)
-
-_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-os.environ.pop("TRITON_INTERPRET", None)
-import importlib
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-for entry in json.loads(sys.argv[1]):
-    kernel = getattr(importlib.import_module(entry["module"]), entry["kernel"])
-    constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
-                  for k, v in entry["constexprs"].items()}
-    signature = dict(entry["signature"])
-    names = list(signature)
-    # the launch-time specialisation: 16-byte aligned pointers, the listed ints divisible by 16
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if signature[n].startswith("*") or n in entry["divisible_by_16"]}
-    signature.update({n: "constexpr" for n in constexprs})
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                              target=GPUTarget("cuda", 90, 32), options=entry["options"])
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
-                           capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
-    found = {key: int(re.search(key + r":(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL")}
-    print(json.dumps(dict(found, name=entry["name"], SHARED=compiled.metadata.shared)), flush=True)
-"""
 
 _BSL = "effst.ops.block_sparse_linear"
 _INDEX = {"group_ptr_ptr": "*i32", "group_col_ptr": "*i32", "group_tile_ptr": "*i32"}
@@ -140,15 +106,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def usage() -> dict:
-    entries = [case.values[0] for case in CASES]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
-                                                                     os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(entries)], capture_output=True, text=True,
-                            timeout=600, cwd=Path(__file__).parents[1], env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = {r["name"]: r for r in map(json.loads, filter(None, result.stdout.splitlines()))}
-    assert set(found) == {e["name"] for e in entries}, result.stderr[-3000:]
-    return found
+    return resource_usage([case.values[0] for case in CASES])
 
 
 @pytest.mark.parametrize("entry", CASES)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from aot_compile import resource_usage
 
 from effst.ops.slif import MAX_CHUNK, chunk_size
 from effst.ops.surrogates import SURROGATE_NAMES
@@ -96,43 +97,8 @@ def test_slif_kernels_compile_for_gpu(arch):
 # What a real launch on x = [T, 64 * 65536] specialises (Triton's JIT: 16-byte aligned pointers,
 # integers divisible by 16, integers equal to 1 folded) and what the compiled code then looks
 # like. Without the specialisation the compiler cannot vectorise, so the entries above say
-# nothing about load widths, registers or spills.
-_SASS_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-os.environ.pop("TRITON_INTERPRET", None)
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import effst.ops.slif as slif_ops
-tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-for entry in json.loads(sys.argv[1]):
-    kernel = getattr(slif_ops, entry["kernel"])
-    constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) else v
-                  for k, v in entry["constexprs"].items()}
-    signature = dict(entry["signature"])
-    names = list(signature)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if signature[n].startswith("*") or n in entry["divisible_by_16"]}
-    for n in entry["equal_to_1"]:
-        constexprs[n] = 1
-    signature.update({n: "constexpr" for n in constexprs})
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                              target=GPUTarget("cuda", 90, 32), options=entry["options"])
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
-                           capture_output=True, text=True, check=True).stdout
-    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name],
-                          capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
-    regs, stack, local = (int(re.search(key + r":(\d+)", usage).group(1))
-                          for key in ("REG", "STACK", "LOCAL"))
-    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)
-    print(json.dumps({"name": entry["name"], "regs": regs, "stack": stack, "local": local,
-                      "ops": ops}), flush=True)
-"""
-
-
+# nothing about load widths, registers or spills. tests/aot_compile.py compiles them and reads
+# the cubin.
 def _real_launch(kernel: str, x_dtype: str, constexprs: dict, num_warps: int, name: str) -> dict:
     """fp16 x, per-layer parameters (channels == 1), N = 64 * 65536, hard reset to 0."""
     if kernel == "slif_forward_kernel":
@@ -147,7 +113,7 @@ def _real_launch(kernel: str, x_dtype: str, constexprs: dict, num_warps: int, na
     # w_channels / theta_channels == 1: folded by the JIT (equal_to_1). They stay in the
     # signature so every argument keeps its position (the divisibility hints are positional).
     signature = _signature(pointers, x_dtype, "fp32", "i32", with_row_len=row)
-    return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
+    return {"name": name, "module": "effst.ops.slif", "kernel": kernel, "signature": signature, "constexprs": constexprs,
             "options": {"num_warps": num_warps}, "equal_to_1": ["w_channels", "theta_channels"],
             "divisible_by_16": ints[1:] + (["row_len"] if row else []) + ["w_inner", "theta_inner"]}
 
@@ -171,15 +137,12 @@ def test_real_launches_do_not_spill_and_preload_issues_loads_first():
         _real_launch("slif_backward_kernel", "fp16", backward, slif_ops.BACKWARD_WARPS,
                      "backward"),
     ]
-    proc = subprocess.run([sys.executable, "-c", _SASS_SCRIPT, json.dumps(entries)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}
-    summary = {name: {"regs": r["regs"], "stack": r["stack"], "local": r["local"],
+    found = resource_usage(entries, sass=True)
+    summary = {name: {"regs": r["REG"], "stack": r["STACK"], "local": r["LOCAL"],
                       "barriers": r["ops"].count("BAR.SYNC.DEFER_BLOCKING")}
                for name, r in found.items()}
     for name, r in found.items():  # everything stays in registers: no spills
-        assert r["stack"] == 0 and r["local"] == 0, summary
+        assert r["STACK"] == 0 and r["LOCAL"] == 0, summary
     # x arrives in 16-byte loads, one per step
     loads = [i for i, op in enumerate(found["forward preload"]["ops"]) if op == "LDG.E.128"]
     stores = [i for i, op in enumerate(found["forward preload"]["ops"]) if op.startswith("STG")]
