@@ -123,7 +123,8 @@ def test_tiled_backward_real_launch_does_not_spill():
     # w and V_th (channels = 65536 divisible by 16, inner = 1 folded): no spills, and at most 128
     # registers per thread, so 4 programs of 4 warps fit an SM, as for the row-grid backward
     # (124; the tiled one: 124 today). (Looping one program over several tiles cost 162: 3.)
-    from test_slif_compile_targets import _SASS_SCRIPT, _real_launch
+    from aot_compile import resource_usage
+    from test_slif_compile_targets import _real_launch
 
     constexprs = {"HAS_V_INIT": False, "HAS_GRAD_V_FINAL": False, "HARD_RESET": True,
                   "DECAY_INPUT": True, "DETACH_RESET": False, "SURROGATE": 1,
@@ -141,11 +142,8 @@ def test_tiled_backward_real_launch_does_not_spill():
     entry.update(signature={n: signature[n] for n in names if n in signature},
                  equal_to_1=["w_inner", "theta_inner"],
                  divisible_by_16=["N", "stride_xt", "row_len", "w_channels", "theta_channels"])
-    proc = subprocess.run([sys.executable, "-c", _SASS_SCRIPT, json.dumps([entry])],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (found,) = map(json.loads, proc.stdout.splitlines())
-    summary = {key: found[key] for key in ("regs", "stack", "local")}
-    assert found["stack"] == 0 and found["local"] == 0, summary
-    assert found["regs"] <= 128, summary
+    found = resource_usage([entry], sass=True)["tiled backward"]
+    summary = {key: found[key] for key in ("REG", "STACK", "LOCAL")}
+    assert found["STACK"] == 0 and found["LOCAL"] == 0, summary
+    assert found["REG"] <= 128, summary
     assert "LDG.E.64" in found["ops"], summary  # 4 fp16 per load: the columns are contiguous
