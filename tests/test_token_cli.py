@@ -93,8 +93,8 @@ def test_finetune_adds_sts_to_a_dense_checkpoint_and_eval_reports_it(dense, tmp_
 
 
 @pytest.mark.parametrize("overrides, command, message", [
-    ("{token_selector: stata}", "eval-sts", "model_overrides: token_selector 'stata': the checkpoint"),
-    ("{keep_ratio: 0.5}", "eval-dense", "keep_ratio: only meaningful with a token_selector"),
+    ("{token_selector: stata}", "eval-sts", "model_overrides: token_selector (--token-selector) 'stata': the checkpoint"),
+    ("{keep_ratio: 0.5}", "eval-dense", "keep_ratio (--keep-ratio): only meaningful with a token_selector"),
     ("{token_selector: sts}", "eval-dense", "is dense, so eval has no trained selector"),
     ("{depth: 3}", "finetune", "model_overrides: depth is 2 in the checkpoint"),
     ("{depth: 2, dim: 64}", "eval-dense", "model_overrides: dim is 32 in the checkpoint"),
@@ -120,6 +120,20 @@ def test_model_overrides_that_conflict_with_the_checkpoint_are_refused_by_name(d
     error = [line for line in err.splitlines() if line.startswith("effst: error: ")]
     assert len(error) == 1 and message in error[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--token-selector", "sts"], "model_overrides: token_selector (--token-selector) 'sts': the checkpoint"),
+    (["eval", "--keep-ratio", "0.5"], "keep_ratio (--keep-ratio): only meaningful with a token_selector"),
+    (["finetune", "--keep-ratio", "0.5"], "keep_ratio (--keep-ratio): only meaningful with a token_selector"),
+    (["finetune", "--token-selector", "sts", "--keep-ratio", "0"], "keep_ratio: expected a float in (0, 1]"),
+], ids=["eval-selector", "eval-ratio", "finetune-ratio-alone", "finetune-bad-ratio"])
+def test_token_flags_on_a_dense_checkpoint_fail_in_one_line_naming_the_flag(dense, tmp_path, capsys, args, message):
+    ckpt, config = dense
+    code, _, err = _cli(capsys, args[0], ckpt, *args[1:], "--config", config, "--out", tmp_path / "out")
+    assert code == 2, err
+    assert err.splitlines()[-1].startswith("effst: error: ") and message in err.splitlines()[-1], err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("stage", ["train-sts", "train-stata", "finetune-sts"])
@@ -199,6 +213,14 @@ def test_the_overall_verdict_comes_from_the_paired_intervals_not_a_mean():
     assert selector_verdict("stata", [worse, {**wobbly, "selector": "stata", "against": "stata-random", "ratio": 0.5}]) \
         == ("STATA does not beat its random control at any ratio on this data: worse at γ = 0.9 (paired 95 % "
             "interval below 0); inconclusive at γ = 0.5 (interval contains 0).")
+    # One seed: no interval, hence no verdict, whatever the sign of the difference.
+    single = _comparison("sts", 0.7, [0.60], [0.50])
+    assert single["ci_low"] is None
+    assert selector_verdict("sts", [single]) == "STS: no verdict on its random control (one seed gives no paired interval)."
+    assert selector_verdict("sts", [wobbly, single]) == (
+        "STS does not beat its random control at any ratio on this data: inconclusive at ρ = 0.5 (interval contains "
+        "0); no interval at ρ = 0.7 (fewer than 2 seeds).")
+    assert selector_verdict("stata", [wobbly]) == "STATA: not run."
     one_seed = _comparison("sts", 0.5, [0.9], [0.1])
     assert selector_verdict("sts", [one_seed]) == "STS: no verdict on its random control (one seed gives no paired interval)."
 

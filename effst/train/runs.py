@@ -93,6 +93,7 @@ def _data_settings_from(ckpt: dict, settings: Settings, given: set[str]) -> Sett
 # build_model arguments of token selection (docs/token_sparsity.md); any other model override is
 # the architecture itself, which a checkpoint rebuilds as it was.
 TOKEN_KEYS = ("token_selector", "keep_ratio", "token_options")
+TOKEN_FLAGS = {"token_selector": "--token-selector", "keep_ratio": "--keep-ratio"}  # effst train/finetune/eval
 
 
 def token_selection_of(overrides: Optional[dict]):
@@ -105,7 +106,8 @@ def token_selection_of(overrides: Optional[dict]):
     if selector is None:
         extra = [k for k in TOKEN_KEYS[1:] if overrides.get(k) is not None]
         if extra:
-            raise ValueError(f"{', '.join(extra)}: only meaningful with a token_selector (--token-selector, or "
+            named = [f"{k} ({TOKEN_FLAGS[k]})" if k in TOKEN_FLAGS else k for k in extra]
+            raise ValueError(f"{', '.join(named)}: only meaningful with a token_selector (--token-selector, or "
                              "model_overrides: {token_selector: ...}) or a checkpoint that has one")
         return None
     options = overrides.get("token_options") or {}
@@ -142,19 +144,23 @@ def _build_with_overrides(ckpt: dict, settings: Settings, command: str) -> tuple
             return stored_selection.keep_ratio
         return getattr(config, key, None)
 
+    def named(key):  # the flag too, where the command has one (train/finetune/eval: TOKEN_FLAGS)
+        flag = TOKEN_FLAGS.get(key) if command in ("finetune", "eval") else None
+        return f"model_overrides: {key}" + (f" ({flag})" if flag else "")
+
     changed = sorted(k for k, v in wanted.items() if v != current(k))
     for key in changed:
         if stored_selection is None and key in TOKEN_KEYS and command == "eval":
-            raise ValueError(f"model_overrides: {key} {wanted[key]!r}: the checkpoint {source} is dense, so eval has "
+            raise ValueError(f"{named(key)} {wanted[key]!r}: the checkpoint {source} is dense, so eval has "
                              f"no trained selector to use; fine-tune it first (effst finetune {source} "
                              "--token-selector ...) and evaluate that checkpoint")
         if key == "token_selector" and stored_selection is not None:
-            raise ValueError(f"model_overrides: token_selector {wanted[key]!r}: the checkpoint {source} already selects "
+            raise ValueError(f"{named(key)} {wanted[key]!r}: the checkpoint {source} already selects "
                              f"tokens with {stored_selection.selector!r}; fine-tune its dense checkpoint instead")
         allowed = {"finetune": TOKEN_KEYS, "eval": ("keep_ratio",)}.get(command, ())
         if key not in allowed:
             can = f"only {', '.join(allowed)} can change" if allowed else "nothing can change"
-            raise ValueError(f"model_overrides: {key} is {current(key)!r} in the checkpoint {source}, {wanted[key]!r} "
+            raise ValueError(f"{named(key)} is {current(key)!r} in the checkpoint {source}, {wanted[key]!r} "
                              f"here; {command} rebuilds the checkpoint's model ({can}): drop it or make it match")
         stored[key] = wanted[key]
     return step, changed
