@@ -121,6 +121,30 @@ def test_topk_gather_ranks_nan_and_signed_zero_like_torch(device):
     assert ts.topk_gather(scores, x, 4, backend="triton")[0].cpu().tolist() == [[1, 2, 3, 4], [0, 4, 5, 7]]   # -0.0 ties 0.0
 
 
+@pytest.mark.parametrize("score_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_topk_gather_orders_subnormals_infinities_and_nan_in_every_float_dtype(device, score_dtype):
+    """Every special value of each score dtype (subnormals of both signs, the extremes, +-inf,
+    NaN, signed zeros) ranks as torch's stable descending sort does, at every k. The keys come
+    from the scores' own bits, not a float32 widening (Triton's interpreter flushes bfloat16
+    subnormals to zero when widening, and a GPU may flush float32 subnormals in a comparison)."""
+    fi = torch.finfo(score_dtype)
+    sub = fi.smallest_normal / 4  # a subnormal of score_dtype
+    values = [0.0, -0.0, sub, -sub, 2 * sub, -2 * sub, fi.smallest_normal, -fi.smallest_normal,
+              fi.max, -fi.max, float("inf"), float("-inf"), float("nan"), 1.0, -1.0]
+    g = torch.Generator().manual_seed(21)
+    table = torch.tensor(values, dtype=score_dtype)
+    assert table[2] != 0 and table[3] != 0  # subnormals exist in this dtype
+    scores = table[torch.stack([torch.randperm(len(values), generator=g) for _ in range(3)]
+                   + [torch.randint(0, len(values), (len(values),), generator=g) for _ in range(3)])]
+    scores = scores.to(device)
+    R, N = scores.shape
+    x = torch.arange(R * N, dtype=torch.float32, device=device).reshape(R, N, 1)
+    for k in range(1, N + 1):
+        index, compact = ts.topk_gather(scores, x, k, backend="triton")
+        assert torch.equal(index.cpu(), ts.topk_tokens_reference(scores.cpu(), k)), k
+        assert torch.equal(compact[..., 0], torch.gather(x[..., 0], 1, index))
+
+
 def test_topk_gather_gradient_scatters_back_to_every_timestep(device):
     scores = torch.randn(3, 10, generator=torch.Generator().manual_seed(13)).to(device)
     x = torch.randn(2, 3, 10, 4, dtype=torch.float64, device=device, requires_grad=True)

@@ -85,21 +85,28 @@ _NO_TOKEN = tl.constexpr(-(2 ** 63))  # the int64 key of a token past N (no scor
 
 @triton.jit
 def _order_key(score, valid):
-    """Integer keys ordered as the scores (ints as they are; floats by their bits, -0.0 == 0.0,
-    every NaN above +inf); tokens past N get the smallest key, which no score maps to."""
+    """Integer keys ordered as the scores (ints as they are; floats from their own bits: the
+    magnitude bits, negated for a negative sign, so -0.0 == 0.0, subnormals keep their order,
+    and every NaN goes above +inf); tokens past N get the smallest key, which no score maps to.
+    Integer operations only: no float widening (Triton's interpreter flushes bfloat16 subnormals
+    to zero when widening them) and no float comparison (a GPU may flush subnormals in one)."""
     if score.dtype.is_int():
         key = score.to(tl.int64)
     else:
         if score.dtype.is_fp64():
-            wide = score
-            bits = wide.to(tl.int64, bitcast=True)
-            key = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
-        else:  # fp16 / bf16 widen to fp32 exactly
-            wide = score.to(tl.float32)
-            bits = wide.to(tl.int32, bitcast=True)
-            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-        key = tl.where(wide == 0, 0, key)  # -0.0 ties with +0.0
-        key = tl.where(wide != wide, 0x7FFFFFFFFFFFFFFF, key)
+            bits = score.to(tl.int64, bitcast=True)
+            magnitude = bits & 0x7FFFFFFFFFFFFFFF
+            infinity = 0x7FF0000000000000
+        elif score.dtype.is_fp32():
+            bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+            magnitude = bits & 0x7FFFFFFF
+            infinity = 0x7F800000
+        else:
+            bits = score.to(tl.int16, bitcast=True).to(tl.int64)
+            magnitude = bits & 0x7FFF
+            infinity = 0x7F80 if score.dtype.is_bf16() else 0x7C00
+        key = tl.where(bits < 0, -magnitude, magnitude)
+        key = tl.where(magnitude > infinity, 0x7FFFFFFFFFFFFFFF, key)  # NaN
     return tl.where(valid, key, _NO_TOKEN)
 
 
