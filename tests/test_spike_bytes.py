@@ -220,6 +220,53 @@ def test_slif_to_block_sparse_linear_trains_with_byte_spikes_bit_for_bit(backend
 
 
 @pytest.mark.parametrize("backend", SLIF_BACKENDS)
+def test_a_spike_bytes_input_to_the_slif_kernels_is_read_as_its_float_values(backend):
+    """A SpikeBytes fed straight into another sLIF (its Triton kernels take data pointers, which a
+    wrapper tensor does not have): spikes, state and the gradient of the first neuron's input
+    equal the float spikes' exactly."""
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(5, 3, 16, generator=g) + 0.4).requires_grad_()
+    weights = torch.randn(5, 3, 16, generator=g)
+    results = []
+    for spike_dtype in (None, torch.uint8):
+        first = effst.slif(x, 0.3, 0.5, backend=backend, spike_dtype=spike_dtype)
+        second, state = effst.slif(first.transpose(1, 2), 0.5, 0.5, backend=backend, return_state=True)
+        loss = (second.transpose(1, 2) * weights).sum()
+        results.append((second.detach(), state.detach(), torch.autograd.grad(loss, [x])[0]))
+        assert (type(first) is SpikeBytes) == (spike_dtype is not None)
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert results[0][0].sum() > 0 and results[0][2].abs().sum() > 0
+
+
+def test_a_spike_bytes_input_to_the_token_kernels_is_read_as_its_float_values():
+    """STATA's query/key spikes, the tokens gathered/scattered/averaged and STS's scores as a
+    SpikeBytes give the float spikes' results (Triton kernels under the interpreter)."""
+    from effst.ops import token_select as ts
+
+    g = torch.Generator().manual_seed(9)
+    as_bytes = lambda t: as_spike_bytes(t, torch.uint8)  # noqa: E731
+    query, keys = (torch.rand(4, 8, generator=g) < 0.5).float(), (torch.rand(4, 6, 8, generator=g) < 0.5).float()
+    x = (torch.rand(4, 6, 5, generator=g) < 0.5).float()
+    index = torch.stack([torch.randperm(6, generator=g)[:3].sort().values for _ in range(4)])
+    keep = torch.rand(2, 6, generator=g) < 0.6
+    keep[:, 0] = True
+    cases = [
+        (lambda q, k, v: ts.anchor_topk_gather(q, k, v, 3, backend="triton"), (query, keys, x)),
+        (lambda s, v: ts.topk_gather(s, v, 2, backend="triton"), (x[..., 0], x)),
+        (lambda v: ts.gather_tokens(v, index, backend="triton"), (x,)),
+        (lambda v: ts.scatter_tokens(v[:, :3], index, 6, backend="triton"), (x,)),
+        (lambda v: ts.masked_mean(v.reshape(2, 2, 6, 5), keep, backend="triton"), (x,)),
+    ]
+    for fn, args in cases:
+        want = fn(*args)
+        got = fn(*(as_bytes(a) for a in args))
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert type(a) is torch.Tensor
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", SLIF_BACKENDS)
 def test_byte_spikes_without_a_gradient_stay_plain_bytes(backend):
     x = torch.randn(3, 16).requires_grad_()
     with torch.no_grad():

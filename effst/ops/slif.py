@@ -33,7 +33,7 @@ import triton.language as tl
 from effst.ops import launch as _launch
 from effst.ops.layout import normalize_channel_dim, reduce_to_parameter, resolve_parameter_layout
 from effst.ops.slif_reference import slif_reference
-from effst.ops.spike_bytes import SpikeBytes, as_spike_bytes
+from effst.ops.spike_bytes import SpikeBytes, as_spike_bytes, float_values
 from effst.ops.surrogates import SURROGATE_NAMES, resolve_surrogate, surrogate_grad_triton
 
 # Steps unrolled per chunk. T <= MAX_CHUNK runs as a single fully unrolled chunk (no
@@ -1265,6 +1265,8 @@ def slif_with_plan(x: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
     compute dtype (any shape) or is None. Reshapes, casts and parameter-gradient sums happen
     inside the one autograd node of either backend.
     """
+    if type(x) is SpikeBytes:  # (spikes of another neuron: the kernels need a data pointer)
+        x = float_values(x)
     if plan.spike_dtype is not plan.x_dtype and byte_spikes_need_grad(plan.spike_dtype,
                                                                         (x, w, theta, v_init)):
         return _slif_spike_bytes(x, w, theta, v_init, plan)

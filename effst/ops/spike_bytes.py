@@ -188,9 +188,28 @@ def as_spike_bytes(spikes: torch.Tensor, byte_dtype: torch.dtype = torch.uint8, 
     return _AsSpikeBytes.apply(spikes, byte_dtype)
 
 
+class _FloatValues(torch.autograd.Function):
+    """SpikeBytes -> its float values as a plain tensor (identity for autograd)."""
+
+    @staticmethod
+    def forward(ctx, spikes):
+        return spikes.materialize()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def float_values(x):
+    """``x``, or for a :class:`SpikeBytes` its float values as a plain tensor that keeps the
+    gradient path: for code that takes data pointers (Triton launches, C++ operators), which a
+    wrapper tensor does not have (Triton read a null pointer, the native sLIF crashed)."""
+    return _FloatValues.apply(x) if type(x) is SpikeBytes else x
+
+
 def spike_bytes_of(x: torch.Tensor) -> torch.Tensor:
     """The tensor a byte-reading kernel should read: ``x.spike_bytes`` for SpikeBytes, else x."""
     return x.spike_bytes if isinstance(x, SpikeBytes) else x
 
 
-__all__ = ["SpikeBytes", "as_spike_bytes", "spike_bytes_of", "BYTE_DTYPES"]
+__all__ = ["SpikeBytes", "as_spike_bytes", "float_values", "spike_bytes_of", "BYTE_DTYPES"]

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from effst.ops.slif import _charge, _fire_and_reset, _scalars, reverse_step
+from effst.ops.spike_bytes import float_values
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -229,6 +230,7 @@ def anchor_topk_gather(anchor_query: torch.Tensor, keys: torch.Tensor, x: torch.
     Returns ``(scores [R, N] int32, index [R, k] int64 ascending, compact [R, k, C])``. The
     selection carries no gradient; ``compact`` is ``x`` gathered (its gradient scatters back).
     """
+    anchor_query, keys, x = float_values(anchor_query), float_values(keys), float_values(x)
     _check_rows("anchor_query", anchor_query, 2)
     _check_rows("keys", keys, 3)
     _check_rows("x", x, 3)
@@ -263,6 +265,7 @@ def topk_gather(scores: torch.Tensor, x: torch.Tensor, k: int, *,
     Returns ``(index [R, k] int64 ascending, compact)`` with ``compact`` shaped like ``x`` with
     ``k`` tokens; its gradient scatters back to ``x``.
     """
+    scores, x = float_values(scores), float_values(x)
     _check_rows("scores", scores, 2)
     if scores.dtype == torch.bool or scores.is_complex():
         raise TypeError(f"scores: expected a real float or integer tensor, got {scores.dtype}")
@@ -384,6 +387,7 @@ class _ScatterTokens(torch.autograd.Function):
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``out[r, s] = x[r, index[r, s]]``: ``[R, N, C]`` -> ``[R, K, C]``; the gradient scatters back
     (dropped tokens get zero gradient). ``index``: int64 ``[R, K]``, unique per row."""
+    x = float_values(x)
     _check_rows("x", x, 3)
     _check_index(index, x.shape[0], x.shape[1])
     return _GatherTokens.apply(x, index, backend)
@@ -392,6 +396,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, *, backend: str = "auto"
 def scatter_tokens(x: torch.Tensor, index: torch.Tensor, tokens: int, *, backend: str = "auto") -> torch.Tensor:
     """Inverse of :func:`gather_tokens`: ``[R, K, C]`` -> ``[R, tokens, C]`` with zeros at the
     tokens ``index`` does not name. ``index``: int64 ``[R, K]``, unique per row."""
+    x = float_values(x)
     _check_rows("x", x, 3)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < x.shape[1]:
         raise ValueError(f"tokens: expected an int >= {x.shape[1]} (the compact token count), got {tokens!r}")
@@ -597,7 +602,7 @@ def routed_neuron(current: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
     surrogate_id, alpha, detach_reset, decay_input, spike_dtype)``; returns ``(spikes
     [T, B, K, C], v_final [B, N, C])``. ``effst.nn.token_routing`` decides when a neuron module
     can run through it."""
-    return _RoutedNeuron.apply(current, w, theta, v_init, slots, options)
+    return _RoutedNeuron.apply(float_values(current), w, theta, v_init, slots, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,6 +664,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, backend: str = "auto") -
     """Mean of ``x`` ``[T, B, N, C]`` over T and the kept tokens: ``mask`` ``[T, B, N]`` (or ``[B, N]``,
     the same set at every t) of 0/1 (bool or float; no gradient flows to it). -> ``[B, C]``.
     Every sample must keep at least one token."""
+    x = float_values(x)
     _check_rows("x", x, 4)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask: expected a tensor, got {type(mask).__name__}")
