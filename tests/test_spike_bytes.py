@@ -242,6 +242,8 @@ def test_a_spike_bytes_input_to_the_slif_kernels_is_read_as_its_float_values(bac
 def test_a_spike_bytes_input_to_the_token_kernels_is_read_as_its_float_values():
     """STATA's query/key spikes, the tokens gathered/scattered/averaged and STS's scores as a
     SpikeBytes give the float spikes' results (Triton kernels under the interpreter)."""
+    from effst.nn import LIF
+    from effst.nn.token_routing import run_neuron_on_tokens
     from effst.ops import token_select as ts
 
     g = torch.Generator().manual_seed(9)
@@ -257,6 +259,8 @@ def test_a_spike_bytes_input_to_the_token_kernels_is_read_as_its_float_values():
         (lambda v: ts.gather_tokens(v, index, backend="triton"), (x,)),
         (lambda v: ts.scatter_tokens(v[:, :3], index, 6, backend="triton"), (x,)),
         (lambda v: ts.masked_mean(v.reshape(2, 2, 6, 5), keep, backend="triton"), (x,)),
+        (lambda v: run_neuron_on_tokens(LIF(backend="triton"), v[:, :3].reshape(2, 2, 3, 5),
+                                        index.view(2, 2, 3), 6), (x,)),  # the fused routed neuron
     ]
     for fn, args in cases:
         want = fn(*args)
