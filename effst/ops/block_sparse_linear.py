@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from effst.ops import launch as _launch
+from effst.ops.first_order import first_order_only
 from effst.ops.spike_bytes import SpikeBytes
 
 BlockSize = Union[int, Sequence[int]]
@@ -885,6 +886,7 @@ class BlockSparseLinearFunction(torch.autograd.Function):
         return _forward(x2d, values, bias, layout, out_features, triton_path).view(*x.shape[:-1], out_features)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_y):
         x2d, values = ctx.saved_tensors
         needs = ctx.needs_input_grad

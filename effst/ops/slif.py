@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from effst.ops import launch as _launch
+from effst.ops.first_order import first_order_only
 from effst.ops.layout import normalize_channel_dim, reduce_to_parameter, resolve_parameter_layout
 from effst.ops.slif_reference import slif_reference
 from effst.ops.spike_bytes import SpikeBytes, as_spike_bytes, float_values
@@ -928,6 +929,7 @@ class SLIFFunction(torch.autograd.Function):
         return spikes, v_final
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_spikes, grad_v_final):
         x2d, w, theta, v_init, saved = ctx.saved_tensors
         plan = ctx.plan

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from effst.ops.first_order import first_order_only
 from effst.ops.slif import _charge, _fire_and_reset, _scalars, reverse_step
 from effst.ops.spike_bytes import float_values
 
@@ -301,8 +302,8 @@ class _ReattachGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return _scatter(grad.contiguous(), index, ctx.tokens, backend="auto"), None, None
+        (index,) = ctx.saved_tensors  # (through the Function: a second derivative is a gather)
+        return _ScatterTokens.apply(grad.contiguous(), index, ctx.tokens, "auto"), None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +368,8 @@ class _GatherTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return _scatter(grad.contiguous(), index, ctx.tokens, ctx.backend), None, None
+        (index,) = ctx.saved_tensors  # (through the Function: differentiable again)
+        return _ScatterTokens.apply(grad.contiguous(), index, ctx.tokens, ctx.backend), None, None
 
 
 class _ScatterTokens(torch.autograd.Function):
@@ -380,8 +381,8 @@ class _ScatterTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return _gather(grad.contiguous(), index, ctx.backend), None, None, None
+        (index,) = ctx.saved_tensors  # (through the Function: differentiable again)
+        return _GatherTokens.apply(grad.contiguous(), index, ctx.backend), None, None, None
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -555,6 +556,7 @@ class _RoutedNeuron(torch.autograd.Function):
         return spikes, v_final
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_spikes, grad_v_final):
         current, w, theta, v_init, slots, scalars = ctx.saved_tensors
         v_reset, surrogate_id, _, detach_reset, decay_input, _ = ctx.options
