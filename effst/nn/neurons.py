@@ -6,6 +6,9 @@ calls until ``reset()`` (which ``spikingjelly.activation_based.functional.reset_
 Under ``torch.compile(mode="reduce-overhead")`` the stored ``module.v`` is a CUDA-graph output,
 valid only until the next ``torch.compiler.cudagraph_mark_step_begin()``: reset the neurons at
 the start of each step (inside the compiled function) rather than reading ``v`` across steps.
+The same holds under ``torch.utils.checkpoint``: its recompute runs after the first forward has
+moved ``v`` on, so a recompute that finds a stored state is refused with an error; reset the
+neurons first thing inside the checkpointed function.
 """
 from __future__ import annotations
 
@@ -27,6 +30,12 @@ from effst.ops.surrogates import resolve_surrogate
 _PLAN_OPTIONS = frozenset({"v_reset", "surrogate", "alpha", "detach_reset", "decay_input",
                            "channels", "channel_dim", "backend", "spike_dtype",
                            "w", "v_threshold"})
+
+
+def _in_backward_pass() -> bool:
+    """Running inside an autograd backward pass (e.g. a torch.utils.checkpoint recompute).
+    Not asked while torch.compile traces (Dynamo cannot trace the question)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class SLIF(nn.Module):
@@ -227,6 +236,8 @@ class SLIF(nn.Module):
             rest = self._rest_potential()
             if isinstance(state, torch.Tensor) and state.shape != x.shape[1:]:
                 raise self._state_shape_error(x, state)
+            if isinstance(state, torch.Tensor) and _in_backward_pass():
+                raise self._recompute_error()
             v_init = state if isinstance(state, torch.Tensor) or state != rest else None
             spikes, self.__dict__["v"] = slif(
                 x, w, theta, v_reset=self.v_reset, v_init=v_init,
@@ -245,10 +256,24 @@ class SLIF(nn.Module):
         tensor (a float state filled into ``shape``). The fused token-routed neuron uses it too."""
         state = self.v
         if isinstance(state, torch.Tensor):
+            if _in_backward_pass():
+                raise self._recompute_error()
             return state if state.dtype == dtype else state.to(dtype)
         if state != self._rest_potential():
             return torch.full(shape, float(state), dtype=dtype, device=device)
         return None
+
+    @staticmethod
+    def _recompute_error() -> RuntimeError:
+        # A forward inside a backward pass is a recompute (torch.utils.checkpoint): it would
+        # start from the state the first forward left behind, not the one that forward started
+        # from, and give silently wrong gradients.
+        return RuntimeError(
+            "SLIF: called during a backward pass (a torch.utils.checkpoint recompute?) with a "
+            "stored membrane state: the recompute would start from the state the first forward "
+            "left, not the one it started from. Reset the neurons first thing inside the "
+            "checkpointed function (effst.nn.reset / functional.reset_net), or do not checkpoint "
+            "stateful neurons")
 
     @staticmethod
     def _state_shape_error(x: torch.Tensor, state: torch.Tensor) -> ValueError:
