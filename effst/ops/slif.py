@@ -936,6 +936,11 @@ class SLIFFunction(torch.autograd.Function):
         x_shape, w_shape, w_dtype, theta_shape, theta_dtype, v_shape, v_dtype = ctx.shapes
         need_x, need_w, need_theta, need_v = ctx.needs_input_grad[:4]
         if torch.compiler.is_compiling():
+            # (also compiled autograd tracing the backward of an eager forward, which saved x
+            # in its own shape and no checkpoint tensor when T fits one chunk)
+            x2d = x2d.reshape(plan.T, plan.N)
+            if saved is None:
+                saved = x2d.new_empty(checkpoint_shape(plan.T, plan.N), dtype=plan.compute_dtype)
             if grad_spikes is None:  # only the final state was used
                 grad_spikes = torch.zeros_like(x2d)
             if grad_v_final is not None:
