@@ -12,9 +12,10 @@ Data flow, top to bottom:
    key both spike, ``popcount(q0 & k_i)``, an integer, so exact; STS: the predictor's keep
    log-probability, read as given), the top ``K`` kept with the deterministic tie-break *higher
    score first, then lower token index*, and the kept tokens' activations copied to a compact
-   ``[R, K, C]`` buffer in the same pass. The rank of token i is the count of tokens that beat
-   it, so the selection needs no sort and no host synchronisation. ``topk_gather`` also takes
-   ``[G, R, N, C]`` activations whose G slices (STS: the T timesteps) share a row's selection.
+   ``[R, K, C]`` buffer in the same pass. The scores become order-preserving integer keys,
+   sorted in registers; the K-th key is the threshold (no host synchronisation). ``topk_gather``
+   also takes ``[G, R, N, C]`` activations whose G slices (STS: the T timesteps) share a row's
+   selection.
 2. :func:`gather_tokens` / :func:`scatter_tokens` -- compact <-> full. They are each other's
    gradient: the gradient of a gather is a scatter into zeros (``index_add`` with unique
    indices, so no atomics and deterministic), and vice versa.
