@@ -8,17 +8,18 @@ only when a graph is being created (grad mode is on inside a backward only then)
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import torch
 from torch.autograd.function import once_differentiable
 
 
-def first_order_only(backward):
+def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate an ``autograd.Function.backward`` (below ``@staticmethod``)."""
     marked = once_differentiable(backward)
 
     @functools.wraps(backward)
-    def dispatch(ctx, *grads):
+    def dispatch(ctx: Any, *grads: Any) -> Any:
         if torch.is_grad_enabled():  # create_graph=True
             return marked(ctx, *grads)
         return backward(ctx, *grads)

@@ -200,16 +200,11 @@ class _FloatValues(torch.autograd.Function):
         return grad
 
 
-def float_values(x):
+def float_values(x: torch.Tensor) -> torch.Tensor:
     """``x``, or for a :class:`SpikeBytes` its float values as a plain tensor that keeps the
     gradient path: for code that takes data pointers (Triton launches, C++ operators), which a
     wrapper tensor does not have (Triton read a null pointer, the native sLIF crashed)."""
     return _FloatValues.apply(x) if type(x) is SpikeBytes else x
 
 
-def spike_bytes_of(x: torch.Tensor) -> torch.Tensor:
-    """The tensor a byte-reading kernel should read: ``x.spike_bytes`` for SpikeBytes, else x."""
-    return x.spike_bytes if isinstance(x, SpikeBytes) else x
-
-
-__all__ = ["SpikeBytes", "as_spike_bytes", "float_values", "spike_bytes_of", "BYTE_DTYPES"]
+__all__ = ["SpikeBytes", "as_spike_bytes", "float_values", "BYTE_DTYPES"]
