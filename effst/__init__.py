@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 # Public name -> (module that defines it, attribute in that module or None for the module).
 _LAZY: dict[str, tuple[str, str | None]] = {
     "slif": ("effst.ops.slif", "slif"),
+    "SpikeBytes": ("effst.ops.spike_bytes", "SpikeBytes"),  # what slif returns for byte spikes in training
+    "as_spike_bytes": ("effst.ops.spike_bytes", "as_spike_bytes"),
     "convert": ("effst.convert", "convert"),
     "models": ("effst.models", None),
     "nn": ("effst.nn", None),
@@ -25,12 +27,13 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "cli": ("effst.cli", None),
 }
 
-__all__ = ["slif", "convert", "models", "nn", "prune", "__version__"]
+__all__ = ["slif", "SpikeBytes", "as_spike_bytes", "convert", "models", "nn", "prune", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from effst import models, nn, prune  # noqa: F401
     from effst.convert import convert  # noqa: F401
     from effst.ops.slif import slif  # noqa: F401
+    from effst.ops.spike_bytes import SpikeBytes, as_spike_bytes  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -35,6 +35,8 @@ def test_lazy_attributes_resolve_to_the_real_objects():
         "from effst.ops.slif import slif\n"
         "import effst.nn, effst.models, effst.prune\n"
         "assert effst.slif is slif and inspect.isfunction(effst.slif)\n"
+        "from effst.ops.spike_bytes import SpikeBytes, as_spike_bytes\n"
+        "assert effst.SpikeBytes is SpikeBytes and effst.as_spike_bytes is as_spike_bytes\n"
         "assert effst.nn.SLIF.__name__ == 'SLIF' and callable(effst.prune.l1p)\n"
         "assert callable(effst.convert) and callable(effst.models.build_model)\n"
         "assert set(effst.__all__) <= set(dir(effst))\n"
