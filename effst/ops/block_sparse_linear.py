@@ -430,7 +430,7 @@ def _candidates(kind: str, width: int, bk: int, dtype: torch.dtype) -> list[Laun
 # of two, K, N, the tile (bm, bk), the group sizes, the layout's work (kept tiles and lookup-table
 # entries, so two layers of one shape and sparsity whose tiles cluster differently tune apart),
 # the dtypes and TF32. Not the exact tiles: a model's layers of one shape and layout work share
-# one tuning (each tuning times 3 candidates).
+# one tuning (each tuning times _candidates: 3 for 2-byte dtypes, 2 for fp32; fp64 has one).
 _TUNED: dict[tuple, LaunchConfig] = {}
 
 
