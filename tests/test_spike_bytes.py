@@ -45,6 +45,15 @@ def _saved(fn):
     return out, saved
 
 
+def _assert_same_gradients(got, want):
+    """Bit-identical gradients, None (allow_unused) in the same places."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("byte_dtype", BYTES)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_block_sparse_linear_reads_and_saves_bytes_with_the_same_gradients(backend, byte_dtype):
@@ -128,10 +137,7 @@ def test_any_other_op_reads_the_float_value_with_its_gradient(byte_dtype):
         g = torch.randn_like(ref)
         got_grads = torch.autograd.grad(got, [spikes, *linear.parameters(), w], g, allow_unused=True)
         ref_grads = torch.autograd.grad(ref, [spikes, *linear.parameters(), w], g, allow_unused=True)
-        for a, b in zip(got_grads, ref_grads):
-            assert (a is None) == (b is None)
-            if a is not None:
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        _assert_same_gradients(got_grads, ref_grads)
         if saves_spikes:  # what autograd saves of the spikes is their bytes
             assert ("SpikeBytes", byte_dtype, spikes.numel()) in saved
     assert bool((x == spikes).all()) and bool((x >= spikes).all())
@@ -343,10 +349,7 @@ def test_spikformer_trains_with_byte_spikes_bit_for_bit():
         results.append((loss, torch.autograd.grad(loss, params, allow_unused=True), saved))
     (ref, ref_grads, ref_saved), (got, got_grads, got_saved) = results
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
-    for a, b in zip(got_grads, ref_grads):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_same_gradients(got_grads, ref_grads)
     assert sum(1 for entry in got_saved if entry[0] == torch.uint8) >= 2  # proj_linear and fc2 save bytes
     assert not any(entry[0] == torch.uint8 for entry in ref_saved)
 
