@@ -28,6 +28,7 @@ from torch import nn
 import effst.prune as prune
 from effst import slif
 from effst.nn import LIF, PLIF, SLIF, BlockSparseLinear
+from test_prune_l1p import l1p_count, oracle_keep, oracle_tile_norms
 from test_spec_oracles import ALPHA, SURROGATES, assert_agree, oracle, rounded_to, run_oracle, spread
 
 F64 = torch.float64
@@ -361,19 +362,6 @@ def test_module_reset_state_dict_and_deepcopy(kind):
 # ---------------------------------------------------------------------------------------------
 # Pruning through the model API on random models
 # ---------------------------------------------------------------------------------------------
-def _k(p: float, n: int) -> int:
-    return math.ceil(Fraction(str(p)) * n)
-
-
-def _keep_oracle(scores: torch.Tensor, p: float) -> torch.Tensor:
-    """docs/pruning.md, L1P: k = ceil(p n); prune every score <= the k-th smallest (ties included)."""
-    k = _k(p, scores.numel())
-    if k == 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    threshold = scores.flatten().sort().values[k - 1]
-    return scores > threshold
-
-
 def _random_mlp(seed: int, levels: int) -> nn.Sequential:
     r = pyrandom.Random(seed)
     dims = [r.choice((5, 8, 13, 24, 33)) for _ in range(4)]
@@ -400,7 +388,7 @@ def test_l1p_element_fuzz_masks_and_reported_sparsity():
             prune.l1p(model, p)
         kept = pruned = 0
         for m, w in zip([m for m in model if isinstance(m, nn.Linear)], dense):
-            want = _keep_oracle(w.abs(), p)
+            want = oracle_keep(w.abs(), p)
             mask = prune.get_mask(m)
             assert mask is not None and torch.equal(mask, want), f"seed {seed} p {p}"
             assert torch.equal(m.weight.detach(), w * want)
@@ -409,15 +397,6 @@ def test_l1p_element_fuzz_masks_and_reported_sparsity():
         rep = prune.report(model)
         assert rep.kept == kept and rep.params == kept + pruned
         assert rep.sparsity == pytest.approx(pruned / (kept + pruned), abs=1e-12)
-
-
-def _tile_l1(w: torch.Tensor, bm: int, bk: int) -> torch.Tensor:
-    rows, cols = -(-w.shape[0] // bm), -(-w.shape[1] // bk)
-    out = torch.zeros(rows, cols, dtype=F64)
-    for r in range(rows):
-        for c in range(cols):
-            out[r, c] = math.fsum(abs(float(v)) for v in w[r * bm:(r + 1) * bm, c * bk:(c + 1) * bk].flatten())
-    return out
 
 
 def test_block_l1p_rectangular_tiles_fuzz():
@@ -430,15 +409,15 @@ def test_block_l1p_rectangular_tiles_fuzz():
             lin.weight.copy_(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed), dtype=F64))
         tiles = -(-out_f // bm) * -(-in_f // bk)
         p = r.choice((0.2, 0.5, 0.75))
-        if tiles - _k(p, tiles) < 1:
+        if tiles - l1p_count(p, tiles) < 1:
             continue
         w = lin.weight.detach().clone()
-        keep_tiles = _keep_oracle(_tile_l1(w, bm, bk), p)
+        keep_tiles = oracle_keep(oracle_tile_norms(w, bm, bk), p)
         model = nn.Sequential(lin)
         prune.block_l1p(model, p, block_size=(bm, bk))
         want = keep_tiles.repeat_interleave(bm, 0).repeat_interleave(bk, 1)[:out_f, :in_f]
         assert torch.equal(prune.get_mask(lin), want), f"seed {seed} tile {bm}x{bk} p {p}"
-        assert int((~keep_tiles).sum()) >= _k(p, tiles)
+        assert int((~keep_tiles).sum()) >= l1p_count(p, tiles)
         # to_block_sparse: the same function, stored as kept tiles only
         x = torch.randn(3, 5, in_f, dtype=F64)
         dense_out = lin(x)
@@ -461,7 +440,7 @@ def test_random_control_counts_and_seed(structure):
             ma = prune.get_mask(la)
             assert torch.equal(ma, prune.get_mask(lb)), "same seed, different masks"
             if structure == "element":
-                assert int((~ma).sum()) == _k(p, ma.numel())
+                assert int((~ma).sum()) == l1p_count(p, ma.numel())
             else:
                 bm, bk = 16, 32
                 rows, cols = -(-ma.shape[0] // bm), -(-ma.shape[1] // bk)
@@ -471,7 +450,7 @@ def test_random_control_counts_and_seed(structure):
                         block = ma[r * bm:(r + 1) * bm, c * bk:(c + 1) * bk]
                         assert block.all() or not block.any(), "random block mask is not tile-aligned"
                         tiles[r, c] = block.all()
-                assert int((~tiles).sum()) == _k(p, rows * cols)
+                assert int((~tiles).sum()) == l1p_count(p, rows * cols)
 
 
 def _dsp_attention_keep(scores: torch.Tensor, width: int, heads: int, balanced: bool) -> list:

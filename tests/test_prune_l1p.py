@@ -5,6 +5,7 @@ the k-th smallest with k = ceil(p*n), prune everything <= it.
 """
 import copy
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -15,8 +16,14 @@ import effst.prune as prune
 from effst.nn.block_sparse import BlockSparseLinear
 
 
+def l1p_count(p: float, n: int) -> int:
+    """docs/pruning.md, L1P: k = ceil(p n) with p as written (0.07 * 100 = 7, not 8)."""
+    return math.ceil(Fraction(str(p)) * n)
+
+
 def oracle_keep(scores: torch.Tensor, p: float) -> torch.Tensor:
-    k = math.ceil(p * scores.numel())
+    """Prune every score <= the k-th smallest (ties included), k = l1p_count(p, n)."""
+    k = l1p_count(p, scores.numel())
     if k == 0:
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = scores.flatten().sort().values[k - 1]
@@ -28,7 +35,7 @@ def oracle_tile_norms(w: torch.Tensor, bm: int, bk: int) -> torch.Tensor:
     out = torch.zeros(rows, cols, dtype=torch.float64)
     for r in range(rows):
         for c in range(cols):
-            out[r, c] = w[r * bm:(r + 1) * bm, c * bk:(c + 1) * bk].abs().double().sum()
+            out[r, c] = math.fsum(abs(float(v)) for v in w[r * bm:(r + 1) * bm, c * bk:(c + 1) * bk].flatten())
     return out
 
 
