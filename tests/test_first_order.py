@@ -10,6 +10,7 @@ from effst.nn import SLIF, BlockSparseLinear
 from effst.nn import token_routing
 from effst.nn.token_routing import run_neuron_on_tokens
 from effst.ops.token_select import gather_tokens, scatter_tokens
+from test_token_kernels import random_route
 
 F64 = torch.float64
 TWICE = "once_differentiable"  # PyTorch's message when a marked backward is differentiated
@@ -60,8 +61,7 @@ def test_routed_neuron_refuses_a_second_derivative():
     T, B, N, K, C = 3, 2, 9, 4, 8
     g = torch.Generator().manual_seed(2)
     neuron = SLIF(channels=C, backend="triton").double()
-    index = torch.stack([torch.stack([torch.sort(torch.randperm(N, generator=g)[:K]).values for _ in range(B)])
-                         for _ in range(T)])
+    index = random_route(T, B, N, K, g)
     current = (torch.rand(T, B, K, C, generator=g, dtype=F64) * 2).requires_grad_()
     assert token_routing._fusable(neuron, current, N, "triton")
     spikes = run_neuron_on_tokens(neuron, current, index, N, backend="triton")

@@ -34,7 +34,7 @@ def _argsort_reference(scores, k):
     return torch.tensor(out, dtype=torch.int64)
 
 
-def _random_route(T, B, N, K, g):
+def random_route(T, B, N, K, g):
     """[T, B, K] int64: per (t, b) K distinct tokens of N, ascending (a STATA route)."""
     return torch.stack([torch.stack([torch.sort(torch.randperm(N, generator=g)[:K]).values for _ in range(B)])
                         for _ in range(T)])
@@ -211,7 +211,7 @@ def test_neuron_membrane_follows_token_identity():
     from effst.nn import LIF
     T, B, N, K, C = 4, 2, 6, 3, 5
     g = torch.Generator().manual_seed(8)
-    index = _random_route(T, B, N, K, g)
+    index = random_route(T, B, N, K, g)
     current = torch.rand(T, B, K, C, generator=g, dtype=torch.float64) * 2
     out = run_neuron_on_tokens(LIF(tau=2.0, backend="reference"), current, index, N, backend="torch")
     # Oracle: step the LIF by hand on the full token axis.
@@ -235,7 +235,7 @@ def test_token_route_computes_its_slots_once_and_every_neuron_reuses_them(monkey
 
     T, B, N, K, C = 3, 2, 7, 4, 5
     g = torch.Generator().manual_seed(14)
-    index = _random_route(T, B, N, K, g)
+    index = random_route(T, B, N, K, g)
     current = (torch.rand(T, B, K, C, generator=g, dtype=torch.float64) * 2).requires_grad_()
     calls = []
     real = token_routing.token_slots
@@ -326,7 +326,7 @@ def test_fused_routed_neuron_matches_a_float64_oracle(device, hard, detach, deca
         neuron.w.add_(torch.randn(neuron.w.shape, generator=g) * 0.3)
         neuron.v_threshold.add_(torch.rand(neuron.v_threshold.shape, generator=g) * 0.4)
     neuron = neuron.to(device, torch.float64 if dtype == torch.float64 else torch.float32)
-    routes = [_random_route(T, B, N, K, g) for _ in range(2)]
+    routes = [random_route(T, B, N, K, g) for _ in range(2)]
     currents = [(torch.rand(T, B, K, C, generator=g, dtype=torch.float64) * 2.2 - 0.3).to(dtype) for _ in range(2)]
     weights = [torch.randn(T, B, K, C, generator=g, dtype=torch.float64) for _ in range(2)]
     inputs = [c.clone().to(device).requires_grad_() for c in currents]
@@ -366,7 +366,7 @@ def test_fused_routed_neuron_integer_spikes_and_fallbacks():
 
     T, B, N, K, C = 3, 2, 6, 3, 4
     g = torch.Generator().manual_seed(12)
-    index = _random_route(T, B, N, K, g)
+    index = random_route(T, B, N, K, g)
     current = torch.rand(T, B, K, C, generator=g) * 2
     fused = run_neuron_on_tokens(LIF(backend="triton"), current, index, N)
     with torch.no_grad():
@@ -390,7 +390,7 @@ def test_fused_routed_neuron_with_a_nonzero_reset_potential(detach):
 
     T, B, N, K, C = 3, 2, 6, 3, 5
     g = torch.Generator().manual_seed(21)
-    index = _random_route(T, B, N, K, g)
+    index = random_route(T, B, N, K, g)
     current = torch.rand(T, B, K, C, generator=g, dtype=torch.float64) * 4.0 - 0.5
     results = []
     for fused in (True, False):
@@ -412,7 +412,7 @@ def test_per_channel_neuron_along_another_dim_is_not_fused():
 
     T, B, N, K, C = 3, 2, 6, 3, 1
     g = torch.Generator().manual_seed(0)
-    index = _random_route(T, B, N, K, g)
+    index = random_route(T, B, N, K, g)
     current = torch.rand(T, B, K, C, generator=g) * 2
     neurons = [SLIF(channels=N, channel_dim=1, backend="triton") for _ in range(2)]
     for neuron in neurons:
