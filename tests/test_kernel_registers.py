@@ -1,17 +1,17 @@
 """Register / spill / shared-memory audit, for sm_90, of the Triton kernels at the configurations
 their launchers use: block-sparse linear (forward, grad input, grad weight, at the block size the
-pipeline uses, every autotune candidate of the launcher's own list) and the fused routed neuron
+pipeline uses, candidates read from the launcher's own list) and the fused routed neuron
 (token_select) at its launch blocks and the longest T it unrolls.
 
 Each kernel is compiled ahead of time (no GPU needed) in a subprocess (this process runs the
 Triton interpreter) and ``cuobjdump -res-usage`` reads the cubin. A launched configuration must
 keep everything in registers (no stack, no local memory: a spill is a trip to memory every loop
 iteration) and fit the shared memory of one sm_90 block (227 KB; a bigger one fails to launch).
-These are the configurations most at risk: every untuned default (it also runs under
-torch.compile and CUDA-graph capture), and 2-byte candidates that compile clean. Two 2-byte
-forward candidates with uint8 spikes and one grad-weight candidate spill a little (48-544 B per
-thread, 2026-12-02 audit); they stay in the list because the autotuner times them on the GPU and
-keeps the fastest, which a spill may or may not make them.
+Checked: every untuned default (bf16 with float and uint8 spikes, fp32 with and without TF32,
+fp64; it also runs under torch.compile and CUDA-graph capture) and the 2-byte candidates that
+compile clean. Two 2-byte forward candidates with uint8 spikes and one grad-weight candidate
+spill a little (48-544 B per thread, 2026-12-02 audit); they stay in the list because the
+autotuner times them on the GPU and keeps the fastest, which a spill may or may not make them.
 """
 import pytest
 import torch
@@ -89,15 +89,18 @@ def _routed_backward_entry(x_dtype: str, surrogate: int) -> dict:
 
 
 DEFAULT = bsl.DEFAULT_BLOCK_SIZE
+# (dtype, TF32, uint8 spikes): every input the launchers pick a separate default for
+_VARIANTS = [("bf16", False, False), ("bf16", False, True), ("fp32", False, False), ("fp32", True, False),
+             ("fp64", False, False)]
 CASES = [
-    pytest.param(_bsl_entry("forward", "bf16", DEFAULT, 0, spikes=True), id="forward-bf16-u8-default"),
+    # every untuned default (candidate 0): it also runs under torch.compile and CUDA-graph capture
+    *(pytest.param(_bsl_entry(kind, dtype, DEFAULT, 0, tf32=tf32, spikes=spikes),
+                   id=f"{kind}-{'tf32' if tf32 else dtype}{'-u8' if spikes else ''}-default")
+      for kind in ("forward", "grad_input", "grad_weight") for dtype, tf32, spikes in _VARIANTS
+      if not (spikes and kind == "grad_input")),  # (grad input never reads x)
+    # 2-byte candidates that compile clean
     pytest.param(_bsl_entry("forward", "bf16", DEFAULT, 1), id="forward-bf16-cand1"),
     pytest.param(_bsl_entry("grad_input", "bf16", DEFAULT, 2), id="grad_input-bf16-cand2"),
-    pytest.param(_bsl_entry("grad_weight", "bf16", DEFAULT, 0), id="grad_weight-bf16-default"),
-    pytest.param(_bsl_entry("forward", "fp32", DEFAULT, 0), id="forward-fp32-default"),
-    pytest.param(_bsl_entry("grad_input", "fp32", DEFAULT, 0), id="grad_input-fp32-default"),
-    pytest.param(_bsl_entry("forward", "fp32", DEFAULT, 0, tf32=True), id="forward-tf32-default"),
-    pytest.param(_bsl_entry("grad_weight", "fp64", DEFAULT, 0), id="grad_weight-fp64-default"),
     pytest.param(_routed_backward_entry("fp32", 0), id="routed-backward-fp32-sigmoid"),
     pytest.param(_routed_backward_entry("bf16", SURROGATE_NAMES.index("rect")), id="routed-backward-bf16-rect"),
     pytest.param(_routed_backward_entry("fp64", 0), id="routed-backward-fp64-sigmoid"),
