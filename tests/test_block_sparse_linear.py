@@ -5,7 +5,6 @@ small; with EFFST_TEST_DEVICE=cuda the same tests run the compiled kernels. The 
 built here from the dense weight and the block mask (repeat_interleave), independently of the
 layout code under test.
 """
-import io
 import math
 
 import pytest

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Optional
