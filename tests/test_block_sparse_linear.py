@@ -80,6 +80,17 @@ def assert_close(actual, expected, dtype, what):
                                rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
+def assert_layer_matches_reference(layer, x, y, grad_y, weight, bias, block_mask, block, dtype):
+    """After ``y = layer(x)`` and ``y.backward(grad_y)``: y and the gradients of x, the kept
+    tiles and the bias against the float64 reference; returns the reference dense weight grad."""
+    y_ref, gx_ref, gw_ref, gb_ref = reference(x.detach().cpu(), weight, bias, grad_y)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(x.grad, gx_ref, dtype, "grad x")
+    assert_close(layer.values.grad, tiles_of(gw_ref, block_mask, block), dtype, "grad values")
+    assert_close(layer.bias.grad, gb_ref, dtype, "grad bias")
+    return gw_ref
+
+
 CASES = [
     # id, x shape (last = in), out, block, density, empty block rows, dtype
     ("TBNC-16-odd", (2, 2, 3, 40), 70, (16, 16), 0.6, (1,), torch.float32),
@@ -111,11 +122,7 @@ def test_forward_and_gradients_match_dense_masked_reference(case, backend, devic
     assert y.shape == (*x_shape[:-1], out_features) and y.dtype == dtype
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
     y.backward(grad_y.to(device=device))
-    y_ref, gx_ref, gw_ref, gb_ref = reference(x.cpu(), weight, bias, grad_y)
-    assert_close(y, y_ref, dtype, "y")
-    assert_close(x.grad, gx_ref, dtype, "grad x")
-    assert_close(layer.values.grad, tiles_of(gw_ref, block_mask, block), dtype, "grad values")
-    assert_close(layer.bias.grad, gb_ref, dtype, "grad bias")
+    gw_ref = assert_layer_matches_reference(layer, x, y, grad_y, weight, bias, block_mask, block, dtype)
     # The dense view of the gradient is zero off the kept tiles (gradient on kept blocks only).
     assert layer.values.grad.shape == (int(block_mask.sum()), *block)
     dense_grad = blocks_to_dense(layer.values.grad.detach().cpu(), block_mask, out_features, in_features)
@@ -145,12 +152,8 @@ def test_every_block_size_and_dtype_matches_reference(block, dtype, device):
     y = layer(x)
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
     y.backward(grad_y.to(device=device))
-    y_ref, gx_ref, gw_ref, gb_ref = reference(x.detach().cpu(), weight, bias, grad_y)
     assert y.dtype == x.grad.dtype == layer.values.grad.dtype == layer.bias.grad.dtype == dtype
-    assert_close(y, y_ref, dtype, "y")
-    assert_close(x.grad, gx_ref, dtype, "grad x")
-    assert_close(layer.values.grad, tiles_of(gw_ref, block_mask, block), dtype, "grad values")
-    assert_close(layer.bias.grad, gb_ref, dtype, "grad bias")
+    assert_layer_matches_reference(layer, x, y, grad_y, weight, bias, block_mask, block, dtype)
 
 
 @pytest.mark.parametrize("density", [0.6, 1.0], ids=["sparse", "dense-every-tile"])
