@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from effst.ops.layout import normalize_channel_dim, resolve_parameter_layout
+from effst.ops.layout import FLOAT_DTYPES, normalize_channel_dim, resolve_parameter_layout
 from effst.ops.parametrization import check_tau, tau_to_w, w_to_tau
 from effst.ops.slif import (BACKENDS, SLIFPlan, check_spike_dtype, make_plan, resolve_backend,
                             slif, slif_with_plan)
@@ -178,7 +178,7 @@ class SLIF(nn.Module):
 
     def _plan_for(self, x: torch.Tensor) -> Optional[SLIFPlan]:
         """Validate ``x`` against the options and plan its launch (None: the reference runs)."""
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"x: expected a float16/bfloat16/float32/float64 tensor [T, *], got "
                             f"{x.dtype}")
         if x.dim() < 1 or x.shape[0] == 0:

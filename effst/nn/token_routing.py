@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from effst.nn.neurons import SLIF
-from effst.ops.layout import normalize_channel_dim, resolve_parameter_layout
+from effst.ops.layout import FLOAT_DTYPES, normalize_channel_dim, resolve_parameter_layout
 from effst.ops.slif import check_integer_spikes_need_no_grad, resolve_backend
 from effst.ops.token_select import (MAX_ROUTED_T, _check_index, _check_rows, _use_triton, gather_tokens,
                                     routed_neuron, scatter_tokens, token_slots)
@@ -34,7 +34,7 @@ def _fusable(neuron, current: torch.Tensor, tokens: int, backend: str) -> bool:
         return False
     if _has_hooks(neuron):
         return False           # hooks (record_firing_rates) see the neuron's own call, as before
-    if current.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if current.dtype not in FLOAT_DTYPES:
         return False
     if current.shape[0] > MAX_ROUTED_T or resolve_backend(neuron.backend, current.device) != "triton":
         return False

@@ -56,13 +56,12 @@ import triton.language as tl
 
 from effst.ops import launch as _launch
 from effst.ops.first_order import first_order_only
+from effst.ops.layout import BYTE_DTYPES, FLOAT_DTYPES
 from effst.ops.spike_bytes import SpikeBytes
 
 BlockSize = Union[int, Sequence[int]]
 
 BACKENDS = ("auto", "triton", "torch")
-_SPIKE_DTYPES = (torch.bool, torch.uint8)
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DEFAULT_BLOCK_SIZE: tuple[int, int] = (128, 128)  # re-exported as effst.prune.DEFAULT_BLOCK_SIZE; why: docs/block_sparse.md
 GROUP_WIDTH = 128  # columns a forward / grad-input program produces per block group (MMA width)
 
@@ -1013,7 +1012,7 @@ def block_sparse_linear(
 def check_input_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> None:
     """``x`` must have the weight dtype, or be bool/uint8 spikes (plain, or held by a
     :class:`~effst.ops.spike_bytes.SpikeBytes` of any float dtype); anything else is an error."""
-    if x.dtype not in _SPIKE_DTYPES and x.dtype != weight_dtype and type(x) is not SpikeBytes:
+    if x.dtype not in BYTE_DTYPES and x.dtype != weight_dtype and type(x) is not SpikeBytes:
         raise TypeError(f"x: expected dtype {weight_dtype} (the weight dtype) or bool/uint8 spikes, got {x.dtype}")
 
 

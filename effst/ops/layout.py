@@ -10,7 +10,8 @@ so one formula serves all three forms: per layer is ``channels=1``, per neuron i
 ``channels=N, inner=1``, per channel along dim d is ``channels=shape[d]`` with ``inner`` the
 product of the per-step dims after d. Kernels return parameter gradients per neuron
 (``[N]``) or, where a kernel can, per program (effst/ops/slif.py); either is summed to the
-parameter by a fixed-order torch sum (deterministic, no atomics).
+parameter by a fixed-order torch sum (deterministic, no atomics). The element dtypes the
+kernels take are named here too (``FLOAT_DTYPES``, ``BYTE_DTYPES``), once for every op.
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+#: The floating dtypes every effst kernel takes (inputs, parameters, spikes as autograd sees them).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Spikes held as one byte each (spike_dtype=; the block-sparse kernels read them as such).
+BYTE_DTYPES = (torch.uint8, torch.bool)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ import triton.language as tl
 
 from effst.ops import launch as _launch
 from effst.ops.first_order import first_order_only
-from effst.ops.layout import normalize_channel_dim, reduce_to_parameter, resolve_parameter_layout
+from effst.ops.layout import (BYTE_DTYPES, FLOAT_DTYPES, normalize_channel_dim, reduce_to_parameter,
+                              resolve_parameter_layout)
 from effst.ops.slif_reference import slif_reference
 from effst.ops.spike_bytes import SpikeBytes, as_spike_bytes, float_values
 from effst.ops.surrogates import SURROGATE_NAMES, resolve_surrogate, surrogate_grad_triton
@@ -67,7 +68,7 @@ if TILE_COLUMNS < 0 or TILE_COLUMNS & (TILE_COLUMNS - 1):
     raise ValueError(f"EFFST_SLIF_TILE_COLUMNS: expected 0 (tiling off) or a power of 2, got {TILE_COLUMNS}")
 MAX_GRID_ROWS = 65535  # CUDA's limit on grid dimension 1
 BACKENDS = ("auto", "reference", "triton", "native")
-SPIKE_DTYPES = (None, torch.uint8, torch.bool)
+SPIKE_DTYPES = (None, *BYTE_DTYPES)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -1353,7 +1354,7 @@ def slif(
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a tensor [T, *], got {type(x).__name__}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x: expected a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"x: expected shape [T, *] with T >= 1, got {tuple(x.shape)}")

@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
+from effst.ops.layout import BYTE_DTYPES, FLOAT_DTYPES
+
 aten = torch.ops.aten
 
-BYTE_DTYPES = (torch.uint8, torch.bool)
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Ops that only re-view (or copy) their input's elements: applied to the bytes, they give the
 # bytes of the result, which stays a SpikeBytes. Not aten.view.dtype (a reinterpretation).
