@@ -35,7 +35,7 @@ from effst.ops.first_order import first_order_only
 from effst.ops.layout import (BYTE_DTYPES, FLOAT_DTYPES, normalize_channel_dim, reduce_to_parameter,
                               resolve_parameter_layout)
 from effst.ops.slif_reference import slif_reference
-from effst.ops.spike_bytes import SpikeBytes, as_spike_bytes, float_values
+from effst.ops.spike_bytes import SpikeBytes, as_spike_bytes, compile_error, float_values
 from effst.ops.surrogates import SURROGATE_NAMES, resolve_surrogate, surrogate_grad_triton
 
 # Steps unrolled per chunk. T <= MAX_CHUNK runs as a single fully unrolled chunk (no
@@ -1300,9 +1300,7 @@ def _slif_spike_bytes(x, w, theta, v_init, plan: SLIFPlan):
     """:func:`slif_with_plan` for integer spikes that need a gradient: spikes as a SpikeBytes
     (the kernel's bytes, autograd's view in x's dtype); the backward is unchanged."""
     if torch.compiler.is_compiling():
-        raise RuntimeError(
-            f"spike_dtype={plan.spike_dtype} with a gradient (spikes as bytes for training) cannot "
-            "be traced by torch.compile; use spike_dtype=None (float spikes) in compiled code")
+        raise compile_error(plan.spike_dtype)
     if plan.backend == "native":  # (its op writes float spikes)
         spikes, v_final = torch.ops.effst_native.slif.default(x, w, theta, v_init,
                                                               *plan.native_args)

@@ -42,11 +42,12 @@ _BYTE_PRESERVING = {
 }
 
 
-def _compile_error() -> RuntimeError:
+def compile_error(spike_dtype: object = "torch.uint8/torch.bool") -> RuntimeError:
+    """The error for spikes as bytes with a gradient met while torch.compile traces."""
     return RuntimeError(
-        "SpikeBytes: spikes held as bytes for training (spike_dtype=torch.uint8/torch.bool with "
-        "a gradient) cannot be traced by torch.compile; use spike_dtype=None (float spikes) in "
-        "compiled code, or run this part eagerly")
+        f"spike_dtype={spike_dtype} with a gradient (spikes held as bytes for training, SpikeBytes) "
+        "cannot be traced by torch.compile; use spike_dtype=None (float spikes) in compiled code, "
+        "or run this part eagerly")
 
 
 class SpikeBytes(torch.Tensor):
@@ -71,7 +72,7 @@ class SpikeBytes(torch.Tensor):
             raise TypeError(f"dtype: expected float16/bfloat16/float32/float64 (the dtype autograd "
                             f"sees), got {dtype}")
         if torch.compiler.is_compiling():
-            raise _compile_error()
+            raise compile_error()
         out = torch.Tensor._make_wrapper_subclass(
             cls, spike_bytes.shape, strides=spike_bytes.stride(),
             storage_offset=spike_bytes.storage_offset(), dtype=dtype, device=spike_bytes.device,
@@ -112,7 +113,7 @@ class SpikeBytes(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.compiler.is_compiling():
-            raise _compile_error()
+            raise compile_error()
         for value, arg in zip((*args, *kwargs.values()), _written_args(func, args, kwargs)):
             if arg and isinstance(value, SpikeBytes):
                 raise RuntimeError(
