@@ -162,23 +162,31 @@ def mock_launch(calls: int) -> int:
     print("  launches: " + ", ".join(f"{name}: {mock.jit_launches} through kernel[grid], "
                                      f"{mock.compiled.runs} through CompiledKernel.run"
                                      for name, mock in kernels.items()))
-    slif_call = cases["SLIF fp32 grad(x, w, theta)"]
+    print_profiles(cases["SLIF fp32 grad(x, w, theta)"], "mocked SLIF fp32 grad(x, w, theta)", calls,
+                   profiler_calls=200, functions=20, characters=5000)
+    return 0
+
+
+def print_profiles(call, what: str, calls: int, profiler_calls: int, functions: int,
+                   characters: int, sync=lambda: None) -> None:
+    """cProfile of ``calls`` calls (the ``functions`` costliest by own time) and torch.profiler's
+    CPU-op table of ``profiler_calls`` calls; ``sync`` ends each batch (the GPU's queue)."""
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(calls):
-        slif_call()
+        call()
+    sync()
     profile.disable()
     text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(20)
-    print(f"cProfile, {calls} mocked SLIF fp32 grad(x, w, theta) calls, by own time:")
-    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:5000])
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(functions)
+    print(f"cProfile, {calls} {what} calls, by own time:")
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:characters])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(200):
-            slif_call()
-    print("torch.profiler, 200 mocked SLIF fp32 grad(x, w, theta) calls, CPU ops by self time:")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
-                                    max_name_column_width=50))
-    return 0
+        for _ in range(profiler_calls):
+            call()
+        sync()
+    print(f"torch.profiler, {profiler_calls} {what} calls, CPU ops by self time:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
 
 
 def _jit_launches(call):
@@ -231,23 +239,8 @@ def main() -> int:
             print(f"  {name:40s} {per_call_us(call, calls):9.1f} us/call")
         except Exception as error:  # report and go on
             print(f"  {name:40s} ERROR {type(error).__name__}: {str(error)[:200]}")
-    slif_call = cases["effst SLIF triton fwd+grad"]
-    profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(calls):
-        slif_call()
-    torch.cuda.synchronize()
-    profile.disable()
-    text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
-    print(f"cProfile, {calls} SLIF triton calls, by own time:")
-    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000])
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(50):
-            slif_call()
-        torch.cuda.synchronize()
-    print("torch.profiler, 50 SLIF triton calls, CPU ops by self time:")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
+    print_profiles(cases["effst SLIF triton fwd+grad"], "SLIF triton", calls, profiler_calls=50,
+                   functions=25, characters=6000, sync=torch.cuda.synchronize)
     # last: the first native call may build the CUDA extension (a minute where it is not cached)
     native = neuron_call(SLIF(channels=64, backend="native").to(device), x, grad)
     print(f"  {'effst SLIF native fwd+grad':40s} {per_call_us(native, calls):9.1f} us/call")
