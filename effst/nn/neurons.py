@@ -232,11 +232,11 @@ class SLIF(nn.Module):
         w = self._tensor("w")
         theta = self._tensor("v_threshold")
         state = self.v
+        if isinstance(state, torch.Tensor) and state.shape != x.shape[1:]:
+            raise self._state_shape_error(x, state)
         if plan is None:  # the reference backend
             rest = self._rest_potential()
-            if isinstance(state, torch.Tensor) and state.shape != x.shape[1:]:
-                raise self._state_shape_error(x, state)
-            if isinstance(state, torch.Tensor) and _in_backward_pass():
+            if isinstance(state, torch.Tensor) and _in_backward_pass():  # (fused: _initial_membrane)
                 raise self._recompute_error()
             v_init = state if isinstance(state, torch.Tensor) or state != rest else None
             spikes, self.__dict__["v"] = slif(
@@ -245,8 +245,6 @@ class SLIF(nn.Module):
                 decay_input=self.decay_input, channel_dim=self.channel_dim, backend="reference",
                 return_state=True, spike_dtype=self.spike_dtype)
             return spikes
-        if isinstance(state, torch.Tensor) and state.shape != x.shape[1:]:
-            raise self._state_shape_error(x, state)
         v_init = self._initial_membrane((plan.N,), plan.compute_dtype, x.device)
         spikes, self.__dict__["v"] = slif_with_plan(x, w, theta, v_init, plan)
         return spikes
